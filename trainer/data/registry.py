@@ -1,0 +1,131 @@
+"""dataset_info.json (LLaMA-Factory's schema) -> DatasetSpec, and loading the raw rows it names."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError
+
+FORMATTINGS = ("alpaca", "sharegpt", "openai", "text")
+FILE_BUILDERS = {
+    ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow", ".txt": "text",
+}
+ENTRY_KEYS = {"file_name", "hf_hub_url", "ms_hub_url", "script_url", "cloud_file_name", "formatting", "ranking",
+              "subset", "split", "folder", "num_samples", "columns", "tags", "file_sha1"}
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    source: str  # "file" or "hub"
+    path: str  # file/folder path, or hub id
+    formatting: str = "alpaca"
+    ranking: bool = False
+    subset: str | None = None
+    split: str = "train"
+    folder: str | None = None
+    num_samples: int | None = None
+    columns: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+    def column(self, role: str, default: str | None) -> str | None:
+        return self.columns.get(role, default)
+
+    def files(self) -> list[Path]:
+        path = Path(self.path)
+        if path.is_dir():
+            return sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_BUILDERS)
+        return [path]
+
+
+def read_dataset_info(dataset_dir: str) -> dict[str, Any]:
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if not info_path.is_file():
+        raise ConfigError(
+            f"dataset_dir {dataset_dir!r} has no dataset_info.json. Point dataset_dir at the folder that holds it."
+        )
+    try:
+        info = json.loads(info_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{info_path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{info_path}: must be a JSON object mapping dataset names to entries.")
+    return info
+
+
+def get_spec(name: str, dataset_dir: str) -> DatasetSpec:
+    info = read_dataset_info(dataset_dir)
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if name not in info:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(info), n=3)
+        hint = f" Did you mean: {', '.join(close)}?" if close else f" Known: {', '.join(sorted(info)[:20])}."
+        raise ConfigError(f"dataset {name!r} is not in {info_path}.{hint}")
+    entry = info[name]
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{info_path}: entry {name!r} must be an object.")
+    extra = set(entry) - ENTRY_KEYS
+    if extra:
+        raise ConfigError(f"{info_path}: entry {name!r} has unknown keys {sorted(extra)}; allowed: {sorted(ENTRY_KEYS)}.")
+    for unsupported in ("ms_hub_url", "script_url", "cloud_file_name"):
+        if unsupported in entry and "file_name" not in entry and "hf_hub_url" not in entry:
+            raise ConfigError(f"{info_path}: entry {name!r} uses {unsupported}, which zerotune does not support; "
+                              "use file_name (a local file) or hf_hub_url.")
+    formatting = entry.get("formatting", "alpaca")
+    if formatting not in FORMATTINGS:
+        raise ConfigError(f"{info_path}: entry {name!r} has formatting {formatting!r}; choose one of {FORMATTINGS}.")
+    common = dict(
+        name=name, formatting=formatting, ranking=bool(entry.get("ranking", False)),
+        subset=entry.get("subset"), split=entry.get("split", "train"), folder=entry.get("folder"),
+        num_samples=entry.get("num_samples"), columns=dict(entry.get("columns") or {}),
+        tags=dict(entry.get("tags") or {}),
+    )
+    if "file_name" in entry:
+        path = Path(dataset_dir) / entry["file_name"]
+        if not path.exists():
+            raise ConfigError(f"dataset {name!r}: file {str(path)!r} (file_name in {info_path}) does not exist.")
+        spec = DatasetSpec(source="file", path=str(path), **common)
+        files = spec.files()
+        if not files:
+            raise ConfigError(f"dataset {name!r}: folder {str(path)!r} holds no {'/'.join(FILE_BUILDERS)} files.")
+        bad = [f for f in files if f.suffix not in FILE_BUILDERS]
+        if bad:
+            raise ConfigError(f"dataset {name!r}: {bad[0]} has an unsupported extension; use one of "
+                              f"{', '.join(FILE_BUILDERS)}.")
+        return spec
+    if "hf_hub_url" in entry:
+        return DatasetSpec(source="hub", path=entry["hf_hub_url"], **common)
+    raise ConfigError(f"{info_path}: entry {name!r} needs file_name or hf_hub_url.")
+
+
+def load_rows(spec: DatasetSpec, cache_dir: str | None = None):
+    """The raw rows of one dataset as a datasets.Dataset, with a `_row` column (1-based row in its file)."""
+    import datasets
+
+    if spec.source == "file":
+        files = [str(f) for f in spec.files()]
+        builders = {FILE_BUILDERS[Path(f).suffix] for f in files}
+        if len(builders) > 1:
+            raise ConfigError(f"dataset {spec.name!r}: {spec.path} mixes file types {sorted(builders)}; use one.")
+        builder = builders.pop()
+        try:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
+        except Exception as err:  # datasets wraps parse errors in several types
+            raise ConfigError(f"dataset {spec.name!r}: could not read {spec.path}: {err}") from None
+    else:
+        try:
+            ds = datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_dir=spec.folder,
+                                       cache_dir=cache_dir)
+        except Exception as err:
+            raise ConfigError(
+                f"dataset {spec.name!r}: could not load hub dataset {spec.path!r} ({type(err).__name__}: {err}). "
+                "Without network access, download it and use file_name instead."
+            ) from None
+    ds = ds.add_column("_row", list(range(1, len(ds) + 1)))
+    if spec.num_samples is not None:
+        ds = ds.select(range(min(spec.num_samples, len(ds))))
+    return ds

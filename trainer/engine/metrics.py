@@ -1,0 +1,89 @@
+"""Throughput accounting: real tokens, model FLOPs, and the device peak MFU is measured against.
+
+FLOPs of one training token (Kaplan et al. / PaLM appendix B): a forward pass costs 2 FLOPs per
+parameter touched; the backward costs 2 more for activation gradients and, for parameters that
+train, 2 more for weight gradients. So full fine-tuning is 6N per token and LoRA about 4N (the
+frozen base still needs activation gradients). Attention adds, per layer, 4*d FLOPs per query-key
+pair forward (QK^T and AV) times 3 with the backward; a causal example of length L has L^2/2 pairs,
+and a packed row only pays for pairs inside each example.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Dense bf16 peaks (no sparsity), FLOP/s, from the vendors' data sheets.
+GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
+             "RTX 4090": 165e12, "A6000": 155e12, "V100": 125e12}
+
+
+def flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
+    """(linear FLOPs per trained token, attention FLOPs per query-key pair), forward + backward."""
+    total = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
+    trained = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "embed" not in n)
+    frozen = total - trained
+    linear = 6.0 * trained + 4.0 * frozen
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", 0) or 0
+    heads = getattr(config, "num_attention_heads", 0) or 0
+    head_dim = getattr(config, "head_dim", None) or (getattr(config, "hidden_size", 0) // max(heads, 1))
+    attention_pair = 3 * 4.0 * layers * heads * head_dim / 2  # causal: half the pairs of L^2
+    return linear, attention_pair
+
+
+@functools.lru_cache(maxsize=None)
+def device_peak_flops(dtype_name: str) -> float:
+    """Peak FLOP/s of the device in the compute dtype: the data sheet on GPU, a measured matmul on CPU."""
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, peak in GPU_PEAKS.items():
+            if key in name:
+                return peak if dtype_name != "float32" else peak / 2
+        logger.warning("Unknown GPU %r: measuring its matmul peak for MFU.", name)
+    return _measured_peak(dtype_name)
+
+
+def _cache_file() -> Path:
+    root = os.environ.get("ZEROTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zerotune")
+    return Path(root) / "peak_flops.json"
+
+
+def _measured_peak(dtype_name: str) -> float:
+    """Best of a few square matmuls; cached per machine, dtype and thread count."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = f"{device}:{dtype_name}:{torch.get_num_threads()}:{os.cpu_count()}"
+    path = _cache_file()
+    try:
+        cached = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if key in cached:
+        return cached[key]
+    dtype = getattr(torch, dtype_name)
+    n = 1024 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = 0.0
+    for _ in range(4):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    cached[key] = best
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached))
+    except OSError:
+        pass
+    logger.info("Measured %s %s matmul peak: %.1f GFLOP/s (MFU is relative to this).", device, dtype_name, best / 1e9)
+    return best

@@ -1,0 +1,123 @@
+"""The one Trainer every stage shares: a transformers.Trainer whose loss comes from the stage plugin.
+
+What it adds to transformers.Trainer:
+- the loss is normalised by the trained tokens of the whole accumulated (and, with
+  average_tokens_across_devices, global) batch, so batch 1 x accumulation 8 and batch 8 x 1 give the
+  same loss and gradients, and the logged loss does not depend on the accumulation;
+- eval_loss is the token-weighted mean over every eval token (not a mean of per-batch means), so it
+  is the same for any eval batch size, packing or number of processes;
+- real (non-pad) tokens/s and MFU are logged with the loss, to the console, trainer_state.json and W&B.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from trainer.data.collators import BOOKKEEPING
+from trainer.engine.metrics import device_peak_flops, flops_per_token
+
+logger = logging.getLogger(__name__)
+
+
+class ZeroTrainer(Trainer):
+    def __init__(self, *args, stage, wrapper, **kwargs):
+        kwargs.setdefault("compute_metrics", _token_weighted_loss)
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+        self.wrapper = wrapper
+        # Our compute_loss divides by the accumulated token count itself: ask the Trainer to count it
+        # and not to divide again by gradient_accumulation_steps.
+        self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+        self._linear_flops, self._pair_flops = flops_per_token(self.model)
+        self._window = {"tokens": 0.0, "flops": 0.0}
+        self._window_start = None
+        self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
+
+    # ---- loss -----------------------------------------------------------------------------------
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
+        loss_sum, count = self.stage.loss(self.wrapper, model, inputs)
+        if model.training and book:
+            tokens = float(book["real_tokens"].sum())
+            self._window["tokens"] += tokens
+            self._window["flops"] += tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
+        if num_items_in_batch is not None and model.training:
+            loss = loss_sum / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                # DDP/DeepSpeed average gradients over processes; the divisor above is already global.
+                loss = loss * self.accelerator.num_processes
+        else:
+            loss = loss_sum / count.clamp(min=1)
+        return (loss, None) if return_outputs else loss
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        for k in BOOKKEEPING:
+            inputs.pop(k, None)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            sums, counts = self.stage.row_losses(self.wrapper, model, inputs)
+        loss = sums.sum() / counts.sum().clamp(min=1)
+        stats = torch.stack([sums.double(), counts.double()], dim=-1)
+        return loss.detach(), stats, counts
+
+    def evaluate(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            self._excluded += time.perf_counter() - start
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        token_loss = output.metrics.pop(f"{prefix}_token_loss", None)
+        if token_loss is not None:
+            output.metrics[f"{prefix}_loss"] = token_loss
+            output.metrics[f"{prefix}_tokens"] = output.metrics.pop(f"{prefix}_trained_tokens")
+        return output
+
+    def _save_checkpoint(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return super()._save_checkpoint(*args, **kwargs)
+        finally:
+            self._excluded += time.perf_counter() - start
+
+    # ---- throughput logging ---------------------------------------------------------------------------
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        now = time.perf_counter()
+        if "loss" in logs and self._window_start is not None:
+            elapsed = max(now - self._window_start - self._excluded, 1e-9)
+            totals = torch.tensor([self._window["tokens"], self._window["flops"]], dtype=torch.float64,
+                                  device=self.args.device)
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            tokens, flops = totals.tolist()
+            peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
+            logs["tokens_per_second"] = round(tokens / elapsed, 2)
+            logs["mfu"] = round(flops / elapsed / peak, 4)
+        if "loss" in logs or self._window_start is None:
+            self._window = {"tokens": 0.0, "flops": 0.0}
+            self._window_start, self._excluded = now, 0.0
+        super().log(logs, *args, **kwargs)
+
+    def _compute_dtype(self) -> str:
+        return "bfloat16" if self.args.bf16 else "float16" if self.args.fp16 else "float32"
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._window_start is None:
+            self._window_start, self._excluded = time.perf_counter(), 0.0
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _token_weighted_loss(eval_pred) -> dict:
+    stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2)
+    total, tokens = stats[:, 0].sum(), stats[:, 1].sum()
+    return {"token_loss": float(total / max(tokens, 1.0)), "trained_tokens": int(tokens)}

@@ -1,0 +1,104 @@
+"""Tokenizer and model loading: local folder or hub id, dtype, attention implementation."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+
+def _hub_error(path: str, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model_name_or_path {path!r} is not a local folder and could not be loaded from the hub "
+        f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Without network access, "
+        "download the model first and point model_name_or_path at its folder."
+    )
+
+
+def _check_local(path: str) -> None:
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1 or p.exists()
+    if looks_local and not p.is_dir():
+        raise ConfigError(f"model_name_or_path {path!r}: no such folder.")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ConfigError(f"model_name_or_path {path!r} has no config.json; is it a Hugging Face model folder?")
+
+
+def load_tokenizer(model_args):
+    from transformers import AutoTokenizer
+
+    path = model_args.model_name_or_path
+    _check_local(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                            cache_dir=model_args.cache_dir, revision=model_args.model_revision,
+                                            token=model_args.hf_hub_token, use_fast=model_args.use_fast_tokenizer)
+    except OSError as err:
+        raise _hub_error(path, err) from None
+    if not getattr(tok, "is_fast", False):
+        raise ConfigError(f"The tokenizer of {path!r} is not a fast tokenizer; zerotune needs one for exact labels.")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def attention_implementation(choice: str) -> str:
+    """flash_attn: auto picks FlashAttention-2 on a CUDA GPU when it is installed, else PyTorch SDPA."""
+    has_fa2 = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+    if choice == "auto":
+        impl = "flash_attention_2" if has_fa2 else "sdpa"
+        if torch.cuda.is_available() and not has_fa2:
+            logger.warning("flash-attn is not installed; using SDPA (pip install 'zerotune[gpu]' for FlashAttention).")
+    elif choice == "fa2":
+        if not has_fa2:
+            raise ConfigError("flash_attn: fa2 needs a CUDA GPU and the flash-attn package; use flash_attn: auto.")
+        impl = "flash_attention_2"
+    elif choice in ("sdpa", "eager"):
+        impl = choice
+    else:  # disabled
+        impl = "eager"
+    return impl
+
+
+def weights_dtype(training_args, finetuning_type: str) -> torch.dtype:
+    """Frozen weights may live in the compute dtype on GPU (memory); trained ones stay fp32 for the optimizer.
+
+    On CPU the weights stay fp32 and bf16 runs through autocast (faster on CPUs with native bf16).
+    """
+    if not torch.cuda.is_available() or finetuning_type == "full" and not training_args.deepspeed:
+        return torch.float32
+    if training_args.bf16:
+        return torch.bfloat16
+    if training_args.fp16:
+        return torch.float16
+    return torch.float32
+
+
+def load_model(model_args, training_args, finetuning_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_args.model_name_or_path
+    _check_local(path)
+    common = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
+                  revision=model_args.model_revision, token=model_args.hf_hub_token)
+    try:
+        config = AutoConfig.from_pretrained(path, **common)
+    except OSError as err:
+        raise _hub_error(path, err) from None
+    impl = attention_implementation(model_args.flash_attn)
+    dtype = weights_dtype(training_args, finetuning_type)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
+                                                 **common)
+    # Packed rows are only kept apart when the model does not build a KV cache (see PLATFORM.md).
+    model.config.use_cache = False
+    logger.info("Loaded %s (%s, %.1fM parameters) with %s attention, weights in %s.", path,
+                type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, impl, dtype)
+    return model

@@ -1,0 +1,85 @@
+"""The one model wrapper every stage uses: per-token losses through the model's own forward.
+
+The model's lm_head is given a second mode. While `targets` are set (a context variable, so the
+call still goes through DDP / DeepSpeed / FSDP wrappers and their hooks), the head returns the
+per-token negative log-likelihood computed in chunks instead of the [tokens x vocab] logits. With no
+targets set (generation, plain use) it is the ordinary Linear. Models whose head cannot take this
+path (soft-capped logits, a head that is not a plain Linear) fall back to full logits, and say so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trainer.model.losses import IGNORE_INDEX, chunked_token_nll, shift_targets
+
+logger = logging.getLogger(__name__)
+
+_TARGETS: contextvars.ContextVar = contextvars.ContextVar("zerotune_head_targets", default=None)
+
+
+def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    request = _TARGETS.get()
+    if request is None:
+        return F.linear(hidden, self.weight, self.bias)
+    targets, chunk_size = request
+    nll = chunked_token_nll(hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias, targets.reshape(-1),
+                            chunk_size)
+    return nll.view(hidden.shape[:-1])
+
+
+@contextlib.contextmanager
+def _targets(targets: torch.Tensor | None, chunk_size: int):
+    token = _TARGETS.set(None if targets is None else (targets, chunk_size))
+    try:
+        yield
+    finally:
+        _TARGETS.reset(token)
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ModelWrapper:
+    """Holds how to get token losses out of one (possibly adapter-wrapped) causal LM."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 2048, chunked: bool = True):
+        self.chunk_size = chunk_size
+        base = _base_model(model)
+        head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+        softcap = getattr(base.config, "final_logit_softcapping", None)
+        self.chunked = chunked and type(head) is nn.Linear and not softcap
+        if self.chunked:
+            head.forward = types.MethodType(_loss_head_forward, head)
+            logger.info("Loss: chunked linear cross-entropy (%d tokens a chunk), no full logits.", chunk_size)
+        else:
+            why = "disabled" if not chunked else "the model's head is not a plain Linear or soft-caps its logits"
+            logger.warning("Loss: full logits (%s).", why)
+
+    def token_nll(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts."""
+        labels = batch["labels"]
+        targets = shift_targets(labels)
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
+        if self.chunked:
+            with _targets(targets, self.chunk_size):
+                nll = model(**inputs).logits
+        else:
+            logits = model(**inputs).logits.float()
+            nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                                  reduction="none").view(targets.shape)
+        return nll, targets.ne(IGNORE_INDEX)
+
+    def token_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probabilities of the labels (the preference stages sum these per sequence)."""
+        nll, mask = self.token_nll(model, batch)
+        return -nll, mask

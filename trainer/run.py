@@ -1,0 +1,135 @@
+"""The whole job, in the order data flows: config -> data -> model -> stage -> engine -> saved results."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from trainer.config import RunConfig
+from trainer.errors import ConfigError
+
+logger = logging.getLogger("trainer")
+
+
+def setup_logging(main_process: bool) -> None:
+    level = logging.INFO if main_process else logging.WARNING
+    root = logging.getLogger("trainer")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[zerotune] %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def resolve_resume(value, output_dir: str) -> str | None:
+    """resume_from_checkpoint: a checkpoint folder, or true/auto for the newest one in output_dir."""
+    if value in (None, "", False) or str(value).lower() in ("false", "none"):
+        return None
+    if str(value).lower() in ("true", "auto", "last", "latest"):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        if last is None:
+            raise ConfigError(f"resume_from_checkpoint: {value} but {output_dir!r} holds no checkpoint-* folder.")
+        logger.info("Resuming from %s.", last)
+        return last
+    if not Path(value).is_dir():
+        raise ConfigError(f"resume_from_checkpoint: {value!r} is not a folder.")
+    return str(value)
+
+
+def build_datasets(config: RunConfig, stage, tokenizer, template):
+    """(train rows, eval rows, packing efficiency) ready for the collator."""
+    from trainer.data import packing, processing
+
+    d, t = config.data, config.training
+    rebuild = d.overwrite_cache and t.process_index == 0
+
+    def tokenized(names):
+        data, _ = processing.tokenized_dataset(names, d, stage.name, tokenizer, template, rebuild)
+        return data
+
+    train = evaluation = None
+    if t.do_train:
+        train = tokenized(d.dataset)
+        train, evaluation = processing.split_validation(train, d.val_size, t.seed)
+    elif d.val_size and not d.eval_dataset:
+        _, evaluation = processing.split_validation(tokenized(d.dataset), d.val_size, t.seed)
+    elif not d.eval_dataset:
+        evaluation = tokenized(d.dataset)
+    if d.eval_dataset:
+        evaluation = tokenized(d.eval_dataset)
+
+    efficiency = None
+    if d.packing:
+        if train is not None:
+            train, efficiency = packing.pack_dataset(train, d.cutoff_len)
+        if evaluation is not None:
+            evaluation, _ = packing.pack_dataset(evaluation, d.cutoff_len)
+    else:
+        train = packing.unpacked_dataset(train) if train is not None else None
+        evaluation = packing.unpacked_dataset(evaluation) if evaluation is not None else None
+    return train, evaluation, efficiency
+
+
+def run(config: RunConfig) -> dict:
+    import torch
+    from transformers import set_seed
+
+    from trainer.data.collators import Collator
+    from trainer.data.templates import get_template
+    from trainer.engine.plot import plot_loss
+    from trainer.engine.trainer import ZeroTrainer
+    from trainer.model.adapters import prepare_trainable
+    from trainer.model.loading import load_model, load_tokenizer
+    from trainer.model.wrapper import ModelWrapper
+    from trainer.stages import get_stage
+
+    m, d, f, t = config.model, config.data, config.finetuning, config.training
+    setup_logging(t.process_index == 0)
+    if t.n_gpu > 1:
+        raise ConfigError("Several GPUs in one process: launch with `zerotune train` (it starts one process per "
+                          "GPU) or with deepspeed/torchrun.")
+    set_seed(t.seed)
+    stage = get_stage(f.stage)
+    tokenizer = load_tokenizer(m)
+    template = get_template(d.template, tokenizer) if stage.needs_template else None
+    with t.main_process_first(desc="tokenizing the data"):
+        train, evaluation, efficiency = build_datasets(config, stage, tokenizer, template)
+    if t.eval_strategy != "no" and evaluation is None:
+        raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
+
+    model = load_model(m, t, f.finetuning_type)
+    if template is not None:
+        stops = template.stop_token_ids(tokenizer)
+        model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model = prepare_trainable(model, f, m, is_trainable=t.do_train)
+    wrapper = ModelWrapper(model)
+    collator = Collator(tokenizer.pad_token_id, packed=d.packing,
+                        pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
+                          processing_class=tokenizer, stage=stage, wrapper=wrapper)
+    results: dict = {}
+    if efficiency is not None:
+        results["packing_efficiency"] = round(efficiency, 4)
+    if t.do_train:
+        resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+        outcome = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        trainer.save_state()
+        metrics = dict(outcome.metrics, **results)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        results.update(metrics)
+        if f.plot_loss and trainer.is_world_process_zero():
+            plot_loss(t.output_dir)
+    if t.do_eval and evaluation is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        results.update(metrics)
+    return results
