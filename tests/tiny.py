@@ -80,3 +80,28 @@ def alpaca_rows(n: int = 24) -> list[dict]:
         rows.append({"instruction": f"Question {i}: say {k} words.", "input": "context" if i % 3 == 0 else "",
                      "output": answer})
     return rows
+
+
+def base_config(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) -> dict:
+    """A small, fast, fp32 sft config over the tiny model; overrides win."""
+    cfg = {
+        "model_name_or_path": str(model_dir), "stage": "sft", "do_train": True, "finetuning_type": "lora",
+        "lora_target": "all", "dataset": "alpaca", "dataset_dir": str(data_dir), "template": "chatml",
+        "cutoff_len": 128, "output_dir": str(output_dir), "logging_steps": 1, "save_steps": 1000,
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+        "num_train_epochs": 1, "lr_scheduler_type": "constant", "bf16": False, "report_to": "none",
+        "disable_tqdm": True, "seed": 7, "dataloader_num_workers": 0,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+def train_with(cfg: dict) -> tuple[dict, dict]:
+    """Run a config in-process; return (results, trainer_state)."""
+    from trainer.config import build_config
+    from trainer.run import run
+
+    results = run(build_config(cfg))
+    state_file = Path(cfg["output_dir"]) / "trainer_state.json"
+    state = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return results, state

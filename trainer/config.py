@@ -156,7 +156,7 @@ def _coerce(key: str, value: Any, tp: Any, choices: tuple | None = None) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
-        if value is None or (isinstance(value, str) and value.lower() in ("null", "none") and type(None) in args):
+        if value is None or (isinstance(value, str) and value.lower() == "null" and type(None) in args):
             if type(None) in args:
                 return None
         enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
@@ -192,6 +192,8 @@ def _coerce(key: str, value: Any, tp: Any, choices: tuple | None = None) -> Any:
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         allowed = [m.value for m in tp]
         raw = value.value if isinstance(value, enum.Enum) else value
+        if isinstance(raw, bool) and {"no", "yes"} & set(allowed):
+            raw = "yes" if raw else "no"  # YAML 1.1 reads a bare `no` as false
         if isinstance(raw, str):
             raw = raw.strip()
         if raw not in allowed:
@@ -354,7 +356,8 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments):
     if values["activation_checkpointing"]:
         values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     values.setdefault("ddp_find_unused_parameters", False)
-    values.setdefault("report_to", "none")
+    if values.get("report_to") is None:
+        values["report_to"] = "none"
     cls = _training_arguments_class()
     try:
         return cls(**values)
@@ -390,8 +393,6 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
         raise ConfigError(f"lora_dropout: {f.lora_dropout} must be in [0, 1).")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
-    if t.do_train and not given["training"].get("do_eval") and (d.val_size or d.eval_dataset):
-        pass  # evaluation during training follows eval_strategy, as in LLaMA-Factory
     if not t.do_train and not t.do_eval:
         raise ConfigError("Nothing to do: set do_train: true, or do_train: false with do_eval: true.")
     if t.do_train and not d.dataset:

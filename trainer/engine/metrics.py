@@ -11,11 +11,8 @@ and a packed row only pays for pairs inside each example.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
-from pathlib import Path
 
 import torch
 
@@ -52,38 +49,23 @@ def device_peak_flops(dtype_name: str) -> float:
     return _measured_peak(dtype_name)
 
 
-def _cache_file() -> Path:
-    root = os.environ.get("ZEROTUNE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zerotune")
-    return Path(root) / "peak_flops.json"
-
-
 def _measured_peak(dtype_name: str) -> float:
-    """Best of a few square matmuls; cached per machine, dtype and thread count."""
+    """Best of a few square matmuls, measured once per process (a few tenths of a second).
+
+    Measured rather than read from a table: a CPU's peak depends on its vector units and the thread
+    count, and a number cached on disk would outlive a busy moment it was taken in.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    key = f"{device}:{dtype_name}:{torch.get_num_threads()}:{os.cpu_count()}"
-    path = _cache_file()
-    try:
-        cached = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if key in cached:
-        return cached[key]
     dtype = getattr(torch, dtype_name)
-    n = 1024 if device == "cpu" else 8192
+    n = 2048 if device == "cpu" else 8192
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = 0.0
-    for _ in range(4):
+    for _ in range(5):
         if device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         (a @ b).sum().item()
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    cached[key] = best
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached))
-    except OSError:
-        pass
     logger.info("Measured %s %s matmul peak: %.1f GFLOP/s (MFU is relative to this).", device, dtype_name, best / 1e9)
     return best

@@ -16,7 +16,9 @@ IGNORE_INDEX = -100
 
 def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # softmax over a large vocabulary needs fp32
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 

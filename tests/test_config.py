@@ -1,0 +1,116 @@
+"""YAML + overrides -> typed config; every bad input names the key and what is allowed."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import build_config, load_config, parse_override
+from trainer.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _base(tmp_path, **kw):
+    return {"model_name_or_path": "m", "dataset": "a", "do_train": True, "output_dir": str(tmp_path / "out"), **kw}
+
+
+def test_overrides_are_typed(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model_name_or_path: m\ndataset: a\ndo_train: true\nlearning_rate: 1.0e-4\noutput_dir: %s\n" % (tmp_path / "o"))
+    cfg = load_config(cfg_file, ["learning_rate=1e-5", "per_device_train_batch_size=4", "bf16=false",
+                                 "dataset=x,y", "lora_target=q_proj,v_proj", "num_train_epochs=2",
+                                 "max_grad_norm=0.5", "eval_strategy=no", "save_steps=50"])
+    assert cfg.training.learning_rate == pytest.approx(1e-5)
+    assert cfg.training.per_device_train_batch_size == 4
+    assert cfg.training.bf16 is False
+    assert cfg.data.dataset == ["x", "y"]
+    assert cfg.finetuning.lora_target == ["q_proj", "v_proj"]
+    assert cfg.training.num_train_epochs == 2.0
+    assert cfg.training.max_grad_norm == 0.5
+    assert cfg.training.eval_strategy == "no"
+    assert cfg.training.save_steps == 50
+
+
+def test_seed_keys_are_honoured(tmp_path):
+    cfg = build_config(_base(tmp_path, warmup_ratio=0.1, ddp_timeout=180000000, lr_scheduler_type="cosine",
+                             gradient_accumulation_steps=8, val_size=0.1, eval_strategy="steps", eval_steps=500,
+                             per_device_eval_batch_size=1, overwrite_cache=True, preprocessing_num_workers=16,
+                             plot_loss=True, overwrite_output_dir=True, cutoff_len=1024, max_samples=1000,
+                             logging_steps=10, do_train=True, template="llama3", finetuning_type="lora"))
+    t = cfg.training
+    assert t.warmup_steps == pytest.approx(0.1)  # transformers 5: a float < 1 is a ratio
+    assert t.ddp_timeout == 180000000 and t.lr_scheduler_type == "cosine" and t.eval_steps == 500
+    assert cfg.data.packing is True  # sft packs by default
+    assert cfg.finetuning.overwrite_output_dir and cfg.finetuning.plot_loss
+    assert t.activation_checkpointing is True  # on by default for training
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_config(_base(tmp_path, learning_rte=1e-4))
+    assert "learning_rte" in str(err.value) and "learning_rate" in str(err.value)
+
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("learning_rate", "fast", "not a number"),
+    ("per_device_train_batch_size", 1.5, "not an integer"),
+    ("bf16", "maybe", "not a boolean"),
+    ("finetuning_type", "qlora", "lora, freeze, full"),
+    ("lr_scheduler_type", "cosin", "cosine"),
+    ("eval_strategy", "step", "steps"),
+    ("stage", "sftt", "sft"),
+    ("val_size", -1, "val_size"),
+])
+def test_bad_values_name_key_value_and_choices(tmp_path, key, value, expect):
+    with pytest.raises(ConfigError) as err:
+        build_config(_base(tmp_path, **{key: value}))
+    assert key in str(err.value) and expect in str(err.value)
+
+
+def test_yaml_no_is_the_string_no(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model_name_or_path: m\ndataset: a\ndo_train: true\noutput_dir: {tmp_path}/o\neval_strategy: no\n")
+    assert load_config(cfg_file).training.eval_strategy == "no"
+
+
+def test_yaml_syntax_error_names_line(tmp_path):
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text("model_name_or_path: m\ndataset: [a\nlearning_rate: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(cfg_file)
+    assert "bad.yaml" in str(err.value) and "line" in str(err.value)
+
+
+def test_override_parsing():
+    assert parse_override("learning_rate=1e-5") == ("learning_rate", "1e-5")
+    assert parse_override("bf16=true") == ("bf16", True)
+    with pytest.raises(ConfigError):
+        parse_override("learning_rate")
+
+
+def test_output_dir_holding_a_run_is_refused(tmp_path):
+    out = tmp_path / "out"
+    (out / "checkpoint-10").mkdir(parents=True)
+    with pytest.raises(ConfigError) as err:
+        build_config(_base(tmp_path, do_train=True))
+    assert "overwrite_output_dir" in str(err.value) and str(out) in str(err.value)
+    build_config(_base(tmp_path, do_train=True, overwrite_output_dir=True))
+    build_config(_base(tmp_path, do_train=True, resume_from_checkpoint="true"))
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model_name_or_path: m\ndataset: a\noutput_dir: {tmp_path}/o\nlerning_rate: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", str(cfg_file)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "lerning_rate" in proc.stderr and "learning_rate" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli_version_and_help():
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "version"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("zerotune ")
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "zerotune train" in out.stdout

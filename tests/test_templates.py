@@ -1,0 +1,120 @@
+"""Templates: exact token ids against hand-written reference renderings and the demo tokenizer's own
+chat template; labels only on assistant replies (plus their stop token)."""
+
+import pytest
+
+from trainer.data.processing import IGNORE_INDEX, tokenize_row
+from trainer.data.templates import TEMPLATES, get_template
+from trainer.errors import ConfigError
+
+SYSTEM = "Be brief."
+CONV = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How are you?"},
+        {"role": "user", "content": "Fine {content} thanks"}, {"role": "assistant", "content": "Good to hear."}]
+
+# (template, full reference text, the trained parts in order)
+REFERENCE = {
+    "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+               "<|im_start|>assistant\nHello! How are you?<|im_end|>\n<|im_start|>user\nFine {content} thanks"
+               "<|im_end|>\n<|im_start|>assistant\nGood to hear.<|im_end|>\n",
+               ["Hello! How are you?<|im_end|>", "Good to hear.<|im_end|>"]),
+    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant"
+               "<|end_header_id|>\n\nHello! How are you?<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+               "Fine {content} thanks<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nGood to hear."
+               "<|eot_id|>",
+               ["Hello! How are you?<|eot_id|>", "Good to hear.<|eot_id|>"]),
+    "mistral": ("<s>[INST] Be brief.\n\nHi there[/INST]Hello! How are you?</s>[INST] Fine {content} thanks[/INST]"
+                "Good to hear.</s>",
+                ["Hello! How are you?</s>", "Good to hear.</s>"]),
+    "gemma": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
+              "Hello! How are you?<end_of_turn>\n<start_of_turn>user\nFine {content} thanks<end_of_turn>\n"
+              "<start_of_turn>model\nGood to hear.<end_of_turn>\n",
+              ["Hello! How are you?<end_of_turn>", "Good to hear.<end_of_turn>"]),
+    "phi": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello! How are you?<|end|>\n"
+            "<|user|>\nFine {content} thanks<|end|>\n<|assistant|>\nGood to hear.<|end|>\n",
+            ["Hello! How are you?<|end|>", "Good to hear.<|end|>"]),
+    "default": ("System: Be brief.\nHuman: Hi there\nAssistant: Hello! How are you?<|endoftext|>\n"
+                "Human: Fine {content} thanks\nAssistant: Good to hear.<|endoftext|>\n",
+                [" Hello! How are you?<|endoftext|>", " Good to hear.<|endoftext|>"]),
+}
+
+
+def _trained_spans(ids, trained):
+    spans, current = [], []
+    for i, t in zip(ids, trained):
+        if t:
+            current.append(i)
+        elif current:
+            spans.append(current)
+            current = []
+    if current:
+        spans.append(current)
+    return spans
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_template_tokens_and_labels(name, tiny_tokenizer):
+    text, trained_parts = REFERENCE[name]
+    template = get_template(name, tiny_tokenizer)
+    ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM)
+    assert ids == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    spans = _trained_spans(ids, trained)
+    assert [tiny_tokenizer.decode(s) for s in spans] == trained_parts
+
+
+def test_qwen_has_default_system_and_chatml_has_none(tiny_tokenizer):
+    chatml = get_template("chatml", tiny_tokenizer).render_text(CONV[:2])
+    qwen = get_template("qwen", tiny_tokenizer).render_text(CONV[:2])
+    assert chatml.startswith("<|im_start|>user\n")
+    assert qwen.startswith("<|im_start|>system\nYou are Qwen")
+
+
+def test_mask_history_and_train_on_prompt(tiny_tokenizer):
+    template = get_template("chatml", tiny_tokenizer)
+    ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM, mask_history=True)
+    assert [tiny_tokenizer.decode(s) for s in _trained_spans(ids, trained)] == ["Good to hear.<|im_end|>"]
+    ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM, train_on_prompt=True)
+    assert all(trained)
+
+
+def test_labels_follow_the_mask_and_truncation(tiny_tokenizer):
+    template = get_template("chatml", tiny_tokenizer)
+    row = {"messages": CONV, "system": SYSTEM}
+    full = tokenize_row(row, template, tiny_tokenizer, 10_000, False, False)
+    ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM)
+    assert full["labels"] == [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
+    assert not full["_truncated"]
+    cut = tokenize_row(row, template, tiny_tokenizer, 12, False, False)
+    assert cut["_truncated"] and len(cut["input_ids"]) == 12 and cut["_no_labels"]
+
+
+def test_template_tokens_missing_from_tokenizer_is_a_clear_error(tmp_path):
+    from tiny import build_tokenizer
+
+    tok = build_tokenizer(tmp_path, special=["<|endoftext|>"])
+    with pytest.raises(ConfigError) as err:
+        get_template("llama3", tok)
+    assert "llama3" in str(err.value) and "<|eot_id|>" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        get_template("lama3", tok)
+    assert "llama3" in str(err.value)
+
+
+def test_every_template_has_a_reference():
+    assert set(TEMPLATES) - {"qwen"} == set(REFERENCE)
+
+
+def test_chatml_matches_the_demo_tokenizers_own_template(smollm_tokenizer):
+    """Same ids as SmolLM2's apply_chat_template (which always renders a system turn), and the
+    trained tokens are exactly the assistant replies with their <|im_end|>."""
+    template = get_template("chatml", smollm_tokenizer)
+    messages = [{"role": "system", "content": SYSTEM}] + CONV
+    expected = smollm_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+    ids, trained = template.encode(smollm_tokenizer, CONV, SYSTEM)
+    assert ids == list(expected)
+    spans = [smollm_tokenizer.decode(s) for s in _trained_spans(ids, trained)]
+    assert spans == ["Hello! How are you?<|im_end|>", "Good to hear.<|im_end|>"]
+    prompt = template.encode_prompt(smollm_tokenizer, CONV[:1], SYSTEM)
+    expected_prompt = smollm_tokenizer.apply_chat_template(messages[:2], tokenize=True, return_dict=True,
+                                                           add_generation_prompt=True)["input_ids"]
+    assert prompt == list(expected_prompt)
