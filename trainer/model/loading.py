@@ -22,13 +22,43 @@ def _hub_error(path: str, err: Exception) -> ConfigError:
     )
 
 
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    """Can we open a connection to the hub? Checked in a thread, because a DNS lookup ignores socket timeouts."""
+    import socket
+    import threading
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    ok: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, 443), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(ok)
+
+
 def _check_local(path: str) -> None:
     p = Path(path)
     looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1 or p.exists()
     if looks_local and not p.is_dir():
         raise ConfigError(f"model_name_or_path {path!r}: no such folder.")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ConfigError(f"model_name_or_path {path!r} has no config.json; is it a Hugging Face model folder?")
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ConfigError(f"model_name_or_path {path!r} has no config.json; is it a Hugging Face model folder?")
+        return
+    # A hub id. Without a network, transformers retries for about a minute before failing: fail fast instead.
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+    if not cached and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") and not _hub_reachable():
+        raise _hub_error(path, OSError("the hub is unreachable (no network?)"))
 
 
 def load_tokenizer(model_args):
