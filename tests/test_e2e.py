@@ -132,3 +132,31 @@ def test_wandb_offline_run_holds_loss_and_throughput(tiny_model_dir, data_dir, t
     expected = [loss for _, loss in _losses(out)]
     assert [h["train/loss"] for h in history] == pytest.approx(expected)
     assert all(h["train/tokens_per_second"] > 0 and "train/mfu" in h for h in history)
+
+
+def test_untrained_stop_token_is_reported(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.config import FinetuningArguments
+    from trainer.model.adapters import untrained_token_rows, warn_untrained_stop_tokens
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert untrained_token_rows(model, [eot, im_end]) == []
+    with torch.no_grad():  # what resizing does to a new token: the mean of the other rows
+        model.get_output_embeddings().weight[eot] = model.get_output_embeddings().weight.mean(dim=0)
+    assert untrained_token_rows(model, [eot, im_end]) == [eot]
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("trainer").addHandler(handler)
+    try:
+        warn_untrained_stop_tokens(model, tok, [eot], FinetuningArguments(finetuning_type="lora"))
+    finally:
+        logging.getLogger("trainer").removeHandler(handler)
+    assert any("STOP TOKEN NOT TRAINED" in r.getMessage() and "<|eot_id|>" in r.getMessage() for r in records)

@@ -83,7 +83,7 @@ def run(config: RunConfig) -> dict:
     from trainer.data.templates import get_template
     from trainer.engine.plot import plot_loss
     from trainer.engine.trainer import ZeroTrainer
-    from trainer.model.adapters import prepare_trainable
+    from trainer.model.adapters import prepare_trainable, warn_untrained_stop_tokens
     from trainer.model.loading import load_model, load_tokenizer
     from trainer.model.wrapper import ModelWrapper
     from trainer.stages import get_stage
@@ -108,6 +108,8 @@ def run(config: RunConfig) -> dict:
         model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
+    if template is not None and t.do_train:
+        warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
     wrapper = ModelWrapper(model)
     collator = Collator(tokenizer.pad_token_id, packed=d.packing,
                         pad_to_multiple_of=8 if torch.cuda.is_available() else None)

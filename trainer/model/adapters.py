@@ -97,3 +97,49 @@ def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
     total = sum(p.numel() for p in model.parameters())
     logger.info("Trainable parameters: %d of %d (%.3f%%).", trainable, total, 100 * trainable / max(total, 1))
     return model
+
+
+def untrained_token_rows(model, token_ids: list[int]) -> list[int]:
+    """Token ids whose input or output embedding row looks never trained.
+
+    A model can ship tokens it never saw in pre-training (a base model's chat tokens, tokens added to a
+    tokenizer later). Their rows are zeros, tiny, or the mean of all rows. If such a token is the
+    template's stop token and the rows stay frozen (LoRA, freeze), the model never learns to stop.
+    """
+    suspicious = set()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for emb in (base.get_input_embeddings(), base.get_output_embeddings()):
+        weight = getattr(emb, "weight", None)
+        if weight is None or weight.ndim != 2 or weight.shape[0] < 8:
+            continue
+        with torch.no_grad():
+            w = weight.float()
+            norms = w.norm(dim=1)
+            median = norms.median()
+            mean_row = w.mean(dim=0)
+            for tid in token_ids:
+                if tid is None or tid >= w.shape[0]:
+                    continue
+                row = w[tid]
+                near_mean = torch.nn.functional.cosine_similarity(row, mean_row, dim=0) > 0.999
+                if norms[tid] < 0.1 * median or near_mean:
+                    suspicious.add(tid)
+    return sorted(suspicious)
+
+
+def warn_untrained_stop_tokens(model, tokenizer, stop_ids: list[int], finetuning_args) -> None:
+    bad = untrained_token_rows(model, stop_ids)
+    if not bad:
+        return
+    names = [tokenizer.convert_ids_to_tokens(i) for i in bad]
+    trains_rows = finetuning_args.finetuning_type == "full" or (
+        finetuning_args.finetuning_type == "lora"
+        and {"embed_tokens", "lm_head"} <= set(finetuning_args.additional_target or []))
+    if trains_rows:
+        logger.warning("Stop token(s) %s have untrained embedding rows; this run trains those rows.", names)
+    else:
+        logger.warning(
+            "STOP TOKEN NOT TRAINED: %s ends every reply in this template, but its embedding rows look untrained "
+            "and %s keeps them frozen, so the tuned model may never stop generating. Use "
+            "finetuning_type: full, or lora with additional_target: embed_tokens,lm_head, or a template whose "
+            "stop token the model knows.", names, finetuning_args.finetuning_type)
