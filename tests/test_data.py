@@ -57,7 +57,8 @@ def test_bad_rows_are_counted_with_file_and_row(tmp_path, tiny_tokenizer, caplog
     (tmp_path / "dataset_info.json").write_text(json.dumps({"c": {"file_name": "c.jsonl", "formatting": "sharegpt"}}))
     template = get_template("chatml", tiny_tokenizer)
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        data, report = processing.tokenized_dataset(["c"], _args(tmp_path), "sft", tiny_tokenizer, template, True)
+        data, report = processing.tokenized_dataset(["c"], _args(tmp_path, max_bad_rows=3), "sft", tiny_tokenizer,
+                                                    template, True)
     assert len(data) == 1 and report.read == 4 and report.bad == 3
     text = caplog.text
     assert "skipped 3 malformed rows" in text and "c.jsonl" in text

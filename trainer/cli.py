@@ -77,11 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":
         parser.print_help()
         return 2
+    from trainer.engine.signals import Preempted
+    from trainer.errors import TrainingHalted
+
     try:
         return train(args.config, args.overrides)
     except ConfigError as err:
         print(f"zerotune: error: {err}", file=sys.stderr)
         return 2
+    except TrainingHalted as err:
+        print(f"zerotune: error: {err}", file=sys.stderr)
+        return 1
+    except Preempted as err:
+        print(f"zerotune: {err}", file=sys.stderr)
+        return 128 + err.signum
 
 
 if __name__ == "__main__":

@@ -60,6 +60,10 @@ class DataArguments:
     preprocessing_num_workers: int | None = None
     preprocessing_batch_size: int = 1000
     default_system: str | None = None
+    max_bad_rows: float = field(
+        default=0.1, metadata={"help": "Malformed rows tolerated per dataset: a fraction (< 1) or a count (>= 1)."})
+    cutoff_policy: str = field(default="truncate", metadata={
+        "choices": ("truncate", "drop"), "help": "Examples longer than cutoff_len: truncate them or drop them."})
     tokenized_cache_dir: str | None = field(
         default=None, metadata={"help": "Where tokenized data is cached (default ~/.cache/zerotune/tokenized)."}
     )
@@ -80,6 +84,8 @@ class FinetuningArguments:
     plot_loss: bool = False
     disable_gradient_checkpointing: bool = False
     overwrite_output_dir: bool = False
+    skip_nonfinite_batches: bool = field(
+        default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run."})
 
 
 # Keys of LLaMA-Factory's vocabulary that have been renamed in transformers 5 or that zerotune maps.
@@ -111,6 +117,7 @@ class RunConfig:
     finetuning: FinetuningArguments
     training: Any  # transformers.TrainingArguments
     source: str = ""
+    raw: dict = field(default_factory=dict)  # the merged YAML + overrides, as the user wrote them
 
     @property
     def packing(self) -> bool:
@@ -284,7 +291,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 
 def build_config(raw: dict, source: str = "") -> RunConfig:
     owners = _owners()
-    raw = dict(raw)
+    original, raw = dict(raw), dict(raw)
     expanded: dict[str, Any] = {}
     for key in list(raw):
         if key in RENAMED_KEYS:
@@ -315,7 +322,7 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     data = DataArguments(**groups["data"])
     finetuning = FinetuningArguments(**groups["finetuning"])
     training = _training_arguments(groups["training"], finetuning)
-    config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, source=source)
+    config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, source=source, raw=original)
     _validate(config, groups)
     return config
 

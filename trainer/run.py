@@ -29,16 +29,28 @@ def resolve_resume(value, output_dir: str) -> str | None:
     if value in (None, "", False) or str(value).lower() in ("false", "none"):
         return None
     if str(value).lower() in ("true", "auto", "last", "latest"):
-        from transformers.trainer_utils import get_last_checkpoint
+        from trainer.engine.checkpoints import latest_checkpoint
 
-        last = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+        last = latest_checkpoint(output_dir)
         if last is None:
             raise ConfigError(f"resume_from_checkpoint: {value} but {output_dir!r} holds no checkpoint-* folder.")
-        logger.info("Resuming from %s.", last)
+        logger.info("Resuming from %s (the newest complete checkpoint).", last)
         return last
     if not Path(value).is_dir():
         raise ConfigError(f"resume_from_checkpoint: {value!r} is not a folder.")
     return str(value)
+
+
+def save_config(config: RunConfig) -> None:
+    """The run's YAML + overrides, secrets blanked, beside its outputs (to rerun it exactly)."""
+    import yaml
+
+    from trainer.engine.secrets import is_secret
+
+    out = Path(config.training.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {k: ("<redacted>" if is_secret(k) and v else v) for k, v in config.raw.items()}
+    (out / "zerotune_config.yaml").write_text(yaml.safe_dump(clean, sort_keys=False))
 
 
 def build_datasets(config: RunConfig, stage, tokenizer, template):
@@ -81,7 +93,9 @@ def run(config: RunConfig) -> dict:
 
     from trainer.data.collators import Collator
     from trainer.data.templates import get_template
+    from trainer.engine import checkpoints
     from trainer.engine.plot import plot_loss
+    from trainer.engine.signals import GracefulStop, Preempted
     from trainer.engine.trainer import ZeroTrainer
     from trainer.model.adapters import prepare_trainable, warn_untrained_stop_tokens
     from trainer.model.loading import load_model, load_tokenizer
@@ -113,14 +127,26 @@ def run(config: RunConfig) -> dict:
     wrapper = ModelWrapper(model)
     collator = Collator(tokenizer.pad_token_id, packed=d.packing,
                         pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
-                          processing_class=tokenizer, stage=stage, wrapper=wrapper)
+                          processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop],
+                          skip_nonfinite=f.skip_nonfinite_batches)
+    stop.accelerator = trainer.accelerator
     results: dict = {}
     if efficiency is not None:
         results["packing_efficiency"] = round(efficiency, 4)
     if t.do_train:
         resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
-        outcome = trainer.train(resume_from_checkpoint=resume)
+        if trainer.is_world_process_zero():
+            checkpoints.clear_stale_staging(t.output_dir)
+            save_config(config)
+        stop.install()
+        try:
+            outcome = trainer.train(resume_from_checkpoint=resume)
+        finally:
+            stop.uninstall()
+        if stop.signum:
+            raise Preempted(stop.signum, checkpoints.latest_checkpoint(t.output_dir))
         trainer.save_model()
         trainer.save_state()
         metrics = dict(outcome.metrics, **results)

@@ -33,6 +33,7 @@ class DataReport:
     read: int = 0
     bad: int = 0
     truncated: int = 0
+    dropped_long: int = 0
     no_labels: int = 0
     examples: int = 0
     tokens: int = 0
@@ -40,7 +41,7 @@ class DataReport:
     bad_samples: list[str] = field(default_factory=list)
 
     def merge(self, other: "DataReport") -> None:
-        for name in ("read", "bad", "truncated", "no_labels", "examples", "tokens", "label_tokens"):
+        for name in ("read", "bad", "truncated", "dropped_long", "no_labels", "examples", "tokens", "label_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.bad_samples += other.bad_samples
 
@@ -124,6 +125,12 @@ def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | N
     canonical, bad = formats.to_canonical(spec, rows, num_proc=num_proc)
     report.bad = len(bad)
     report.bad_samples = [f"{spec.name} ({spec.path}) row {r}: {why}" for r, why in bad[:5]]
+    allowed = data_args.max_bad_rows * report.read if data_args.max_bad_rows < 1 else data_args.max_bad_rows
+    if report.bad > allowed:
+        raise ConfigError(
+            f"dataset {spec.name!r} ({spec.path}): {report.bad} of {report.read} rows are malformed, more than "
+            f"max_bad_rows={data_args.max_bad_rows} allows. First ones: " + "; ".join(report.bad_samples)
+            + ". Fix the rows, map the right columns in dataset_info.json, or raise max_bad_rows.")
 
     if stage == "pt":
         def apply(batch: dict) -> dict:
@@ -141,6 +148,9 @@ def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | N
                                      data_args.mask_history),
             remove_columns=canonical.column_names, num_proc=num_proc, desc=f"Tokenizing {spec.name}")
     report.truncated = sum(tokenized["_truncated"])
+    if data_args.cutoff_policy == "drop" and report.truncated:
+        report.dropped_long, report.truncated = report.truncated, 0
+        tokenized = tokenized.filter(lambda x: not x, input_columns="_truncated")
     report.no_labels = sum(tokenized["_no_labels"])
     if report.no_labels:
         tokenized = tokenized.filter(lambda x: not x, input_columns="_no_labels")
@@ -159,8 +169,11 @@ def _log_report(name: str, report: DataReport, cutoff_len: int) -> None:
     if report.bad:
         logger.warning("%s: skipped %d malformed rows, e.g. %s", name, report.bad, "; ".join(report.bad_samples))
     if report.truncated:
-        logger.warning("%s: %d examples were longer than cutoff_len=%d and were truncated.", name, report.truncated,
-                       cutoff_len)
+        logger.warning("%s: %d examples were longer than cutoff_len=%d and were truncated "
+                       "(cutoff_policy: drop drops them instead).", name, report.truncated, cutoff_len)
+    if report.dropped_long:
+        logger.warning("%s: dropped %d examples longer than cutoff_len=%d (cutoff_policy: drop).", name,
+                       report.dropped_long, cutoff_len)
     if report.no_labels:
         logger.warning("%s: dropped %d examples with no trained tokens left after truncation (raise cutoff_len).",
                        name, report.no_labels)
@@ -173,7 +186,8 @@ def tokenized_dataset(names: list[str], data_args, stage: str, tokenizer, templa
 
     specs = [registry.get_spec(n, data_args.dataset_dir) for n in names]
     settings = {"stage": stage, "cutoff_len": data_args.cutoff_len, "train_on_prompt": data_args.train_on_prompt,
-                "mask_history": data_args.mask_history, "max_samples": data_args.max_samples}
+                "mask_history": data_args.mask_history, "max_samples": data_args.max_samples,
+                "cutoff_policy": data_args.cutoff_policy, "max_bad_rows": data_args.max_bad_rows}
     key = cache_key(specs, tokenizer, template, settings)
     root = Path(data_args.tokenized_cache_dir) if data_args.tokenized_cache_dir else default_cache_dir()
     path = root / key
@@ -189,7 +203,7 @@ def tokenized_dataset(names: list[str], data_args, stage: str, tokenizer, templa
         _log_report(spec.name, report, data_args.cutoff_len)
         if report.examples == 0:
             raise ConfigError(f"dataset {spec.name!r} ({spec.path}) yields no usable examples: {report.read} rows read, "
-                              f"{report.bad} malformed, {report.no_labels} without trained tokens. "
+                              f"{report.bad} malformed, {report.dropped_long} too long, {report.no_labels} without trained tokens. "
                               + ("; ".join(report.bad_samples)))
         parts.append(tokenized)
         total.merge(report)

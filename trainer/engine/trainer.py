@@ -19,17 +19,23 @@ import torch
 from transformers import Trainer
 
 from trainer.data.collators import BOOKKEEPING
+from trainer.engine import checkpoints
 from trainer.engine.metrics import device_peak_flops, flops_per_token
+from trainer.engine.secrets import redacted_args
+from trainer.errors import TrainingHalted
 
 logger = logging.getLogger(__name__)
 
 
 class ZeroTrainer(Trainer):
-    def __init__(self, *args, stage, wrapper, **kwargs):
+    def __init__(self, *args, stage, wrapper, skip_nonfinite: bool = False, **kwargs):
         kwargs.setdefault("compute_metrics", _token_weighted_loss)
         super().__init__(*args, **kwargs)
         self.stage = stage
         self.wrapper = wrapper
+        self.skip_nonfinite = skip_nonfinite
+        self.skipped_batches = 0
+        self._staging = False
         # Our compute_loss divides by the accumulated token count itself: ask the Trainer to count it
         # and not to divide again by gradient_accumulation_steps.
         self.model_accepts_loss_kwargs = True
@@ -43,6 +49,8 @@ class ZeroTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
         loss_sum, count = self.stage.loss(self.wrapper, model, inputs)
+        if model.training and not torch.isfinite(loss_sum):
+            loss_sum = self._nonfinite(model, loss_sum)
         if model.training and book:
             tokens = float(book["real_tokens"].sum())
             self._window["tokens"] += tokens
@@ -83,12 +91,51 @@ class ZeroTrainer(Trainer):
             output.metrics[f"{prefix}_tokens"] = output.metrics.pop(f"{prefix}_trained_tokens")
         return output
 
-    def _save_checkpoint(self, *args, **kwargs):
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        run_dir = super()._get_output_dir(trial)
+        return checkpoints.staging_dir(run_dir) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial):
+        """Write into the staging folder, then publish it atomically (see engine/checkpoints.py)."""
         start = time.perf_counter()
+        run_dir = super()._get_output_dir(trial)
+        name = f"checkpoint-{self.state.global_step}"
+        self._staging = True
         try:
-            return super()._save_checkpoint(*args, **kwargs)
+            super()._save_checkpoint(model, trial)
         finally:
-            self._excluded += time.perf_counter() - start
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            staged = checkpoints.staging_dir(run_dir)
+            best = self.state.best_model_checkpoint
+            if best and best.startswith(staged):
+                self.state.best_model_checkpoint = best.replace(staged, run_dir, 1)
+                self.state.save_to_json(f"{staged}/{name}/trainer_state.json")
+            final = checkpoints.publish(run_dir, name)
+            checkpoints.rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+            logger.info("Saved %s.", final)
+        self.accelerator.wait_for_everyone()
+        self._excluded += time.perf_counter() - start
+
+    def _save(self, output_dir=None, state_dict=None):
+        with redacted_args(self.args):  # training_args.bin must not carry tokens
+            return super()._save(output_dir, state_dict)
+
+    def _nonfinite(self, model, loss_sum):
+        step = self.state.global_step + 1
+        if not self.skip_nonfinite:
+            last = checkpoints.latest_checkpoint(self.args.output_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+            raise TrainingHalted(
+                f"non-finite loss ({float(loss_sum)}) at step {step} (epoch {self.state.epoch or 0:.2f}); {kept}. "
+                "Lower learning_rate, check the data, or set skip_nonfinite_batches: true to skip such batches.")
+        self.skipped_batches += 1
+        logger.warning("Skipping a batch with non-finite loss at step %d (%d skipped so far).", step,
+                       self.skipped_batches)
+        # A zero that still reaches every trained parameter, so all processes run the same backward.
+        return sum((p.view(-1)[0] * 0.0) for p in model.parameters() if p.requires_grad)
 
     # ---- throughput logging ---------------------------------------------------------------------------
     def log(self, logs: dict, *args, **kwargs) -> None:

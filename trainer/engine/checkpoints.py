@@ -1,0 +1,99 @@
+"""Checkpoints that are either complete or invisible.
+
+The Trainer writes a checkpoint into output_dir/.staging/checkpoint-N; once every process is done,
+the files are fsynced and the folder is renamed to output_dir/checkpoint-N in one atomic step. A kill
+at any moment therefore leaves only complete checkpoint-* folders (and maybe a stale .staging, cleared
+at the next start), so `resume_from_checkpoint: true` always finds a loadable one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+STAGING = ".staging"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def staging_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, STAGING)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(output_dir: str, name: str) -> str:
+    """Make a fully written staged checkpoint visible under its final name; returns the final path."""
+    staged = Path(staging_dir(output_dir)) / name
+    final = Path(output_dir) / name
+    _fsync_tree(staged)
+    if final.exists():  # a checkpoint of the same step from an overwritten run
+        trash = Path(staging_dir(output_dir)) / f"{name}.old"
+        os.replace(final, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    os.replace(staged, final)
+    _fsync_dir(Path(output_dir))
+    return str(final)
+
+
+def complete_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every published checkpoint, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for entry in os.listdir(output_dir):
+        match = _CHECKPOINT.match(entry)
+        if match and os.path.isdir(os.path.join(output_dir, entry)):
+            found.append((int(match.group(1)), os.path.join(output_dir, entry)))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str) -> str | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def rotate(output_dir: str, limit: int | None, keep: str | None = None) -> list[str]:
+    """Delete the oldest checkpoints beyond `limit`; never the newest one, nor `keep` (the best model)."""
+    found = complete_checkpoints(output_dir)
+    if not limit or len(found) <= limit:
+        return []
+    newest = found[-1][1]
+    protected = {newest, os.path.abspath(keep) if keep else None}
+    removable = [path for _, path in found if os.path.abspath(path) not in protected and path != newest]
+    excess = len(found) - max(limit, 1)
+    deleted = removable[:max(excess, 0)]
+    for path in deleted:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.info("Deleted old checkpoint %s (save_total_limit=%d).", path, limit)
+    return deleted
+
+
+def clear_stale_staging(output_dir: str) -> None:
+    stale = Path(staging_dir(output_dir))
+    if stale.exists():
+        leftovers = sorted(p.name for p in stale.iterdir())
+        shutil.rmtree(stale, ignore_errors=True)
+        if leftovers:
+            logger.warning("Removed incomplete checkpoint(s) %s left by an interrupted run.", ", ".join(leftovers))
