@@ -8,6 +8,7 @@ at the next start), so `resume_from_checkpoint: true` always finds a loadable on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -54,6 +55,8 @@ def publish(output_dir: str, name: str) -> str:
         shutil.rmtree(trash, ignore_errors=True)
     os.replace(staged, final)
     _fsync_dir(Path(output_dir))
+    with contextlib.suppress(OSError):  # leave no empty staging folder behind
+        os.rmdir(staging_dir(output_dir))
     return str(final)
 
 

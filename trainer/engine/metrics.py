@@ -58,8 +58,10 @@ def _measured_peak(dtype_name: str) -> float:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = getattr(torch, dtype_name)
     n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    # A private generator: drawing from the global RNG here would shift dropout masks and break exact resume.
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     best = 0.0
     for _ in range(5):
         if device == "cuda":
