@@ -45,7 +45,7 @@ def test_full_finetune_through_cli(tiny_model_dir, data_dir, tmp_path):
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "loss" in e]
     assert all(e["tokens_per_second"] > 0 and 0 < e["mfu"] < 1 for e in logged)
-    assert "packing efficiency" in proc.stderr and "sdpa attention" in proc.stderr
+    assert "packing efficiency" in proc.stderr and "zerotune_segments attention" in proc.stderr
 
     from transformers import AutoModelForCausalLM
 

@@ -71,3 +71,12 @@ def _measured_peak(dtype_name: str) -> float:
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
     logger.info("Measured %s %s matmul peak: %.1f GFLOP/s (MFU is relative to this).", device, dtype_name, best / 1e9)
     return best
+
+
+def peak_memory_gb() -> float:
+    """Peak memory of this process so far: allocated GPU memory on CUDA, resident set size on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB

@@ -20,7 +20,7 @@ from transformers import Trainer
 
 from trainer.data.collators import BOOKKEEPING
 from trainer.engine import checkpoints
-from trainer.engine.metrics import device_peak_flops, flops_per_token
+from trainer.engine.metrics import device_peak_flops, flops_per_token, peak_memory_gb
 from trainer.engine.secrets import redacted_args
 from trainer.errors import TrainingHalted
 
@@ -150,6 +150,7 @@ class ZeroTrainer(Trainer):
             peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / elapsed, 2)
             logs["mfu"] = round(flops / elapsed / peak, 4)
+            logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
         if "loss" in logs or self._window_start is None:
             self._window = {"tokens": 0.0, "flops": 0.0}
             self._window_start, self._excluded = now, 0.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -80,22 +79,30 @@ def load_tokenizer(model_args):
     return tok
 
 
-def attention_implementation(choice: str) -> str:
-    """flash_attn: auto picks FlashAttention-2 on a CUDA GPU when it is installed, else PyTorch SDPA."""
-    has_fa2 = importlib.util.find_spec("flash_attn") is not None and torch.cuda.is_available()
+def attention_implementation(choice: str, config=None) -> str:
+    """flash_attn: auto picks FlashAttention-2 (varlen over packed rows) on a CUDA GPU that has it, else
+    zerotune's per-example SDPA (kernels.py), else plain SDPA for models it does not cover."""
+    from trainer.model import kernels
+
+    if choice == "fa2" or (choice == "auto" and kernels.has_flash_attn()):
+        if not kernels.has_flash_attn():
+            raise ConfigError("flash_attn: fa2 needs a CUDA GPU and the flash-attn package "
+                              "(pip install 'zerotune[gpu]'); flash_attn: auto picks the best available path.")
+        return "flash_attention_2"
     if choice == "auto":
-        impl = "flash_attention_2" if has_fa2 else "sdpa"
-        if torch.cuda.is_available() and not has_fa2:
-            logger.warning("flash-attn is not installed; using SDPA (pip install 'zerotune[gpu]' for FlashAttention).")
-    elif choice == "fa2":
-        if not has_fa2:
-            raise ConfigError("flash_attn: fa2 needs a CUDA GPU and the flash-attn package; use flash_attn: auto.")
-        impl = "flash_attention_2"
-    elif choice in ("sdpa", "eager"):
-        impl = choice
-    else:  # disabled
-        impl = "eager"
-    return impl
+        if torch.cuda.is_available():
+            logger.warning("flash-attn is not installed: packed rows use per-example SDPA instead of "
+                           "FlashAttention-2 varlen (pip install 'zerotune[gpu]').")
+        uncovered = config is not None and (
+            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+            or getattr(config, "attn_logit_softcapping", None))
+        if uncovered:
+            return "sdpa"
+        kernels.register()
+        return kernels.SEGMENTS
+    if choice in ("sdpa", "eager"):
+        return choice
+    return "eager"  # disabled
 
 
 def weights_dtype(training_args, finetuning_type: str) -> torch.dtype:
@@ -123,8 +130,11 @@ def load_model(model_args, training_args, finetuning_type: str):
         config = AutoConfig.from_pretrained(path, **common)
     except OSError as err:
         raise _hub_error(path, err) from None
-    impl = attention_implementation(model_args.flash_attn)
+    impl = attention_implementation(model_args.flash_attn, config)
     dtype = weights_dtype(training_args, finetuning_type)
+    from trainer.model.kernels import apply_liger
+
+    apply_liger(config.model_type, model_args.enable_liger_kernel)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
                                                  **common)
     # Packed rows are only kept apart when the model does not build a KV cache (see PLATFORM.md).
