@@ -57,6 +57,7 @@ class DataArguments:
     train_on_prompt: bool = False
     mask_history: bool = False
     overwrite_cache: bool = False
+    streaming: bool = field(default=False, metadata={"help": "Read, tokenize and pack on the fly (needs max_steps)."})
     preprocessing_num_workers: int | None = None
     preprocessing_batch_size: int = 1000
     default_system: str | None = None

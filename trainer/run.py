@@ -65,6 +65,17 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
         return data
 
     train = evaluation = None
+    if t.do_train and d.streaming:
+        from trainer.data.streaming import streaming_dataset
+
+        if d.val_size:
+            raise ConfigError("val_size cannot split a stream; with streaming: true use eval_dataset instead.")
+        train = streaming_dataset(d.dataset, d, stage.name, tokenizer, template, t.max_steps)
+        evaluation = tokenized(d.eval_dataset) if d.eval_dataset else None
+        if evaluation is not None:
+            evaluation = packing.pack_dataset(evaluation, d.cutoff_len)[0] if d.packing else \
+                packing.unpacked_dataset(evaluation)
+        return train, evaluation, None
     if t.do_train:
         train = tokenized(d.dataset)
         train, evaluation = processing.split_validation(train, d.val_size, t.seed)

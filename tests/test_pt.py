@@ -1,0 +1,60 @@
+"""pt: documents end in EOS, long ones are split (not cut) into cutoff_len pieces, short ones packed whole;
+streaming reads, tokenizes and packs on the fly."""
+
+import json
+
+import pytest
+
+from tiny import base_config, train_with
+from trainer.config import DataArguments
+from trainer.data.packing import pack_dataset
+from trainer.data.processing import tokenize_document, tokenized_dataset
+from trainer.data.streaming import packed_stream
+
+
+@pytest.fixture()
+def corpus_dir(tmp_path):
+    docs = [{"text": " ".join(["word"] * n)} for n in (3, 40, 7, 300, 12, 5, 90)]
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
+    (folder / "dataset_info.json").write_text(json.dumps({"docs": {"file_name": "docs.jsonl", "columns": {"prompt": "text"}}}))
+    return folder
+
+
+def test_documents_split_not_cut(tiny_tokenizer):
+    text = " ".join(["word"] * 100)
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
+    chunks = tokenize_document({"messages": [{"content": text}]}, tiny_tokenizer, 32)
+    assert [len(c["input_ids"]) for c in chunks[:-1]] == [32] * (len(chunks) - 1)
+    assert sum((c["input_ids"] for c in chunks), []) == ids  # nothing lost, EOS last
+    assert all(c["labels"] == c["input_ids"] for c in chunks)
+
+
+def test_pt_packs_and_trains(tiny_model_dir, corpus_dir, tiny_tokenizer, tmp_path):
+    args = DataArguments(dataset_dir=str(corpus_dir), cutoff_len=64)
+    data, report = tokenized_dataset(["docs"], args, "pt", tiny_tokenizer, None, True)
+    assert max(data["length"]) <= 64 and report.examples > 7  # the long documents were split
+    packed, efficiency = pack_dataset(data, 64)
+    assert len(packed) < len(data) and 0 < efficiency <= 1
+    cfg = base_config(tiny_model_dir, corpus_dir, tmp_path / "pt", stage="pt", dataset="docs", template=None,
+                      cutoff_len=64, finetuning_type="full", max_steps=4, learning_rate=1e-2)
+    _, state = train_with(cfg)
+    losses = [e["loss"] for e in state["log_history"] if "loss" in e]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+
+
+def test_streaming_packs_on_the_fly_and_runs(tiny_model_dir, corpus_dir, tiny_tokenizer, tmp_path):
+    args = DataArguments(dataset_dir=str(corpus_dir), cutoff_len=64, packing=True)
+    rows = list(packed_stream(["docs"], args, "pt", tiny_tokenizer, None, pack=True))
+    assert all(len(r["input_ids"]) <= 64 and sum(r["lengths"]) == len(r["input_ids"]) for r in rows)
+    offline, _ = tokenized_dataset(["docs"], args, "pt", tiny_tokenizer, None, True)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(offline["length"])
+    cfg = base_config(tiny_model_dir, corpus_dir, tmp_path / "stream", stage="pt", dataset="docs", template=None,
+                      cutoff_len=64, streaming=True, max_steps=3)
+    _, state = train_with(cfg)
+    assert state["global_step"] == 3
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_steps"):
+        train_with({**cfg, "max_steps": -1, "output_dir": str(tmp_path / "s2")})
