@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install demo-model clean
+.PHONY: demo test install demo-model bench bench-peers clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ demo: demo-model
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+bench: demo-model
+	$(PY) -m benchmarks.throughput $(BENCH_ARGS)
+
+# LLaMA-Factory and TRL in a separate venv, so their pins never touch zerotune's; then the full comparison.
+bench-peers: demo-model
+	test -x .venv-peers/bin/llamafactory-cli || ($(PYTHON) -m venv .venv-peers && \
+	  .venv-peers/bin/pip install -q --disable-pip-version-check "$(TORCH)" llamafactory trl)
+	$(PY) -m benchmarks.throughput --peers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) saves models

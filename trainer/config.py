@@ -40,6 +40,7 @@ class ModelArguments:
     hf_hub_token: str | None = None
     flash_attn: str = field(default="auto", metadata={"choices": FLASH_ATTN})
     enable_liger_kernel: bool = False
+    chunked_loss: bool = field(default=True, metadata={"help": "Loss without full logits (chunked head)."})
     use_fast_tokenizer: bool = True
 
 

@@ -135,7 +135,7 @@ def run(config: RunConfig) -> dict:
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
     if template is not None and t.do_train:
         warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
-    wrapper = ModelWrapper(model)
+    wrapper = ModelWrapper(model, chunked=m.chunked_loss)
     collator = Collator(tokenizer.pad_token_id, packed=d.packing,
                         pad_to_multiple_of=8 if torch.cuda.is_available() else None)
     stop = GracefulStop()
@@ -161,6 +161,8 @@ def run(config: RunConfig) -> dict:
         trainer.save_model()
         trainer.save_state()
         metrics = dict(outcome.metrics, **results)
+        if trainer.padding_fraction() is not None:
+            metrics["padding_fraction"] = round(trainer.padding_fraction(), 4)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         results.update(metrics)

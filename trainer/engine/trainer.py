@@ -42,6 +42,7 @@ class ZeroTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._linear_flops, self._pair_flops = flops_per_token(self.model)
         self._window = {"tokens": 0.0, "flops": 0.0}
+        self._slots = {"real": 0.0, "capacity": 0.0}  # for the run's padding fraction
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
 
@@ -54,6 +55,8 @@ class ZeroTrainer(Trainer):
         if model.training and book:
             tokens = float(book["real_tokens"].sum())
             self._window["tokens"] += tokens
+            self._slots["real"] += tokens
+            self._slots["capacity"] += float(inputs["input_ids"].numel())
             self._window["flops"] += tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
         if num_items_in_batch is not None and model.training:
             loss = loss_sum / num_items_in_batch
@@ -155,6 +158,12 @@ class ZeroTrainer(Trainer):
             self._window = {"tokens": 0.0, "flops": 0.0}
             self._window_start, self._excluded = now, 0.0
         super().log(logs, *args, **kwargs)
+
+    def padding_fraction(self) -> float | None:
+        """Share of the batch slots this process trained on that held padding (0 for perfectly packed rows)."""
+        if not self._slots["capacity"]:
+            return None
+        return 1.0 - self._slots["real"] / self._slots["capacity"]
 
     def _compute_dtype(self) -> str:
         return "bfloat16" if self.args.bf16 else "float16" if self.args.fp16 else "float32"

@@ -1,0 +1,249 @@
+"""Throughput and memory, side by side in one run, on the same model, data and machine.
+
+    python -m benchmarks.throughput                 # zerotune matrix on the SmolLM2 demo model
+    python -m benchmarks.throughput --quick         # tiny random model, a few seconds a run
+    python -m benchmarks.throughput --peers         # also LLaMA-Factory and TRL (make bench-peers installs them)
+
+Every tool gets the same examples (alpaca_en_demo, the first --samples rows), the same template (ChatML),
+cutoff, batch size, bf16 setting and one epoch. Real tokens are counted once, the same way for every
+tool: the non-pad tokens of the examples as zerotune's template renders them (the peers render the same
+ChatML conversation). tokens/s = real tokens / the Trainer's train_runtime (each tool uses the HF Trainer,
+so the clock covers the same loop: data, forward, backward, optimizer). Peak RSS is the child process's
+own maximum resident set (os.wait4). Startup is wall time minus train_runtime: loading, tokenizing and
+setup before the first step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_VENV = ROOT / ".venv-peers"
+
+
+@dataclass
+class Result:
+    name: str
+    tokens_per_second: float
+    real_tokens: int
+    padding_fraction: float | None
+    peak_rss_gb: float
+    startup_s: float
+    train_runtime_s: float
+    note: str = ""
+
+
+def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, float, float, str]:
+    """(exit code, wall seconds, peak RSS GB of the child, combined output)."""
+    start = time.time()
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.time() - start
+    log.seek(0)
+    return proc.returncode, wall, usage.ru_maxrss / 2**20, log.read()
+
+
+def _train_runtime(output_dir: Path) -> float:
+    for name in ("train_results.json", "all_results.json"):
+        f = output_dir / name
+        if f.is_file():
+            data = json.loads(f.read_text())
+            if "train_runtime" in data:
+                return float(data["train_runtime"])
+    raise RuntimeError(f"no train_runtime in {output_dir}")
+
+
+def real_token_count(model_dir: str, samples: int, cutoff: int) -> tuple[int, int]:
+    """(real tokens, example lengths) of the benchmark set, as zerotune's ChatML template renders them."""
+    from transformers import AutoTokenizer
+
+    from trainer.config import DataArguments
+    from trainer.data.processing import tokenized_dataset
+    from trainer.data.templates import get_template
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    args = DataArguments(dataset_dir=str(ROOT / "examples/data"), cutoff_len=cutoff, max_samples=samples,
+                         tokenized_cache_dir=tempfile.mkdtemp())
+    data, _ = tokenized_dataset(["alpaca_en_demo"], args, "sft", tok, get_template("chatml", tok), True)
+    return sum(data["length"]), list(data["length"])
+
+
+def zerotune_runs(model_dir: str, common: dict, quick: bool) -> dict[str, dict]:
+    base = {"model_name_or_path": model_dir, "stage": "sft", "do_train": True, "dataset": "alpaca_en_demo",
+            "dataset_dir": str(ROOT / "examples/data"), "template": "chatml", "overwrite_output_dir": True,
+            "overwrite_cache": True, "report_to": "none", "disable_tqdm": True, "save_strategy": "no",
+            "logging_steps": 1000, **common}
+    runs = {
+        "zerotune lora packed": {"finetuning_type": "lora", "packing": True},
+        "zerotune lora padded": {"finetuning_type": "lora", "packing": False},
+        "zerotune lora packed, full logits": {"finetuning_type": "lora", "packing": True, "chunked_loss": False},
+        "zerotune full packed": {"finetuning_type": "full", "packing": True},
+    }
+    return {name: {**base, **extra} for name, extra in runs.items()}
+
+
+def run_zerotune(name: str, cfg: dict, work: Path) -> tuple[float, float, float, float | None, str]:
+    out = work / name.replace(" ", "_").replace(",", "")
+    cfg = {**cfg, "output_dir": str(out)}
+    cfg_file = work / f"{out.name}.yaml"
+    import yaml
+
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    code, wall, rss, log = _run([sys.executable, "-m", "trainer.cli", "train", str(cfg_file)], ROOT,
+                                {"ZEROTUNE_CACHE": str(work / "cache")})
+    if code:
+        raise RuntimeError(f"{name} failed:\n{log[-3000:]}")
+    runtime = _train_runtime(out)
+    padding = json.loads((out / "train_results.json").read_text()).get("padding_fraction")
+    return runtime, wall, rss, padding, log
+
+
+def estimated_padding(lengths: list[int], batch: int, seed: int = 42) -> float:
+    """Padding share of unpacked batches in random order, each padded to its longest example."""
+    import random
+
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    slots = sum(batch * max(lengths[i] for i in order[k:k + batch]) for k in range(0, len(order), batch))
+    return 1 - sum(lengths) / slots
+
+
+def peer_runs(model_dir: str, common: dict, work: Path) -> dict[str, tuple[list[str], Path]]:
+    """LLaMA-Factory (as configured by default and with neat_packing) and TRL's SFTTrainer (packing off/on)."""
+    python = PEERS_VENV / "bin" / "python"
+    runs = {}
+    lf_base = {"model_name_or_path": model_dir, "stage": "sft", "do_train": True, "finetuning_type": "lora",
+               "lora_target": "all", "dataset": "alpaca_en_demo", "dataset_dir": str(ROOT / "examples/data"),
+               "template": "chatml", "cutoff_len": common["cutoff_len"], "max_samples": common["max_samples"],
+               "overwrite_cache": True, "per_device_train_batch_size": common["per_device_train_batch_size"],
+               "gradient_accumulation_steps": 1, "learning_rate": common["learning_rate"], "num_train_epochs": 1.0,
+               "bf16": common["bf16"], "logging_steps": 1000, "save_strategy": "no", "report_to": "none",
+               "overwrite_output_dir": True, "use_cpu": True}
+    import yaml
+
+    for label, extra in (("LLaMA-Factory default", {}), ("LLaMA-Factory neat_packing", {"neat_packing": True,
+                                                                                         "packing": True})):
+        out = work / label.replace(" ", "_")
+        cfg_file = work / f"{out.name}.yaml"
+        cfg_file.write_text(yaml.safe_dump({**lf_base, **extra, "output_dir": str(out)}))
+        runs[label] = ([str(PEERS_VENV / "bin" / "llamafactory-cli"), "train", str(cfg_file)], out)
+    for label, packing in (("TRL SFTTrainer", False), ("TRL SFTTrainer packing", True)):
+        out = work / label.replace(" ", "_")
+        runs[label] = ([str(python), str(ROOT / "benchmarks" / "trl_sft.py"), "--model", model_dir, "--out", str(out),
+                        "--samples", str(common["max_samples"]), "--cutoff", str(common["cutoff_len"]),
+                        "--batch", str(common["per_device_train_batch_size"]), "--lr", str(common["learning_rate"])]
+                       + (["--packing"] if packing else []) + (["--bf16"] if common["bf16"] else []), out)
+    return runs
+
+
+def table(results: list[Result], baseline: str | None) -> str:
+    base = next((r for r in results if r.name == baseline), None)
+    lines = ["| run | real tokens/s | vs LLaMA-Factory default | padding | peak RSS GB | startup s |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        ratio = f"{r.tokens_per_second / base.tokens_per_second:.2f}x" if base else "n/a"
+        pad = f"{100 * r.padding_fraction:.1f}%" if r.padding_fraction is not None else "?"
+        lines.append(f"| {r.name} | {r.tokens_per_second:.1f} | {ratio} | {pad} | {r.peak_rss_gb:.2f} | "
+                     f"{r.startup_s:.1f} |")
+    return "\n".join(lines)
+
+
+def bar_chart(results: list[Result], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(results) + 1.5))
+    names = [r.name for r in results][::-1]
+    ax.barh(names, [r.tokens_per_second for r in results][::-1], color="#1f77b4")
+    ax.set_xlabel("real tokens / s (higher is better)")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny random model and a handful of examples")
+    parser.add_argument("--peers", action="store_true", help="also run LLaMA-Factory and TRL from .venv-peers")
+    parser.add_argument("--samples", type=int, default=None, help="examples of alpaca_en_demo (default 96; quick 8)")
+    parser.add_argument("--cutoff", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--only", default="", help="comma list of run names to keep (substring match)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    work = Path(tempfile.mkdtemp(prefix="zerotune-bench-"))
+    if args.quick:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import build_tiny
+
+        model_dir = str(build_tiny(work / "tiny-model"))
+        samples = args.samples or 8
+    else:
+        from trainer.demo import prepare
+
+        model_dir = str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
+        samples = args.samples or 96
+    common = {"cutoff_len": args.cutoff, "max_samples": samples, "per_device_train_batch_size": args.batch,
+              "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "num_train_epochs": 1, "bf16": True}
+    real_tokens, lengths = real_token_count(model_dir, samples, args.cutoff)
+    examples = len(lengths)
+    print(f"benchmark set: {examples} examples, {real_tokens} real tokens, cutoff {args.cutoff}, batch {args.batch}",
+          file=sys.stderr)
+    keep = [k.strip() for k in args.only.split(",") if k.strip()]
+    wanted = (lambda name: not keep or any(k in name for k in keep))
+
+    results: list[Result] = []
+    for name, cfg in zerotune_runs(model_dir, common, args.quick).items():
+        if not wanted(name):
+            continue
+        runtime, wall, rss, padding, _ = run_zerotune(name, cfg, work)
+        results.append(Result(name, real_tokens / runtime, real_tokens, padding, rss, wall - runtime, runtime))
+        print(f"  {name}: {real_tokens / runtime:.1f} tokens/s", file=sys.stderr)
+    if args.peers:
+        if not (PEERS_VENV / "bin" / "llamafactory-cli").exists():
+            print("peers are not installed: run `make bench-peers` first", file=sys.stderr)
+            return 2
+        for name, (cmd, out) in peer_runs(model_dir, common, work).items():
+            if not wanted(name):
+                continue
+            code, wall, rss, log = _run(cmd, ROOT, {"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1",
+                                                    "FORCE_TORCHRUN": "0", "WANDB_DISABLED": "true"})
+            if code:
+                print(f"  {name} failed:\n{log[-2000:]}", file=sys.stderr)
+                continue
+            runtime = _train_runtime(out)
+            packed = "packing" in name
+            padding = None if packed else estimated_padding(lengths, args.batch)
+            results.append(Result(name, real_tokens / runtime, real_tokens, padding, rss, wall - runtime, runtime,
+                                  note="" if packed else "padding estimated"))
+            print(f"  {name}: {real_tokens / runtime:.1f} tokens/s", file=sys.stderr)
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = table(results, "LLaMA-Factory default")
+    (out_dir / "throughput.json").write_text(json.dumps(
+        {"model": model_dir, "examples": examples, "real_tokens": real_tokens, "settings": common,
+         "results": [asdict(r) for r in results]}, indent=1))
+    (out_dir / "throughput.md").write_text(md + "\n")
+    bar_chart(results, out_dir / "throughput.png")
+    print(md)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
