@@ -20,3 +20,11 @@ def test_quick_benchmark_writes_table_json_and_chart(tmp_path):
 def test_padding_estimate():
     assert estimated_padding([4, 4, 4, 4], 2) == 0
     assert abs(estimated_padding([1, 3], 2) - (1 - 4 / 6)) < 1e-12
+
+
+def test_gpu_check_script_runs_its_cpu_smoke_mode(capsys):
+    from benchmarks.gpu_check import main as gpu_check
+
+    assert gpu_check(["--size", "tiny", "--steps", "2", "--cutoff", "256", "--vocab", "512"]) == 0
+    out = capsys.readouterr().out
+    assert "real tokens/s" in out and "MFU" in out and "zerotune_segments attention" in out

@@ -44,7 +44,8 @@ def test_seed_keys_are_honoured(tmp_path):
     assert t.ddp_timeout == 180000000 and t.lr_scheduler_type == "cosine" and t.eval_steps == 500
     assert cfg.data.packing is True  # sft packs by default
     assert cfg.finetuning.overwrite_output_dir and cfg.finetuning.plot_loss
-    assert t.activation_checkpointing is True  # on by default for training
+    assert cfg.checkpointing_auto  # decided from the memory estimate once the model is loaded
+    assert build_config(_base(tmp_path, disable_gradient_checkpointing=True)).training.activation_checkpointing is False
 
 
 def test_unknown_key_suggests_the_closest(tmp_path):

@@ -122,3 +122,16 @@ def test_cache_is_reused_and_keyed_on_what_changes_it(data_dir, tiny_tokenizer, 
         changed, _ = processing.tokenized_dataset(["alpaca"], args, "sft", tiny_tokenizer, template, False)
     assert "Reusing tokenized data" not in caplog.text
     assert changed["input_ids"][0] != first["input_ids"][0]
+
+
+def test_csv_and_parquet_files(tmp_path):
+    import datasets
+
+    rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+    datasets.Dataset.from_list(rows).to_csv(str(tmp_path / "a.csv"))
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "a.parquet"))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"c": {"file_name": "a.csv"},
+                                                            "p": {"file_name": "a.parquet"}}))
+    for name in ("c", "p"):
+        data, bad = _canonical(tmp_path, name)
+        assert not bad and [m[1]["content"] for m in data["messages"]] == ["a0", "a1", "a2"]

@@ -18,6 +18,7 @@ USAGE = """zerotune: fast, exact fine-tuning from one LLaMA-Factory style YAML.
 
 commands:
   zerotune train CONFIG.yaml [key=value ...]   train (or, with do_train=false, evaluate)
+  zerotune check CONFIG.yaml [key=value ...]   the resolved plan: world size, batch, packing, ZeRO memory
   zerotune version                             print the version
 
 Any key of the YAML can be overridden on the command line, e.g.
@@ -61,6 +62,15 @@ def train(config: str, overrides: list[str]) -> int:
     return 0
 
 
+def check(config: str, overrides: list[str]) -> int:
+    from trainer.config import load_config
+    from trainer.plan import describe
+
+    cfg = load_config(config, list(overrides) + ["overwrite_output_dir=true"])
+    print(describe(cfg))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="zerotune", description=USAGE,
@@ -69,18 +79,23 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train or evaluate from a YAML config")
     p_train.add_argument("config", help="YAML file in LLaMA-Factory's key vocabulary")
     p_train.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+    p_check = sub.add_parser("check", help="print the resolved plan without training")
+    p_check.add_argument("config")
+    p_check.add_argument("overrides", nargs="*")
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":
         print(f"zerotune {__version__}")
         return 0
-    if args.command != "train":
+    if args.command not in ("train", "check"):
         parser.print_help()
         return 2
     from trainer.engine.signals import Preempted
     from trainer.errors import TrainingHalted
 
     try:
+        if args.command == "check":
+            return check(args.config, args.overrides)
         return train(args.config, args.overrides)
     except ConfigError as err:
         print(f"zerotune: error: {err}", file=sys.stderr)

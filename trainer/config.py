@@ -122,6 +122,12 @@ class RunConfig:
     raw: dict = field(default_factory=dict)  # the merged YAML + overrides, as the user wrote them
 
     @property
+    def checkpointing_auto(self) -> bool:
+        """Neither gradient_checkpointing nor disable_gradient_checkpointing was given: decide from memory."""
+        keys = ("gradient_checkpointing", "activation_checkpointing", "disable_gradient_checkpointing")
+        return not any(k in self.raw for k in keys)
+
+    @property
     def packing(self) -> bool:
         return bool(self.data.packing)
 
@@ -360,10 +366,10 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments):
                      ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs")):
         if old in values:
             values.setdefault(new, values.pop(old))
-    if values.get("activation_checkpointing") is None:
-        values["activation_checkpointing"] = not finetuning.disable_gradient_checkpointing
-    if values["activation_checkpointing"]:
-        values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
+    if values.get("activation_checkpointing") is None and finetuning.disable_gradient_checkpointing:
+        values["activation_checkpointing"] = False
+    # Left unset, it is decided from the memory estimate once the model is known (plan.decide_checkpointing).
+    values.setdefault("activation_checkpointing_kwargs", {"use_reentrant": False})
     values.setdefault("ddp_find_unused_parameters", False)
     if values.get("report_to") is None:
         values["report_to"] = "none"

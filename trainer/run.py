@@ -135,6 +135,13 @@ def run(config: RunConfig) -> dict:
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
     if template is not None and t.do_train:
         warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
+    if t.do_train and config.checkpointing_auto:
+        from trainer.plan import decide_checkpointing
+
+        tokens = t.per_device_train_batch_size * (d.cutoff_len if d.packing else min(d.cutoff_len, 2048))
+        t.activation_checkpointing, why = decide_checkpointing(model, t, tokens)
+        logger.info("Gradient checkpointing %s: %s. Set gradient_checkpointing: true/false to choose.",
+                    "on" if t.activation_checkpointing else "off", why)
     wrapper = ModelWrapper(model, chunked=m.chunked_loss)
     collator = Collator(tokenizer.pad_token_id, packed=d.packing,
                         pad_to_multiple_of=8 if torch.cuda.is_available() else None)

@@ -1,0 +1,56 @@
+"""Two CPU processes under the DeepSpeed launcher (gloo) give the losses and eval_loss of one process for the
+same global batch, under ZeRO-0, 2 and 3; ZeRO-3 saves weights that plain from_pretrained loads."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiny import base_config, train_with
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.distributed
+
+
+def _history(out: Path, key: str) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e[key] for e in state["log_history"] if key in e and "train_runtime" not in e]
+
+
+def _deepspeed(cfg: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    cfg_file = tmp_path / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
+                           "launch/train.py", "--config", str(cfg_file)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_two_processes_match_one(stage, tiny_model_dir, data_dir, tmp_path):
+    common = dict(finetuning_type="full", max_steps=3, packing=False, val_size=4, do_eval=True,
+                  learning_rate=1e-2, deepspeed=str(ROOT / f"ds_configs/ds_z{stage}_config.json"))
+    single = tmp_path / "one"
+    train_with(base_config(tiny_model_dir, data_dir, single, per_device_train_batch_size=4,
+                           per_device_eval_batch_size=4, **common))
+    double = tmp_path / "two"
+    proc = _deepspeed(base_config(tiny_model_dir, data_dir, double, per_device_train_batch_size=2,
+                                  per_device_eval_batch_size=1, **common), tmp_path, f"z{stage}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
+    one = json.loads((single / "all_results.json").read_text())
+    two = json.loads((double / "all_results.json").read_text())
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+    if stage == 3:
+        from transformers import AutoModelForCausalLM
+
+        reloaded = AutoModelForCausalLM.from_pretrained(double)
+        ev = train_with(base_config(reloaded.name_or_path, data_dir, tmp_path / "ev", do_train=False, do_eval=True,
+                                    val_size=4, finetuning_type="full", per_device_eval_batch_size=4))[0]
+        assert ev["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-4)

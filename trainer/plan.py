@@ -1,0 +1,159 @@
+"""zerotune check CFG: the resolved plan, without training — so a user picks a ZeRO stage before renting GPUs.
+
+World size, effective batch in examples and tokens, packing efficiency on the actual data, and the
+per-device memory for model states under each ZeRO stage. The trained parameters go through DeepSpeed's
+own estimators (fp32 master weights, Adam moments, gradients); frozen parameters (LoRA, freeze) add
+their 16-bit copy, partitioned only under ZeRO-3. Activations are not included.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from trainer.config import RunConfig
+
+GB = 2**30
+
+
+def world_size() -> tuple[int, int, int]:
+    """(processes, GPUs per node, nodes) the way `zerotune train` would launch on this machine."""
+    nodes = int(os.environ.get("NNODES", "1"))
+    if "WORLD_SIZE" in os.environ:
+        world = int(os.environ["WORLD_SIZE"])
+        return world, max(world // nodes, 1), nodes
+    per_node = int(os.environ.get("NPROC_PER_NODE", torch.cuda.device_count() or 1))
+    return per_node * nodes, per_node, nodes
+
+
+def parameter_counts(config: RunConfig) -> tuple[int, int, int]:
+    """(total, trained, largest layer) from the model's config alone (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.model.adapters import all_linear_names, decoder_layers
+
+    mc = AutoConfig.from_pretrained(config.model.model_name_or_path,
+                                    trust_remote_code=config.model.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=config.model.trust_remote_code)
+    total = sum(p.numel() for p in model.parameters())
+    largest = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model))
+    largest = max(largest, model.get_input_embeddings().weight.numel())
+    f = config.finetuning
+    if f.finetuning_type == "full":
+        trained = total
+    elif f.finetuning_type == "freeze":
+        layers = decoder_layers(model)
+        chosen = list(layers)[-f.freeze_trainable_layers:] if f.freeze_trainable_layers > 0 else \
+            list(layers)[:-f.freeze_trainable_layers]
+        trained = sum(p.numel() for layer in chosen for p in layer.parameters())
+    else:
+        targets = set(all_linear_names(model)) if f.lora_target == ["all"] else set(f.lora_target)
+        trained = sum(f.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets)
+    return total, trained, largest
+
+
+def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: int) -> dict[str, tuple[float, float]]:
+    """Stage -> (GB per device, GB of CPU memory per node) for model states."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    world = per_node * nodes
+    frozen = total - trained
+    out = {"ZeRO-0 (DDP)": ((16 * trained + 2 * frozen) / GB, 0.0)}
+    for label, offload in (("ZeRO-2", False), ("ZeRO-2 + offload", True)):
+        cpu, gpu = estimate_zero2_model_states_mem_needs(trained, per_node, nodes, cpu_offload=offload)
+        out[label] = ((gpu + 2 * frozen) / GB, cpu / GB)
+    for label, offload in (("ZeRO-3", False), ("ZeRO-3 + offload", True)):
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trained, min(largest, trained) or largest, per_node,
+                                                              nodes, cpu_offload=offload, cpu_offload_params=offload)
+        frozen_gpu = 0 if offload else 2 * frozen / world
+        frozen_cpu = 2 * frozen * per_node / world if offload else 0
+        out[label] = ((gpu + frozen_gpu) / GB, (cpu + frozen_cpu) / GB)
+    return out
+
+
+def activation_gb(model_config, tokens: int, compute_bytes: int) -> float:
+    """Activations a decoder keeps for the backward without checkpointing, per micro-batch.
+
+    Per token and layer: about 10 hidden-sized tensors (norm inputs/outputs, q, k, v, attention output,
+    residuals) and 4 intermediate-sized ones (gate, up, their product, activation), in the compute dtype,
+    plus the fp32 residual stream. An estimate within a factor of ~1.5, enough to decide checkpointing.
+    """
+    hidden = getattr(model_config, "hidden_size", 0)
+    inter = getattr(model_config, "intermediate_size", 4 * hidden)
+    layers = getattr(model_config, "num_hidden_layers", 0)
+    per_token_layer = (10 * hidden + 4 * inter) * compute_bytes + 2 * hidden * 4
+    return tokens * layers * per_token_layer / GB
+
+
+def available_gb() -> float:
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return free / GB
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return 8.0
+
+
+def decide_checkpointing(model, training_args, tokens_per_microbatch: int) -> tuple[bool, str]:
+    """Checkpointing costs ~20-25% of throughput; turn it on only when activations would not fit."""
+    compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
+    need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
+    states = sum(p.numel() * p.element_size() for p in model.parameters()) / GB
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 12 / GB  # grads + Adam moments
+    free = available_gb() - trained
+    on = need > 0.6 * free
+    why = (f"activations ~{need:.1f} GB per micro-batch of {tokens_per_microbatch} tokens vs ~{free:.1f} GB free "
+           f"(weights {states:.1f} GB already loaded)")
+    return on, why
+
+
+def describe(config: RunConfig, with_data: bool = True) -> str:
+    from trainer.model.loading import load_tokenizer
+
+    t, d = config.training, config.data
+    world, per_node, nodes = world_size()
+    lines = [f"model            {config.model.model_name_or_path} ({config.finetuning.finetuning_type}, "
+             f"stage {config.finetuning.stage})",
+             f"processes        {world} ({per_node} per node x {nodes} node(s))"]
+    rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    batch_line = (f"global batch     {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} "
+                  f"accumulation x {world} = {rows_per_step} {'packed rows' if d.packing else 'examples'} a step")
+    lines.append(batch_line)
+    if with_data and d.dataset:
+        from trainer.data import packing, processing
+        from trainer.data.templates import get_template
+        from trainer.stages import get_stage
+
+        stage = get_stage(config.finetuning.stage)
+        tok = load_tokenizer(config.model)
+        template = get_template(d.template, tok) if stage.needs_template else None
+        data, report = processing.tokenized_dataset(d.dataset, d, stage.name, tok, template, False)
+        lengths = data["length"]
+        mean = sum(lengths) / len(lengths)
+        if d.packing:
+            bins = packing.best_fit_bins(lengths, d.cutoff_len)
+            eff = sum(lengths) / (len(bins) * d.cutoff_len)
+            per_step = rows_per_step * d.cutoff_len * eff
+            lines.append(f"data             {len(lengths)} examples, {sum(lengths)} tokens, mean {mean:.0f}; "
+                         f"packed into {len(bins)} rows of {d.cutoff_len}: packing efficiency {100 * eff:.1f}%")
+            lines.append(f"tokens a step    ~{per_step:.0f} real tokens ({per_step / mean:.1f} examples)")
+        else:
+            lines.append(f"data             {len(lengths)} examples, {sum(lengths)} tokens, mean {mean:.0f} (no packing)")
+            lines.append(f"tokens a step    ~{rows_per_step * mean:.0f} real tokens")
+        if report.truncated:
+            lines.append(f"truncated        {report.truncated} examples longer than cutoff_len={d.cutoff_len}")
+    total, trained, largest = parameter_counts(config)
+    lines.append(f"parameters       {total / 1e6:.1f}M, trained {trained / 1e6:.2f}M")
+    lines.append("model states per device (DeepSpeed estimators; activations not included):")
+    for stage_name, (gpu, cpu) in zero_memory(total, trained, largest, per_node, nodes).items():
+        cpu_text = f", CPU {cpu:.2f} GB per node" if cpu else ""
+        lines.append(f"  {stage_name:18s} {gpu:8.2f} GB{cpu_text}")
+    return "\n".join(lines)
