@@ -34,14 +34,14 @@ def _deepspeed(cfg: dict, tmp_path: Path, name: str) -> subprocess.CompletedProc
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_processes_match_one(stage, tiny_model_dir, data_dir, tmp_path):
-    common = dict(finetuning_type="full", max_steps=3, packing=False, val_size=4, do_eval=True,
-                  learning_rate=1e-2, deepspeed=str(ROOT / f"ds_configs/ds_z{stage}_config.json"))
-    single = tmp_path / "one"
+    common = dict(finetuning_type="full", max_steps=3, packing=False, val_size=4, do_eval=True, learning_rate=1e-2)
+    single = tmp_path / "one"  # the reference: one plain process, no DeepSpeed
     train_with(base_config(tiny_model_dir, data_dir, single, per_device_train_batch_size=4,
                            per_device_eval_batch_size=4, **common))
     double = tmp_path / "two"
     proc = _deepspeed(base_config(tiny_model_dir, data_dir, double, per_device_train_batch_size=2,
-                                  per_device_eval_batch_size=1, **common), tmp_path, f"z{stage}")
+                                  per_device_eval_batch_size=1, **common,
+                                  deepspeed=str(ROOT / f"ds_configs/ds_z{stage}_config.json")), tmp_path, f"z{stage}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
     one = json.loads((single / "all_results.json").read_text())
@@ -54,3 +54,30 @@ def test_two_processes_match_one(stage, tiny_model_dir, data_dir, tmp_path):
         ev = train_with(base_config(reloaded.name_or_path, data_dir, tmp_path / "ev", do_train=False, do_eval=True,
                                     val_size=4, finetuning_type="full", per_device_eval_batch_size=4))[0]
         assert ev["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-4)
+
+
+def test_zero3_lora_saves_a_loadable_adapter(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "lora"
+    proc = _deepspeed(base_config(tiny_model_dir, data_dir, out, max_steps=2, learning_rate=1e-2,
+                                  deepspeed=str(ROOT / "ds_configs/ds_z3_config.json")), tmp_path, "z3lora")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors and all(t.numel() > 0 for t in tensors.values())
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained, not the zero init
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+
+
+def test_zero2_optimizer_offload(tiny_model_dir, data_dir, tmp_path):
+    """DeepSpeed's CPU Adam is built just in time on first use (minutes, then cached)."""
+    common = dict(finetuning_type="full", max_steps=3, packing=False, learning_rate=1e-2)
+    single = tmp_path / "one"
+    train_with(base_config(tiny_model_dir, data_dir, single, per_device_train_batch_size=4, **common))
+    out = tmp_path / "offload"
+    proc = _deepspeed(base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=2, **common,
+                                  deepspeed=str(ROOT / "ds_configs/ds_z2_offload_config.json")), tmp_path, "z2off")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _history(out, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)

@@ -373,6 +373,8 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments):
     values.setdefault("ddp_find_unused_parameters", False)
     if values.get("report_to") is None:
         values["report_to"] = "none"
+    if values.get("deepspeed"):
+        _single_process_rendezvous()
     cls = _training_arguments_class()
     try:
         return cls(**values)
@@ -380,6 +382,19 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments):
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"Invalid training arguments: {err}") from None
+
+
+def _single_process_rendezvous() -> None:
+    """DeepSpeed without a launcher looks for MPI; give it a one-process torch rendezvous instead."""
+    if "WORLD_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
 def _validate(config: RunConfig, given: dict[str, dict]) -> None:

@@ -119,6 +119,12 @@ def run(config: RunConfig) -> dict:
         raise ConfigError("Several GPUs in one process: launch with `zerotune train` (it starts one process per "
                           "GPU) or with deepspeed/torchrun.")
     set_seed(t.seed)
+    if t.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # ZeRO-3 partitions weights as they load (zero.Init), which needs DeepSpeed's view of the process group.
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     stage = get_stage(f.stage)
     tokenizer = load_tokenizer(m)
     template = get_template(d.template, tokenizer) if stage.needs_template else None
