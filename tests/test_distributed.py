@@ -81,3 +81,37 @@ def test_zero2_optimizer_offload(tiny_model_dir, data_dir, tmp_path):
                                   deepspeed=str(ROOT / "ds_configs/ds_z2_offload_config.json")), tmp_path, "z2off")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _history(out, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_at_a_checkpoint(tiny_model_dir, data_dir, tmp_path):
+    """Only rank 1 is signalled; the ranks agree at the step boundary, save one checkpoint together, and resume."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import os, runpy, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from trainer.engine.trainer import ZeroTrainer
+original = ZeroTrainer.training_step
+def step(self, *args, **kwargs):
+    if self.state.global_step == 3 and os.environ.get("RANK") == "1" and not getattr(self, "_sent", False):
+        self._sent = True
+        os.kill(os.getpid(), signal.SIGTERM)
+    return original(self, *args, **kwargs)
+ZeroTrainer.training_step = step
+sys.argv = [{str(ROOT / 'launch/train.py')!r}] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=1, max_steps=8, save_steps=100,
+                      deepspeed=str(ROOT / "ds_configs/ds_z2_config.json"))
+    cfg_file = tmp_path / "sig.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(31500 + os.getpid() % 1000), str(driver),
+           "--config", str(cfg_file)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 128 + 15, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
+    proc = _deepspeed({**cfg, "resume_from_checkpoint": "true"}, tmp_path, "sig-resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 8
