@@ -41,7 +41,9 @@ bench: demo-model
 # LLaMA-Factory and TRL in a separate venv, so their pins never touch zerotune's; then the full comparison.
 bench-peers: demo-model
 	test -x .venv-peers/bin/llamafactory-cli || ($(PYTHON) -m venv .venv-peers && \
-	  .venv-peers/bin/pip install -q --disable-pip-version-check "$(TORCH)" llamafactory trl)
+	  .venv-peers/bin/pip install -q --disable-pip-version-check "$(TORCH)" llamafactory trl && \
+	  .venv-peers/bin/pip uninstall -y -q torchvision torchaudio && \
+	  .venv-peers/bin/python benchmarks/peers_env.py)
 	$(PY) -m benchmarks.throughput --peers $(BENCH_ARGS)
 
 clean:

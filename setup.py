@@ -18,7 +18,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "gpu": ["flash-attn", "liger-kernel"],
+        "gpu": ["flash-attn", "liger-kernel>=0.8.5"],
         "dev": ["pytest", "pytest-timeout", "gguf"],
     },
     entry_points={"console_scripts": ["zerotune=trainer.cli:main"]},

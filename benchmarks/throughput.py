@@ -5,7 +5,10 @@
     python -m benchmarks.throughput --peers         # also LLaMA-Factory and TRL (make bench-peers installs them)
 
 Every tool gets the same examples (alpaca_en_demo, the first --samples rows), the same template (ChatML),
-cutoff, batch size, bf16 setting and one epoch. Real tokens are counted once, the same way for every
+cutoff, batch size, bf16 setting and one epoch, and otherwise runs as its users get it by default. One
+difference matters: LLaMA-Factory and TRL turn gradient checkpointing on by default, zerotune decides it
+from a memory estimate (off when activations fit). The row "checkpointing on" forces it on, for a
+like-for-like comparison of everything else. Real tokens are counted once, the same way for every
 tool: the non-pad tokens of the examples as zerotune's template renders them (the peers render the same
 ChatML conversation). tokens/s = real tokens / the Trainer's train_runtime (each tool uses the HF Trainer,
 so the clock covers the same loop: data, forward, backward, optimizer). Peak RSS is the child process's
@@ -86,6 +89,8 @@ def zerotune_runs(model_dir: str, common: dict, quick: bool) -> dict[str, dict]:
             "logging_steps": 1000, **common}
     runs = {
         "zerotune lora packed": {"finetuning_type": "lora", "packing": True},
+        "zerotune lora packed, checkpointing on": {"finetuning_type": "lora", "packing": True,
+                                                   "gradient_checkpointing": True},
         "zerotune lora padded": {"finetuning_type": "lora", "packing": False},
         "zerotune lora packed, full logits": {"finetuning_type": "lora", "packing": True, "chunked_loss": False},
         "zerotune full packed": {"finetuning_type": "full", "packing": True},

@@ -193,3 +193,54 @@ def test_no_secret_reaches_outputs_or_wandb(tiny_model_dir, data_dir, tmp_path):
     assert not leaks
     saved = yaml.safe_load((out / "zerotune_config.yaml").read_text())
     assert saved["hub_token"] == "<redacted>" and saved["learning_rate"] == cfg["learning_rate"]
+
+
+def test_rotation_keeps_the_checkpoint_just_written_even_below_stale_ones(tmp_path):
+    import time
+
+    from trainer.engine.checkpoints import rotate
+
+    for step in (900, 1000, 100):  # an overwritten run left 900 and 1000; this run just wrote 100
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        time.sleep(0.01)
+    deleted = rotate(str(tmp_path), 2, newest=str(tmp_path / "checkpoint-100"))
+    assert deleted == [str(tmp_path / "checkpoint-900")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-100", "checkpoint-1000"]
+
+
+def test_resume_false_still_protects_an_existing_run(tmp_path):
+    from trainer.config import build_config
+
+    (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        build_config({"model_name_or_path": "m", "dataset": "a", "do_train": True,
+                      "output_dir": str(tmp_path / "out"), "resume_from_checkpoint": False})
+
+
+def test_val_size_with_eval_dataset_is_refused(tmp_path):
+    from trainer.config import build_config
+
+    with pytest.raises(ConfigError, match="val_size or eval_dataset"):
+        build_config({"model_name_or_path": "m", "dataset": "a", "eval_dataset": "b", "val_size": 0.1,
+                      "do_train": True, "output_dir": str(tmp_path / "o")})
+
+
+def test_models_that_rescale_logits_take_the_full_logits_path(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model.wrapper import ModelWrapper
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert ModelWrapper(model).chunked
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.config.logit_scale = 0.0625  # what Cohere applies after its head
+    assert not ModelWrapper(model).chunked
+
+
+def test_streaming_column_typo_is_an_error(tiny_model_dir, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"question": "q", "answer": "a"}) + "\n")
+    (tmp_path / "d" / "dataset_info.json").write_text(json.dumps({"alpaca": {"file_name": "a.jsonl"}}))
+    cfg = base_config(tiny_model_dir, tmp_path / "d", tmp_path / "o", streaming=True, max_steps=2)
+    with pytest.raises(Exception, match="column 'instruction' not found"):
+        train_with(cfg)

@@ -42,20 +42,32 @@ def _relaunch_under_torchrun(config: str, overrides: list[str], devices: int) ->
            "--master_addr", os.environ.get("MASTER_ADDR", "127.0.0.1"),
            "--master_port", os.environ.get("MASTER_PORT", "29500"),
            "-m", "trainer.cli", "train", config, *overrides]
-    print(f"[zerotune] {devices} devices visible: launching {' '.join(cmd[1:])}", file=sys.stderr)
-    return subprocess.call(cmd)
+    from trainer.engine.secrets import is_secret
+
+    shown = [f"{a.split('=', 1)[0]}=<redacted>" if "=" in a and is_secret(a.split("=", 1)[0]) else a
+             for a in cmd[1:]]
+    print(f"[zerotune] {devices} devices visible: launching {' '.join(shown)}", file=sys.stderr)
+    import signal
+
+    child = subprocess.Popen(cmd)
+    # Pass preemption signals on to torchrun (which passes them to every worker) and wait for the checkpoint.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: child.send_signal(signum))
+    return child.wait()
 
 
 def train(config: str, overrides: list[str]) -> int:
     from trainer.config import load_config
 
-    cfg = load_config(config, overrides)  # fail on bad keys before anything heavy starts
     if not _distributed():
         import torch
 
         devices = torch.cuda.device_count()
         if devices > 1 or int(os.environ.get("NNODES", "1")) > 1:
+            # Validate here (fail fast), but without DeepSpeed: it would set up a process group of one.
+            load_config(config, list(overrides) + ["deepspeed=null"])
             return _relaunch_under_torchrun(config, overrides, max(devices, 1))
+    cfg = load_config(config, overrides)  # fail on bad keys before anything heavy starts
     from trainer.run import run
 
     run(cfg)
@@ -66,7 +78,8 @@ def check(config: str, overrides: list[str]) -> int:
     from trainer.config import load_config
     from trainer.plan import describe
 
-    cfg = load_config(config, list(overrides) + ["overwrite_output_dir=true"])
+    # The plan needs no DeepSpeed engine; building one here would claim a process group of one.
+    cfg = load_config(config, list(overrides) + ["overwrite_output_dir=true", "deepspeed=null"])
     print(describe(cfg))
     return 0
 

@@ -397,6 +397,16 @@ def _single_process_rendezvous() -> None:
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
+def _zero_stage(deepspeed) -> int:
+    import json
+
+    try:
+        cfg = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
+    except (OSError, ValueError):
+        return 0
+    return int(cfg.get("zero_optimization", {}).get("stage", 0) or 0)
+
+
 def _validate(config: RunConfig, given: dict[str, dict]) -> None:
     m, d, f, t = config.model, config.data, config.finetuning, config.training
     if not m.model_name_or_path:
@@ -409,6 +419,9 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
         raise ConfigError(f"cutoff_len: {d.cutoff_len} must be at least 2.")
     if d.val_size < 0 or (d.val_size >= 1 and not float(d.val_size).is_integer()):
         raise ConfigError(f"val_size: {d.val_size} must be a fraction in [0, 1) or a whole number of examples.")
+    if d.val_size and d.eval_dataset:
+        raise ConfigError("Set val_size or eval_dataset, not both: val_size would hold examples out of training "
+                          "that eval_dataset then replaces.")
     if d.max_samples is not None and d.max_samples <= 0:
         raise ConfigError(f"max_samples: {d.max_samples} must be positive.")
     if d.packing is None:
@@ -421,6 +434,9 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
         raise ConfigError(f"lora_rank: {f.lora_rank} must be positive.")
     if not 0.0 <= f.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout: {f.lora_dropout} must be in [0, 1).")
+    if f.skip_nonfinite_batches and t.deepspeed and _zero_stage(t.deepspeed) == 3:
+        raise ConfigError("skip_nonfinite_batches is not supported with ZeRO-3 (its parameters are partitioned "
+                          "outside the forward pass); leave it off to stop on a non-finite loss.")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
     if not t.do_train and not t.do_eval:
@@ -437,9 +453,14 @@ RUN_MARKERS = ("trainer_state.json", "adapter_config.json", "adapter_model.safet
                "all_results.json", "train_results.json")
 
 
+def wants_resume(value) -> bool:
+    """resume_from_checkpoint arrives as a string (YAML false becomes 'False'): read it as the user meant it."""
+    return value not in (None, "", False) and str(value).lower() not in ("false", "none", "null", "no")
+
+
 def check_output_dir(output_dir: str, overwrite: bool, resume: Any) -> None:
     path = Path(output_dir)
-    if not path.is_dir() or overwrite or resume:
+    if not path.is_dir() or overwrite or wants_resume(resume):
         return
     held = sorted(p.name for p in path.iterdir() if p.name in RUN_MARKERS or p.name.startswith("checkpoint-"))
     if held:

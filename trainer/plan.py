@@ -106,8 +106,9 @@ def decide_checkpointing(model, training_args, tokens_per_microbatch: int) -> tu
     """Checkpointing costs ~20-25% of throughput; turn it on only when activations would not fit."""
     compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
     need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
-    states = sum(p.numel() * p.element_size() for p in model.parameters()) / GB
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad) * 12 / GB  # grads + Adam moments
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
+    states = sum(size(p) * p.element_size() for p in model.parameters()) / GB
+    trained = sum(size(p) for p in model.parameters() if p.requires_grad) * 12 / GB  # grads + Adam moments
     free = available_gb() - trained
     on = need > 0.6 * free
     why = (f"activations ~{need:.1f} GB per micro-batch of {tokens_per_microbatch} tokens vs ~{free:.1f} GB free "

@@ -26,7 +26,9 @@ def setup_logging(main_process: bool) -> None:
 
 def resolve_resume(value, output_dir: str) -> str | None:
     """resume_from_checkpoint: a checkpoint folder, or true/auto for the newest one in output_dir."""
-    if value in (None, "", False) or str(value).lower() in ("false", "none"):
+    from trainer.config import wants_resume
+
+    if not wants_resume(value):
         return None
     if str(value).lower() in ("true", "auto", "last", "latest"):
         from trainer.engine.checkpoints import latest_checkpoint
@@ -128,7 +130,11 @@ def run(config: RunConfig) -> dict:
     stage = get_stage(f.stage)
     tokenizer = load_tokenizer(m)
     template = get_template(d.template, tokenizer) if stage.needs_template else None
-    with t.main_process_first(desc="tokenizing the data"):
+    if template is not None and d.default_system is not None:
+        import dataclasses
+
+        template = dataclasses.replace(template, default_system=d.default_system)
+    with t.main_process_first(local=False, desc="tokenizing the data"):
         train, evaluation, efficiency = build_datasets(config, stage, tokenizer, template)
     if t.eval_strategy != "no" and evaluation is None:
         raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
@@ -148,7 +154,9 @@ def run(config: RunConfig) -> dict:
         t.activation_checkpointing, why = decide_checkpointing(model, t, tokens)
         logger.info("Gradient checkpointing %s: %s. Set gradient_checkpointing: true/false to choose.",
                     "on" if t.activation_checkpointing else "off", why)
-    wrapper = ModelWrapper(model, chunked=m.chunked_loss)
+    from trainer.model.kernels import liger_available
+
+    wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())
     collator = Collator(tokenizer.pad_token_id, packed=d.packing,
                         pad_to_multiple_of=8 if torch.cuda.is_available() else None)
     stop = GracefulStop()

@@ -123,6 +123,10 @@ def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | N
     if stage == "pt":  # documents: the 'text' column, or whatever columns.prompt names
         spec.formatting = "text"
     canonical, bad = formats.to_canonical(spec, rows, num_proc=num_proc)
+    with_tools = sum(1 for t in canonical["tools"] if t)
+    if with_tools:
+        logger.warning("%s: %d rows carry tool definitions (the tools column), which zerotune's templates do not "
+                       "render yet; those rows train without them.", spec.name, with_tools)
     report.bad = len(bad)
     report.bad_samples = [f"{spec.name} ({spec.path}) row {r}: {why}" for r, why in bad[:5]]
     allowed = data_args.max_bad_rows * report.read if data_args.max_bad_rows < 1 else data_args.max_bad_rows
@@ -140,7 +144,8 @@ def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | N
                     for k in out:
                         out[k].append(chunk[k])
             return out
-        tokenized = canonical.map(apply, batched=True, remove_columns=canonical.column_names, num_proc=num_proc,
+        tokenized = canonical.map(apply, batched=True, batch_size=data_args.preprocessing_batch_size,
+                                  remove_columns=canonical.column_names, num_proc=num_proc,
                                   desc=f"Tokenizing {spec.name}")
     else:
         tokenized = canonical.map(
@@ -213,8 +218,17 @@ def tokenized_dataset(names: list[str], data_args, stage: str, tokenizer, templa
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp / "data"))
     (tmp / "zerotune_report.json").write_text(json.dumps(asdict(total)))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    if path.exists():  # a rebuild: move the old cache aside first (a reader holding it keeps its files)
+        old = root / f".{key}.old-{os.getpid()}"
+        try:
+            os.replace(path, old)
+        except OSError:
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:  # another process published the same key meanwhile: its data is identical, use it
+        shutil.rmtree(tmp, ignore_errors=True)
     return datasets.load_from_disk(str(path / "data")), total
 
 

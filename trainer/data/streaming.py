@@ -28,16 +28,23 @@ def _examples(names: list[str], data_args, stage: str, tokenizer, template) -> I
         else:
             rows = datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, streaming=True)
         convert = formats.FORMATTERS[spec.formatting](spec)
-        bad = 0
+        bad = good = 0
         for number, row in enumerate(rows, start=1):
             if data_args.max_samples is not None and number > data_args.max_samples:
                 break
+            if number == 1:
+                formats._check_columns(spec, list(row), spec.formatting)
             example = convert(row)
             if example["_error"]:
                 bad += 1
                 if bad <= 5:
                     logger.warning("%s (%s) row %d skipped: %s", name, spec.path, number, example["_error"])
+                limit = data_args.max_bad_rows if data_args.max_bad_rows >= 1 else data_args.max_bad_rows * number
+                if bad > limit and (data_args.max_bad_rows >= 1 or number >= 100):
+                    raise ConfigError(f"dataset {name!r} ({spec.path}): {bad} of the first {number} rows are "
+                                      f"malformed, more than max_bad_rows={data_args.max_bad_rows} allows.")
                 continue
+            good += 1
             if stage == "pt":
                 yield from (c for c in tokenize_document(example, tokenizer, data_args.cutoff_len) if not c["_no_labels"])
             else:
@@ -47,6 +54,8 @@ def _examples(names: list[str], data_args, stage: str, tokenizer, template) -> I
                     yield out
         if bad:
             logger.warning("%s: skipped %d malformed rows while streaming.", name, bad)
+        if not good:
+            raise ConfigError(f"dataset {name!r} ({spec.path}) streamed no usable example ({bad} malformed rows).")
 
 
 def packed_stream(names: list[str], data_args, stage: str, tokenizer, template, pack: bool) -> Iterator[dict]:

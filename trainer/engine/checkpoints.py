@@ -77,14 +77,15 @@ def latest_checkpoint(output_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
-def rotate(output_dir: str, limit: int | None, keep: str | None = None) -> list[str]:
-    """Delete the oldest checkpoints beyond `limit`; never the newest one, nor `keep` (the best model)."""
+def rotate(output_dir: str, limit: int | None, newest: str, keep: str | None = None) -> list[str]:
+    """Delete the oldest checkpoints (by write time) beyond `limit`; never `newest` (the one just written,
+    whatever its step: an overwritten run may have left higher ones) nor `keep` (the best model)."""
     found = complete_checkpoints(output_dir)
     if not limit or len(found) <= limit:
         return []
-    newest = found[-1][1]
-    protected = {newest, os.path.abspath(keep) if keep else None}
-    removable = [path for _, path in found if os.path.abspath(path) not in protected and path != newest]
+    protected = {os.path.abspath(newest), os.path.abspath(keep) if keep else None}
+    by_age = sorted((os.path.getmtime(path), step, path) for step, path in found)
+    removable = [path for _, _, path in by_age if os.path.abspath(path) not in protected]
     excess = len(found) - max(limit, 1)
     deleted = removable[:max(excess, 0)]
     for path in deleted:

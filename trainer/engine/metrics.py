@@ -25,8 +25,9 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 
 def flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
     """(linear FLOPs per trained token, attention FLOPs per query-key pair), forward + backward."""
-    total = sum(p.numel() for n, p in model.named_parameters() if "embed" not in n)
-    trained = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "embed" not in n)
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
+    total = sum(size(p) for n, p in model.named_parameters() if "embed" not in n)
+    trained = sum(size(p) for n, p in model.named_parameters() if p.requires_grad and "embed" not in n)
     frozen = total - trained
     linear = 6.0 * trained + 4.0 * frozen
     config = getattr(model, "config", None)

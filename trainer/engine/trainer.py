@@ -41,7 +41,7 @@ class ZeroTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._linear_flops, self._pair_flops = flops_per_token(self.model)
-        self._window = {"tokens": 0.0, "flops": 0.0}
+        self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
         self._slots = {"real": 0.0, "capacity": 0.0}  # for the run's padding fraction
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
@@ -50,11 +50,12 @@ class ZeroTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
         loss_sum, count = self.stage.loss(self.wrapper, model, inputs)
-        if model.training and not torch.isfinite(loss_sum):
+        if model.training and self._any_nonfinite(loss_sum):
             loss_sum = self._nonfinite(model, loss_sum)
         if model.training and book:
             tokens = float(book["real_tokens"].sum())
             self._window["tokens"] += tokens
+            self._window["slots"] += float(inputs["input_ids"].numel())
             self._slots["real"] += tokens
             self._slots["capacity"] += float(inputs["input_ids"].numel())
             self._window["flops"] += tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
@@ -117,14 +118,30 @@ class ZeroTrainer(Trainer):
                 self.state.best_model_checkpoint = best.replace(staged, run_dir, 1)
                 self.state.save_to_json(f"{staged}/{name}/trainer_state.json")
             final = checkpoints.publish(run_dir, name)
-            checkpoints.rotate(run_dir, self.args.save_total_limit, keep=self.state.best_model_checkpoint)
+            checkpoints.rotate(run_dir, self.args.save_total_limit, newest=final, keep=self.state.best_model_checkpoint)
             logger.info("Saved %s.", final)
+            if self.args.push_to_hub:
+                with redacted_args(self.args):
+                    super()._push_from_checkpoint(final)
         self.accelerator.wait_for_everyone()
         self._excluded += time.perf_counter() - start
+
+    def _push_from_checkpoint(self, checkpoint_folder):
+        """Called by transformers on the staged folder; the push happens once the checkpoint is published."""
+        if not self._staging:
+            with redacted_args(self.args):
+                super()._push_from_checkpoint(checkpoint_folder)
 
     def _save(self, output_dir=None, state_dict=None):
         with redacted_args(self.args):  # training_args.bin must not carry tokens
             return super()._save(output_dir, state_dict)
+
+    def _any_nonfinite(self, loss_sum) -> bool:
+        """One process's nan is every process's problem: agree, so all stop (or skip) together."""
+        bad = (~torch.isfinite(loss_sum.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        return bool(bad.item())
 
     def _nonfinite(self, model, loss_sum):
         step = self.state.global_step + 1
@@ -138,24 +155,25 @@ class ZeroTrainer(Trainer):
         logger.warning("Skipping a batch with non-finite loss at step %d (%d skipped so far).", step,
                        self.skipped_batches)
         # A zero that still reaches every trained parameter, so all processes run the same backward.
-        return sum((p.view(-1)[0] * 0.0) for p in model.parameters() if p.requires_grad)
+        return sum((p.view(-1)[0] * 0.0) for p in model.parameters() if p.requires_grad and p.numel())
 
     # ---- throughput logging ---------------------------------------------------------------------------
     def log(self, logs: dict, *args, **kwargs) -> None:
         now = time.perf_counter()
         if "loss" in logs and self._window_start is not None:
             elapsed = max(now - self._window_start - self._excluded, 1e-9)
-            totals = torch.tensor([self._window["tokens"], self._window["flops"]], dtype=torch.float64,
-                                  device=self.args.device)
+            totals = torch.tensor([self._window["tokens"], self._window["flops"], self._window["slots"]],
+                                  dtype=torch.float64, device=self.args.device)
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            tokens, flops = totals.tolist()
+            tokens, flops, slots = totals.tolist()
             peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / elapsed, 2)
             logs["mfu"] = round(flops / elapsed / peak, 4)
+            logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
             logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
         if "loss" in logs or self._window_start is None:
-            self._window = {"tokens": 0.0, "flops": 0.0}
+            self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
             self._window_start, self._excluded = now, 0.0
         super().log(logs, *args, **kwargs)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 
 import torch
 import torch.nn.functional as F
@@ -77,25 +78,37 @@ def has_flash_attn() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
 
 
+LIGER_MIN = (0, 8, 5)  # earlier releases scale reduction="none" gradients by the first token's upstream grad
+
+
 def liger_available() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
+        return False
+    from importlib.metadata import version
+
+    parts = tuple(int(p) for p in re.findall(r"\d+", version("liger-kernel"))[:3])
+    if parts < LIGER_MIN:
+        logger.warning("liger-kernel %s is older than %s; using zerotune's own kernels.", version("liger-kernel"),
+                       ".".join(map(str, LIGER_MIN)))
+        return False
+    return True
 
 
 def apply_liger(model_type: str, enabled: bool) -> bool:
     """Patch the model class with Liger's fused kernels (RMSNorm, RoPE, SwiGLU) before it is built.
 
-    Liger's fused linear cross-entropy is not used: zerotune's own chunked loss head does that job
-    and keeps the same code path on every device. Liger needs triton on a CUDA GPU; elsewhere the
-    pure-torch path runs and the log says so (an error only when the user forces it on a GPU box).
+    Liger's fused linear cross-entropy comes in through the model wrapper's loss head instead (so the
+    loss path stays the one every stage uses). Liger needs triton on a CUDA GPU; elsewhere the
+    pure-torch path runs and the log says so.
     """
     if not enabled:
         return False
     if not torch.cuda.is_available():
         logger.warning("enable_liger_kernel: true, but there is no CUDA GPU; using the pure-torch kernels.")
         return False
-    if importlib.util.find_spec("liger_kernel") is None:
-        logger.warning("enable_liger_kernel: true, but liger-kernel is not installed (pip install 'zerotune[gpu]'); "
-                       "using the pure-torch kernels.")
+    if not liger_available():
+        logger.warning("enable_liger_kernel: true, but liger-kernel >= %s is not installed (pip install "
+                       "'zerotune[gpu]'); using the pure-torch kernels.", ".".join(map(str, LIGER_MIN)))
         return False
     from liger_kernel import transformers as liger
 

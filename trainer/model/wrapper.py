@@ -29,15 +29,20 @@ def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     request = _TARGETS.get()
     if request is None:
         return F.linear(hidden, self.weight, self.bias)
-    targets, chunk_size = request
-    nll = chunked_token_nll(hidden.reshape(-1, hidden.shape[-1]), self.weight, self.bias, targets.reshape(-1),
-                            chunk_size)
+    targets, chunk_size, liger = request
+    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    if liger:  # Liger's Triton kernel: the same per-token loss, fused on CUDA
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        nll = liger_fused_linear_cross_entropy(flat, self.weight, flat_targets, self.bias, reduction="none")
+    else:
+        nll = chunked_token_nll(flat, self.weight, self.bias, flat_targets, chunk_size)
     return nll.view(hidden.shape[:-1])
 
 
 @contextlib.contextmanager
-def _targets(targets: torch.Tensor | None, chunk_size: int):
-    token = _TARGETS.set(None if targets is None else (targets, chunk_size))
+def _targets(targets: torch.Tensor | None, chunk_size: int, liger: bool = False):
+    token = _TARGETS.set(None if targets is None else (targets, chunk_size, liger))
     try:
         yield
     finally:
@@ -48,20 +53,32 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _post_processes_logits(config) -> bool:
+    """Models that scale or soft-cap logits after the head (Gemma 2 soft-capping, Granite's logits_scaling,
+    Cohere's logit_scale, ...): the loss head would see unscaled logits, so they take the full-logits path."""
+    for name, value in vars(config).items():
+        if "logit" in name and isinstance(value, (int, float)) and not isinstance(value, bool) and value not in (0, 1):
+            return True
+    return False
+
+
 class ModelWrapper:
     """Holds how to get token losses out of one (possibly adapter-wrapped) causal LM."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 2048, chunked: bool = True):
+    def __init__(self, model: nn.Module, chunk_size: int = 2048, chunked: bool = True, liger: bool = False):
         self.chunk_size = chunk_size
         base = _base_model(model)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        softcap = getattr(base.config, "final_logit_softcapping", None)
-        self.chunked = chunked and type(head) is nn.Linear and not softcap
+        self.chunked = chunked and type(head) is nn.Linear and not _post_processes_logits(base.config)
+        self.liger = liger and self.chunked
         if self.chunked:
             head.forward = types.MethodType(_loss_head_forward, head)
-            logger.info("Loss: chunked linear cross-entropy (%d tokens a chunk), no full logits.", chunk_size)
+            if self.liger:
+                logger.info("Loss: Liger fused linear cross-entropy, no full logits.")
+            else:
+                logger.info("Loss: chunked linear cross-entropy (%d tokens a chunk), no full logits.", chunk_size)
         else:
-            why = "disabled" if not chunked else "the model's head is not a plain Linear or soft-caps its logits"
+            why = "disabled" if not chunked else "the model's head is not a plain Linear or post-processes its logits"
             logger.warning("Loss: full logits (%s).", why)
 
     def token_nll(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +88,7 @@ class ModelWrapper:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:
-            with _targets(targets, self.chunk_size):
+            with _targets(targets, self.chunk_size, self.liger):
                 nll = model(**inputs).logits
         else:
             logits = model(**inputs).logits.float()
