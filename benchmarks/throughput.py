@@ -43,6 +43,7 @@ class Result:
     startup_s: float
     train_runtime_s: float
     note: str = ""
+    mfu: float | None = None  # zerotune's own per-step MFU (median over steps after the first)
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, float, float, str]:
@@ -86,7 +87,7 @@ def zerotune_runs(model_dir: str, common: dict, quick: bool) -> dict[str, dict]:
     base = {"model_name_or_path": model_dir, "stage": "sft", "do_train": True, "dataset": "alpaca_en_demo",
             "dataset_dir": str(ROOT / "examples/data"), "template": "chatml", "overwrite_output_dir": True,
             "overwrite_cache": True, "report_to": "none", "disable_tqdm": True, "save_strategy": "no",
-            "logging_steps": 1000, **common}
+            "logging_steps": 1, **common}
     runs = {
         "zerotune lora packed": {"finetuning_type": "lora", "packing": True},
         "zerotune lora packed, checkpointing on": {"finetuning_type": "lora", "packing": True,
@@ -96,6 +97,15 @@ def zerotune_runs(model_dir: str, common: dict, quick: bool) -> dict[str, dict]:
         "zerotune full packed": {"finetuning_type": "full", "packing": True},
     }
     return {name: {**base, **extra} for name, extra in runs.items()}
+
+
+def median_mfu(output_dir: Path) -> float | None:
+    """Median of the per-step MFU zerotune logged, leaving out the first step (warm-up)."""
+    import statistics
+
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    values = [e["mfu"] for e in state["log_history"] if "mfu" in e][1:]
+    return statistics.median(values) if values else None
 
 
 def run_zerotune(name: str, cfg: dict, work: Path) -> tuple[float, float, float, float | None, str]:
@@ -111,7 +121,7 @@ def run_zerotune(name: str, cfg: dict, work: Path) -> tuple[float, float, float,
         raise RuntimeError(f"{name} failed:\n{log[-3000:]}")
     runtime = _train_runtime(out)
     padding = json.loads((out / "train_results.json").read_text()).get("padding_fraction")
-    return runtime, wall, rss, padding, log
+    return runtime, wall, rss, padding, median_mfu(out)
 
 
 def estimated_padding(lengths: list[int], batch: int, seed: int = 42) -> float:
@@ -154,13 +164,13 @@ def peer_runs(model_dir: str, common: dict, work: Path) -> dict[str, tuple[list[
 
 def table(results: list[Result], baseline: str | None) -> str:
     base = next((r for r in results if r.name == baseline), None)
-    lines = ["| run | real tokens/s | vs LLaMA-Factory default | padding | peak RSS GB | startup s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | real tokens/s | vs LLaMA-Factory default | padding | peak RSS GB | startup s | MFU |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
         ratio = f"{r.tokens_per_second / base.tokens_per_second:.2f}x" if base else "n/a"
         pad = f"{100 * r.padding_fraction:.1f}%" if r.padding_fraction is not None else "?"
         lines.append(f"| {r.name} | {r.tokens_per_second:.1f} | {ratio} | {pad} | {r.peak_rss_gb:.2f} | "
-                     f"{r.startup_s:.1f} |")
+                     f"{r.startup_s:.1f} | {'' if r.mfu is None else f'{100 * r.mfu:.0f}%'} |")
     return "\n".join(lines)
 
 
@@ -215,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, cfg in zerotune_runs(model_dir, common, args.quick).items():
         if not wanted(name):
             continue
-        runtime, wall, rss, padding, _ = run_zerotune(name, cfg, work)
-        results.append(Result(name, real_tokens / runtime, real_tokens, padding, rss, wall - runtime, runtime))
+        runtime, wall, rss, padding, mfu = run_zerotune(name, cfg, work)
+        results.append(Result(name, real_tokens / runtime, real_tokens, padding, rss, wall - runtime, runtime,
+                              mfu=mfu))
         print(f"  {name}: {real_tokens / runtime:.1f} tokens/s", file=sys.stderr)
     if args.peers:
         if not (PEERS_VENV / "bin" / "llamafactory-cli").exists():

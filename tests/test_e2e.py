@@ -9,9 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tiny import base_config, train_with
+from trainer.config import cpu_supports_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -161,3 +163,22 @@ def test_untrained_stop_token_is_reported(tiny_model_dir, tmp_path):
     finally:
         logging.getLogger("trainer").removeHandler(handler)
     assert any("STOP TOKEN NOT TRAINED" in r.getMessage() and "<|eot_id|>" in r.getMessage() for r in records)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16")
+def test_lora_bf16_keeps_the_frozen_base_in_bf16_and_trains(tiny_model_dir, data_dir, tmp_path):
+    """bf16 LoRA on CPU: frozen weights in bf16 (as on GPU), adapters trained and saved in fp32; its
+    losses follow the fp32 run's to bf16 precision, and it learns."""
+    common = dict(max_steps=6, learning_rate=1e-2, per_device_train_batch_size=4)
+    ref = _losses_of(train_with(base_config(tiny_model_dir, data_dir, tmp_path / "fp32", **common))[1])
+    got = _losses_of(train_with(base_config(tiny_model_dir, data_dir, tmp_path / "bf16", bf16=True, **common))[1])
+    assert got == pytest.approx(ref, rel=2e-3)  # bf16 follows the fp32 trajectory
+    assert got[-1] < got[0] - 0.1
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / "bf16" / "adapter_model.safetensors")
+    assert tensors and all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def _losses_of(state: dict) -> list[float]:
+    return [e["loss"] for e in state["log_history"] if "loss" in e]

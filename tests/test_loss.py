@@ -26,6 +26,52 @@ def test_chunked_nll_equals_plain_cross_entropy(chunk):
         torch.testing.assert_close(a.double(), b)
 
 
+@pytest.mark.parametrize("chunk", [3, 64])
+@pytest.mark.parametrize("uniform", [True, False])
+def test_chunked_nll_gradients_for_any_token_weights(chunk, uniform):
+    """sft/pt weight every token alike (the head gradient is formed in the forward pass); the preference
+    stages weight tokens unequally (the head gradient is recomputed): both equal autograd's on a bias head."""
+    torch.manual_seed(1)
+    n, h, v = 40, 8, 31
+    hidden = torch.randn(n, h, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, h, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(v, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,))
+    targets[5:12] = IGNORE_INDEX
+    w = torch.full((n,), 0.25, dtype=torch.float64) if uniform else torch.rand(n, dtype=torch.float64)
+    ref = F.cross_entropy(hidden @ weight.T + bias, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    got = chunked_token_nll(hidden, weight, bias, targets, chunk)
+    for a, b in zip(torch.autograd.grad((got * w).sum(), (hidden, weight, bias)),
+                    torch.autograd.grad((ref * w).sum(), (hidden, weight, bias))):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_nll_frozen_head_and_no_labels():
+    hidden = torch.randn(6, 4, requires_grad=True)
+    weight = torch.randn(9, 4)  # a frozen head (LoRA): only the hidden states get a gradient
+    targets = torch.tensor([1, IGNORE_INDEX, 3, 8, IGNORE_INDEX, 0])
+    got = chunked_token_nll(hidden, weight, None, targets, 2)
+    ref = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX, reduction="none")
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), hidden)[0], torch.autograd.grad(ref.sum(), hidden)[0])
+    none = chunked_token_nll(hidden, weight, None, torch.full((6,), IGNORE_INDEX), 2)
+    assert none.tolist() == [0.0] * 6 and torch.autograd.grad(none.sum(), hidden)[0].abs().sum() == 0
+
+
+def test_chunked_nll_under_bf16_autocast_matches_the_plain_head():
+    """Same arithmetic as autocast gives the plain head: bf16 matmul, fp32 softmax."""
+    torch.manual_seed(2)
+    hidden = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(500, 32, requires_grad=True)
+    targets = torch.randint(0, 500, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = chunked_token_nll(hidden, weight, None, targets, 16)
+        ref = F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="none")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(got.mean(), (hidden, weight)), torch.autograd.grad(ref.mean(), (hidden, weight))):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+
+
 @pytest.fixture()
 def many_rows_dir(tmp_path):
     return write_dataset_dir(tmp_path / "data48", alpaca_rows(48))

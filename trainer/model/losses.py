@@ -1,38 +1,148 @@
 """Token losses that never hold the full [tokens x vocab] logits.
 
-chunked_token_nll runs the output projection and cross-entropy chunk by chunk under activation
-checkpointing: the forward keeps only each chunk's per-token loss, and the backward recomputes one
-chunk's logits at a time. Peak memory for the head drops from tokens*vocab to chunk*vocab floats.
+`chunked_token_nll` runs the output projection and cross-entropy chunk by chunk, only on the positions
+that carry a label (prompt and padding positions cost nothing), and produces the gradients in the same
+pass: while a chunk's logits exist, their softmax gives d(nll)/d(logits) = softmax - onehot, which is
+turned at once into the gradient for the chunk's hidden states ([chunk x hidden]: small) and, when the
+head is trained, summed into the head's weight gradient. Backward then only scales these by the
+incoming per-token gradient, so the logits are computed once instead of twice (forward, then again in
+a checkpointed backward) and the log-softmax backward pass disappears. Peak memory for the head is
+chunk x vocab floats.
+
+The weight gradient can be formed ahead only because sft and pt weight every labelled token the same
+(loss = sum / token count): backward checks that, and when a caller weights tokens unequally (the
+preference stages) it recomputes the chunks with the real weights instead.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
 
-def _chunk_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               targets: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # softmax over a large vocabulary needs fp32
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The matmul dtype autocast would pick for the head (bf16/fp16 under autocast, else the input's)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+class _Workspace:
+    """One chunk's logits, allocated once per call and reused by every chunk: fresh multi-hundred-MB
+    buffers cost page faults on CPU on every chunk otherwise."""
+
+    def __init__(self, rows: int, weight: torch.Tensor, cdtype: torch.dtype, acc: torch.dtype):
+        self.wide = weight.new_empty(rows, weight.shape[0], dtype=acc)
+        self.low = None if cdtype == acc else weight.new_empty(rows, weight.shape[0], dtype=cdtype)
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """h @ w.T (+ b) in the compute dtype, then widened: a softmax over a large vocabulary needs fp32."""
+        n = h.shape[0]
+        if self.low is None:
+            out = torch.mm(h, w.T, out=self.wide[:n])
+        else:
+            out = self.wide[:n].copy_(torch.mm(h, w.T, out=self.low[:n]))
+        return out if b is None else out.add_(b)
+
+    def narrow(self, d_logits: torch.Tensor) -> torch.Tensor:
+        """d_logits in the compute dtype, for the gradient matmuls."""
+        return d_logits if self.low is None else self.low[:d_logits.shape[0]].copy_(d_logits)
+
+
+def _nll_(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
+    """(nll, d nll / d logits = softmax - onehot or None), overwriting logits (no [chunk x vocab] temporaries)."""
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
+    peak = logits.amax(1, keepdim=True)
+    sums = logits.sub_(peak).exp_().sum(1)
+    nll = peak.squeeze(1) + sums.log() - picked
+    if not want_grad:
+        return nll, None
+    probs = logits.div_(sums.unsqueeze(1))
+    probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+    return nll, probs
+
+
+class _LinearNLL(torch.autograd.Function):
+    """nll[i] = logsumexp(h_i W^T + b) - (h_i W^T + b)[t_i] over rows that all carry a target."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, cdtype, grad_enabled):
+        need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        w = weight.to(cdtype)
+        b = None if bias is None else bias.to(cdtype)
+        work = _Workspace(min(chunk_size, len(targets)), weight, cdtype, acc)
+        nll = torch.empty(len(targets), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden, dtype=acc) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+        for s in range(0, len(targets), chunk_size):
+            h, t = hidden[s:s + chunk_size].to(cdtype), targets[s:s + chunk_size]
+            nll[s:s + len(t)], d_logits = _nll_(work.logits(h, w, b), t, need_h or need_w or need_b)
+            if d_logits is None:
+                continue
+            if need_b:
+                grad_b += d_logits.sum(0)
+            d_low = work.narrow(d_logits)
+            if need_h:
+                grad_h[s:s + len(t)] = d_low @ w
+            if need_w:
+                grad_w += d_low.T @ h
+        ctx.chunk_size, ctx.cdtype = chunk_size, cdtype
+        ctx.save_for_backward(hidden, weight, bias, targets, grad_h, grad_w, grad_b)
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        hidden, weight, bias, targets, grad_h, grad_w, grad_b = ctx.saved_tensors
+        g = grad_nll.to(torch.promote_types(grad_nll.dtype, torch.float32))
+        d_hidden = (grad_h * g.unsqueeze(1)).to(hidden.dtype) if grad_h is not None else None
+        d_weight = d_bias = None
+        if grad_w is not None or grad_b is not None:
+            if len(g) and bool(g.min() == g.max()):  # every token weighted alike: the sums formed ahead hold
+                scale = g[0]
+                d_weight = None if grad_w is None else (grad_w * scale).to(weight.dtype)
+                d_bias = None if grad_b is None else (grad_b * scale).to(bias.dtype)
+            else:
+                d_weight, d_bias = _weighted_head_grads(hidden, weight, bias, targets, g, ctx.chunk_size, ctx.cdtype,
+                                                        grad_w is not None, grad_b is not None)
+        return d_hidden, d_weight, d_bias, None, None, None, None
+
+
+def _weighted_head_grads(hidden, weight, bias, targets, g, chunk_size, cdtype, need_w, need_b):
+    """Head gradients for per-token weights g, recomputing each chunk's softmax."""
+    acc = torch.promote_types(hidden.dtype, torch.float32)
+    w = weight.to(cdtype)
+    b = None if bias is None else bias.to(cdtype)
+    work = _Workspace(min(chunk_size, len(targets)), weight, cdtype, acc)
+    d_w = torch.zeros_like(weight, dtype=acc) if need_w else None
+    d_b = torch.zeros_like(bias, dtype=acc) if need_b else None
+    for s in range(0, len(targets), chunk_size):
+        h, t = hidden[s:s + chunk_size].to(cdtype), targets[s:s + chunk_size]
+        d_logits = _nll_(work.logits(h, w, b), t, True)[1].mul_(g[s:s + len(t)].unsqueeze(1))
+        if need_b:
+            d_b += d_logits.sum(0)
+        if need_w:
+            d_w += work.narrow(d_logits).T @ h
+    return (None if d_w is None else d_w.to(weight.dtype)), (None if d_b is None else d_b.to(bias.dtype))
 
 
 def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       targets: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-    """Per-token negative log-likelihood of `targets` (0 where ignored). hidden: [N, H]; targets: [N]."""
-    out = []
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
-        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_nll, h, weight, bias, t, use_reentrant=False))
-        else:
-            out.append(_chunk_nll(h, weight, bias, t))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    """Per-token negative log-likelihood of `targets` (0 where ignored), at least fp32. hidden: [N, H]; targets: [N]."""
+    cdtype = _compute_dtype(hidden.device.type, hidden.dtype)
+    keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    out = hidden.new_zeros(targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
+    if keep.numel() == 0:
+        # Nothing to learn here, but keep the head in the graph: every rank must produce the same gradients.
+        return out + 0 * (hidden.sum() + weight.sum() + (0 if bias is None else bias.sum()))
+    h = hidden.index_select(0, keep)
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly inside
+        nll = _LinearNLL.apply(h, weight, bias, targets.index_select(0, keep), chunk_size, cdtype,
+                               torch.is_grad_enabled())
+    return out.index_put((keep,), nll)
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
