@@ -70,6 +70,31 @@ def test_bad_values_name_key_value_and_choices(tmp_path, key, value, expect):
     assert key in str(err.value) and expect in str(err.value)
 
 
+def test_fsdp_is_read_by_zerotune_not_handed_to_accelerate(tmp_path):
+    from trainer.config import FSDPOptions
+
+    cfg = build_config(_base(tmp_path, fsdp="shard_grad_op auto_wrap",
+                             fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}))
+    assert cfg.fsdp == FSDPOptions(reshard_after_forward=False, layer_classes=["LlamaDecoderLayer"])
+    assert not cfg.training.fsdp  # accelerate's FSDP would silently train plain DDP on CPU
+    assert build_config(_base(tmp_path, fsdp=True)).fsdp == FSDPOptions()
+    assert build_config(_base(tmp_path, fsdp=["full_shard", "offload"])).fsdp.cpu_offload
+    assert build_config(_base(tmp_path, fsdp=False)).fsdp is None
+
+
+@pytest.mark.parametrize("extra,expect", [
+    ({"fsdp": "hybrid_shard"}, "fsdp: 'hybrid_shard' is not supported"),
+    ({"fsdp": "full_shard shard_grad_op"}, "not both"),
+    ({"fsdp": "full_shard", "deepspeed": "ds_configs/ds_z3_config.json"}, "fsdp or deepspeed"),
+    ({"fsdp": "full_shard", "fsdp_config": {"transformer_layer_cls": "X"}}, "transformer_layer_cls_to_wrap"),
+    ({"fsdp": "full_shard", "fsdp_config": {"version": 1}}, "fsdp_config.version"),
+    ({"fsdp": "full_shard", "skip_nonfinite_batches": True}, "skip_nonfinite_batches"),
+])
+def test_bad_fsdp_settings_name_the_key(tmp_path, extra, expect):
+    with pytest.raises(ConfigError, match=expect):
+        build_config(_base(tmp_path, **extra))
+
+
 def test_yaml_no_is_the_string_no(tmp_path):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(f"model_name_or_path: m\ndataset: a\ndo_train: true\noutput_dir: {tmp_path}/o\neval_strategy: no\n")

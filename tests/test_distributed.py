@@ -1,5 +1,6 @@
-"""Two CPU processes under the DeepSpeed launcher (gloo) give the losses and eval_loss of one process for the
-same global batch, under ZeRO-0, 2 and 3; ZeRO-3 saves weights that plain from_pretrained loads."""
+"""Two CPU processes (gloo) give the losses and eval_loss of one process for the same global batch, under
+DeepSpeed ZeRO-0, 2 and 3 and under FSDP2 (torchrun); FSDP really shards; ZeRO-3 and FSDP save weights that plain
+from_pretrained loads, and resume exactly."""
 
 import json
 import os
@@ -22,25 +23,78 @@ def _history(out: Path, key: str) -> list[float]:
     return [e[key] for e in state["log_history"] if key in e and "train_runtime" not in e]
 
 
-def _deepspeed(cfg: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+def _losses_by_step(out: Path) -> dict[int, float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def _launch(launcher: list[str], cfg: dict, tmp_path: Path, name: str, script: str) -> subprocess.CompletedProcess:
     cfg_file = tmp_path / f"{name}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000),
-                           "launch/train.py", "--config", str(cfg_file)], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([*launcher, script, "--config", str(cfg_file)], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=900)
+
+
+def _deepspeed(cfg: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return _launch([launcher, "--num_gpus", "2", "--master_port", str(29500 + os.getpid() % 1000)], cfg, tmp_path,
+                   name, "launch/train.py")
+
+
+# Test-side instrumentation: at the first training step each rank writes down what it really trains.
+RECORD_SHARDS = """
+import json, os, runpy, sys
+from torch.distributed.tensor import DTensor
+from trainer.engine.trainer import ZeroTrainer
+original = ZeroTrainer.training_step
+def step(self, model, *args, **kwargs):
+    if not getattr(self, "_recorded", False):
+        self._recorded = True
+        params = {n: {"dtensor": isinstance(p, DTensor), "placements": [repr(x) for x in getattr(p, "placements", ())],
+                      "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "global": p.numel()}
+                  for n, p in model.named_parameters() if p.requires_grad}
+        with open(os.path.join(self.args.output_dir, f"shards-rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump({"world": int(os.environ["WORLD_SIZE"]), "params": params}, f)
+    return original(self, model, *args, **kwargs)
+ZeroTrainer.training_step = step
+sys.argv = ["launch/train.py"] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _torchrun(cfg: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
+    driver = tmp_path / "record_shards.py"
+    driver.write_text(RECORD_SHARDS)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(30500 + os.getpid() % 1000)]
+    return _launch(launcher, cfg, tmp_path, name, str(driver))
+
+
+def _trained_shards(out: Path) -> list[dict]:
+    """Per rank: the trained parameters as DTensors sharded over 2 ranks (fails if FSDP was not applied)."""
+    ranks = [json.loads((out / f"shards-rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world"] == 2 and rank["params"]
+        for name, p in rank["params"].items():
+            assert p["dtensor"] and p["placements"] == ["Shard(dim=0)"], name
+    for name, p in ranks[0]["params"].items():
+        assert p["local"] + ranks[1]["params"][name]["local"] == p["global"], name  # each rank holds its half
+        assert p["local"] < p["global"], name
+    return ranks
+
+
+FULL = dict(finetuning_type="full", max_steps=3, packing=False, val_size=4, do_eval=True, learning_rate=1e-2)
 
 
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_two_processes_match_one(stage, tiny_model_dir, data_dir, tmp_path):
-    common = dict(finetuning_type="full", max_steps=3, packing=False, val_size=4, do_eval=True, learning_rate=1e-2)
     single = tmp_path / "one"  # the reference: one plain process, no DeepSpeed
     train_with(base_config(tiny_model_dir, data_dir, single, per_device_train_batch_size=4,
-                           per_device_eval_batch_size=4, **common))
+                           per_device_eval_batch_size=4, **FULL))
     double = tmp_path / "two"
     proc = _deepspeed(base_config(tiny_model_dir, data_dir, double, per_device_train_batch_size=2,
-                                  per_device_eval_batch_size=1, **common,
+                                  per_device_eval_batch_size=1, **FULL,
                                   deepspeed=str(ROOT / f"ds_configs/ds_z{stage}_config.json")), tmp_path, f"z{stage}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
@@ -115,3 +169,85 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 8
+
+
+def test_fsdp_two_processes_match_one_and_really_shard(tiny_model_dir, data_dir, tmp_path):
+    single = tmp_path / "one"
+    train_with(base_config(tiny_model_dir, data_dir, single, per_device_train_batch_size=4,
+                           per_device_eval_batch_size=4, **FULL))
+    double = tmp_path / "two"
+    proc = _torchrun(base_config(tiny_model_dir, data_dir, double, per_device_train_batch_size=2,
+                                 per_device_eval_batch_size=1, fsdp="full_shard auto_wrap", **FULL), tmp_path, "fsdp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shards = _trained_shards(double)
+    weight = "model.layers.0.mlp.down_proj.weight"
+    assert shards[0]["params"][weight]["local"] == shards[0]["params"][weight]["global"] // 2
+    assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
+    # clipping and its reported norm see the whole gradient, not this rank's shard
+    assert _history(double, "grad_norm") == pytest.approx(_history(single, "grad_norm"), rel=1e-4)
+    one = json.loads((single / "all_results.json").read_text())
+    two = json.loads((double / "all_results.json").read_text())
+    assert two["eval_loss"] == pytest.approx(one["eval_loss"], rel=1e-5)
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(double)  # ordinary weights, gathered by rank 0
+    ev = train_with(base_config(reloaded.name_or_path, data_dir, tmp_path / "ev", do_train=False, do_eval=True,
+                                val_size=4, finetuning_type="full", per_device_eval_batch_size=4))[0]
+    assert ev["eval_loss"] == pytest.approx(two["eval_loss"], rel=1e-5)
+
+
+def test_fsdp_lora_matches_one_process_and_saves_a_loadable_adapter(tiny_model_dir, data_dir, tmp_path):
+    """shard_grad_op with gradient checkpointing: the adapters, applied before sharding, are sharded too; every
+    process loads the best checkpoint at the end."""
+    lora = dict(max_steps=2, learning_rate=1e-2, packing=False, gradient_checkpointing=True, val_size=4)
+    single = tmp_path / "one"
+    train_with(base_config(tiny_model_dir, data_dir, single, per_device_train_batch_size=4, **lora))
+    out = tmp_path / "lora"
+    # "best" = the highest eval_loss, i.e. step 1's, so the end of the run must go back to it
+    best = dict(do_eval=True, eval_strategy="steps", eval_steps=1, save_steps=1, per_device_eval_batch_size=1,
+                load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+    proc = _torchrun(base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=2, fsdp="shard_grad_op",
+                                 **lora, **best), tmp_path, "fsdp-lora")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all("lora_" in name for name in _trained_shards(out)[0]["params"])
+    assert _history(out, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
+    step1, step2 = _history(out, "eval_loss")[:2]
+    assert step1 > step2 and json.loads((out / "all_results.json").read_text())["eval_loss"] == pytest.approx(step1)
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert tensors.keys() == load_file(single / "adapter_model.safetensors").keys()
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained, not the zero init
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+
+
+def test_fsdp_in_one_process_warns_and_trains(tiny_model_dir, data_dir, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        results, _ = train_with(base_config(tiny_model_dir, data_dir, tmp_path / "o", max_steps=1, fsdp="full_shard"))
+    assert "fsdp is set but this is a single process" in caplog.text and results["train_loss"] > 0
+
+
+@pytest.mark.parametrize("layout", ["zero3", "fsdp"])
+def test_resume_matches_an_uninterrupted_run(layout, tiny_model_dir, data_dir, tmp_path):
+    """2N steps straight == resume from the step-N checkpoint (weights, optimizer moments, LR schedule, data order)."""
+    launch, extra = (_deepspeed, {"deepspeed": str(ROOT / "ds_configs/ds_z3_config.json")}) if layout == "zero3" \
+        else (_torchrun, {"fsdp": "full_shard"})
+    settings = dict(finetuning_type="full", per_device_train_batch_size=1, max_steps=4, save_steps=2,
+                    learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=1, **extra)
+    straight = tmp_path / "straight"
+    proc = launch(base_config(tiny_model_dir, data_dir, straight, **settings), tmp_path, "straight")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"  # a fresh folder holding only the step-2 checkpoint, as a restarted job sees it
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    proc = launch(base_config(tiny_model_dir, data_dir, resumed, resume_from_checkpoint="true", **settings),
+                  tmp_path, "resumed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = _losses_by_step(straight), _losses_by_step(resumed)
+    assert sorted(b) == [1, 2, 3, 4]  # 1 and 2 come with the checkpoint's state; 3 and 4 trained after resuming
+    assert [b[3], b[4]] == pytest.approx([a[3], a[4]], rel=1e-5)  # step 4 moved with the restored Adam moments

@@ -71,7 +71,18 @@ def train(config: str, overrides: list[str]) -> int:
     from trainer.run import run
 
     run(cfg)
+    _close_process_group()
     return 0
+
+
+def _close_process_group() -> None:
+    """After a successful run only: without it gloo can abort at interpreter exit ("terminate called without an
+    active exception" from its worker threads, seen here in ~1 of 8 runs), failing a finished run; after a failure a rank may still wait in a
+    collective, and destroying the group there would hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def check(config: str, overrides: list[str]) -> int:

@@ -90,6 +90,87 @@ class FinetuningArguments:
         default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run."})
 
 
+@dataclass
+class FSDPOptions:
+    """torch FSDP2 as zerotune applies it (engine/fsdp.py), read from `fsdp` and `fsdp_config`."""
+    reshard_after_forward: bool = True  # full_shard; shard_grad_op keeps each layer gathered until its backward
+    cpu_offload: bool = False
+    layer_classes: list[str] | None = None  # decoder layer classes; default: the model's _no_split_modules
+
+
+# `fsdp` words of TrainingArguments (and LLaMA-Factory), and the fsdp_config keys FSDP2 has no use for.
+FSDP_STRATEGIES = {"full_shard": True, "shard_grad_op": False}
+FSDP_CONFIG_IGNORED = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states",
+                       "limit_all_gathers", "cpu_ram_efficient_loading", "state_dict_type", "min_num_params",
+                       "auto_wrap_policy", "xla_fsdp_v2", "xla_fsdp_grad_ckpt", "xla_fsdp_settings")
+FSDP_CONFIG_KEYS = ("transformer_layer_cls_to_wrap", "reshard_after_forward", "cpu_offload", "offload", "version",
+                    "xla", "activation_checkpointing") + FSDP_CONFIG_IGNORED
+
+
+def _fsdp_config_dict(value: Any) -> dict:
+    """fsdp_config: a mapping, a JSON file, or a JSON/YAML string from the command line; `fsdp_` prefixes dropped."""
+    if isinstance(value, str) and Path(value).is_file():
+        value = read_yaml(value)  # JSON is YAML
+    elif isinstance(value, str) and not value.lstrip().startswith("{"):
+        raise ConfigError(f"fsdp_config: {value!r} is neither a mapping nor an existing JSON file.")
+    value = _coerce("fsdp_config", value or {}, dict)
+    return {(k[5:] if k.startswith("fsdp_") else k): v for k, v in value.items()}
+
+
+def parse_fsdp(value: Any, fsdp_config: Any = None) -> FSDPOptions | None:
+    """`fsdp: full_shard auto_wrap` (a string, list or true) + fsdp_config -> FSDPOptions, or None when off."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        off, words = text in _FALSE | {"", "none", "null"}, [] if text in _TRUE else text.replace(",", " ").split()
+    elif isinstance(value, (list, tuple)):
+        off, words = not value, [str(v).strip().lower() for v in value]
+    else:
+        off, words = not value, []
+    if off:
+        if fsdp_config:
+            logger.warning("Ignoring fsdp_config: fsdp is not set.")
+        return None
+    options = FSDPOptions()
+    for word in words:
+        if word == "offload":
+            options.cpu_offload = True
+        elif word not in FSDP_STRATEGIES and word != "auto_wrap":
+            raise ConfigError(f"fsdp: {word!r} is not supported; use full_shard or shard_grad_op, optionally with "
+                              "auto_wrap and offload (FSDP2 shards over every process; no_shard and hybrid_shard "
+                              "are FSDP1 modes).")
+    strategies = [w for w in words if w in FSDP_STRATEGIES]
+    if len(set(strategies)) > 1:
+        raise ConfigError("fsdp: choose one of full_shard and shard_grad_op, not both.")
+    if strategies:
+        options.reshard_after_forward = FSDP_STRATEGIES[strategies[0]]
+    extra = _fsdp_config_dict(fsdp_config)
+    for key in extra:
+        if key not in FSDP_CONFIG_KEYS:
+            close = difflib.get_close_matches(key, FSDP_CONFIG_KEYS, n=2, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"fsdp_config: unknown key {key!r}.{hint}")
+        if key in FSDP_CONFIG_IGNORED:
+            logger.warning("Ignoring fsdp_config.%s (an FSDP1/accelerate setting; zerotune's FSDP2 shards each "
+                           "decoder layer and saves full weights plus resumable shards).", key)
+    if _coerce("fsdp_config.version", extra.get("version", 2), int) != 2:
+        raise ConfigError(f"fsdp_config.version: {extra['version']!r}; zerotune runs FSDP2 only (version 2).")
+    if _coerce("fsdp_config.xla", extra.get("xla", False), bool):
+        raise ConfigError("fsdp_config.xla: XLA FSDP is not supported.")
+    if _coerce("fsdp_config.activation_checkpointing", extra.get("activation_checkpointing", False), bool):
+        raise ConfigError("fsdp_config.activation_checkpointing: set gradient_checkpointing: true instead "
+                          "(checkpointing each decoder layer composes with FSDP2).")
+    if "reshard_after_forward" in extra:
+        options.reshard_after_forward = _coerce("fsdp_config.reshard_after_forward", extra["reshard_after_forward"],
+                                                bool)
+    for key in ("cpu_offload", "offload"):
+        if key in extra:
+            options.cpu_offload = _coerce(f"fsdp_config.{key}", extra[key], bool)
+    if extra.get("transformer_layer_cls_to_wrap"):
+        options.layer_classes = _coerce("fsdp_config.transformer_layer_cls_to_wrap",
+                                        extra["transformer_layer_cls_to_wrap"], list[str])
+    return options
+
+
 # Keys of LLaMA-Factory's vocabulary that have been renamed in transformers 5 or that zerotune maps.
 def _map_warmup_ratio(value: Any, raw: dict) -> dict:
     ratio = _coerce("warmup_ratio", value, float)
@@ -118,6 +199,7 @@ class RunConfig:
     data: DataArguments
     finetuning: FinetuningArguments
     training: Any  # transformers.TrainingArguments
+    fsdp: FSDPOptions | None = None  # kept from TrainingArguments, which would hand it to accelerate
     source: str = ""
     raw: dict = field(default_factory=dict)  # the merged YAML + overrides, as the user wrote them
 
@@ -309,6 +391,8 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "finetuning": {}, "training": {}}
     unknown = []
     for key, value in raw.items():
+        if key in ("fsdp", "fsdp_config"):
+            continue  # zerotune applies FSDP itself (engine/fsdp.py); accelerate's FSDP does not run on CPU
         if key in IGNORED_LF_KEYS:
             logger.warning("Ignoring %s (%s).", key, IGNORED_LF_KEYS[key])
             continue
@@ -326,11 +410,15 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
             lines.append(f"Unknown key {key!r}{' in ' + source if source else ''}.{hint}")
         raise ConfigError("\n".join(lines))
 
+    fsdp = parse_fsdp(raw.get("fsdp"), raw.get("fsdp_config"))
+    if fsdp and groups["training"].get("deepspeed"):
+        raise ConfigError("Set fsdp or deepspeed, not both: each shards the model its own way.")
     model = ModelArguments(**groups["model"])
     data = DataArguments(**groups["data"])
     finetuning = FinetuningArguments(**groups["finetuning"])
     training = _training_arguments(groups["training"], finetuning)
-    config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, source=source, raw=original)
+    config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, fsdp=fsdp, source=source,
+                       raw=original)
     _validate(config, groups)
     return config
 
@@ -437,6 +525,9 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
     if f.skip_nonfinite_batches and t.deepspeed and _zero_stage(t.deepspeed) == 3:
         raise ConfigError("skip_nonfinite_batches is not supported with ZeRO-3 (its parameters are partitioned "
                           "outside the forward pass); leave it off to stop on a non-finite loss.")
+    if config.fsdp and f.skip_nonfinite_batches:
+        raise ConfigError("skip_nonfinite_batches is not supported with fsdp (its parameters are sharded outside "
+                          "the forward pass); leave it off to stop on a non-finite loss.")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
     if not t.do_train and not t.do_eval:

@@ -124,6 +124,10 @@ def describe(config: RunConfig, with_data: bool = True) -> str:
     lines = [f"model            {config.model.model_name_or_path} ({config.finetuning.finetuning_type}, "
              f"stage {config.finetuning.stage})",
              f"processes        {world} ({per_node} per node x {nodes} node(s))"]
+    if config.fsdp:
+        mode = "full_shard" if config.fsdp.reshard_after_forward else "shard_grad_op"
+        lines.append(f"sharding         FSDP2 {mode} over {world} processes (model states: the ZeRO-3 row below)"
+                     if world > 1 else "sharding         fsdp is set, but one process has nothing to shard")
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
     batch_line = (f"global batch     {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} "
                   f"accumulation x {world} = {rows_per_step} {'packed rows' if d.packing else 'examples'} a step")

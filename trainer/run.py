@@ -100,6 +100,22 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
     return train, evaluation, efficiency
 
 
+def shard_model(model, config: RunConfig):
+    """FSDP2 over every process, once the adapters are in place and before the Trainer builds the optimizer."""
+    import torch
+
+    from trainer.engine import fsdp
+
+    t = config.training
+    if t.world_size == 1:
+        logger.warning("fsdp is set but this is a single process, so there is nothing to shard; training without "
+                       "FSDP. Launch several processes (torchrun --nproc_per_node N, or zerotune train on a "
+                       "multi-GPU machine) to shard.")
+        return model
+    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
+    return fsdp.shard(model, config.fsdp, dtype)
+
+
 def run(config: RunConfig) -> dict:
     import torch
     from transformers import set_seed
@@ -154,6 +170,8 @@ def run(config: RunConfig) -> dict:
         t.activation_checkpointing, why = decide_checkpointing(model, t, tokens)
         logger.info("Gradient checkpointing %s: %s. Set gradient_checkpointing: true/false to choose.",
                     "on" if t.activation_checkpointing else "off", why)
+    if config.fsdp is not None:
+        model = shard_model(model, config)
     from trainer.model.kernels import liger_available
 
     wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())

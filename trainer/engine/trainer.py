@@ -12,17 +12,19 @@ What it adds to transformers.Trainer:
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
 import torch
 from transformers import Trainer
+from transformers.trainer import SCHEDULER_NAME
 
 from trainer.data.collators import BOOKKEEPING
-from trainer.engine import checkpoints
+from trainer.engine import checkpoints, fsdp
 from trainer.engine.metrics import device_peak_flops, flops_per_token, peak_memory_gb
 from trainer.engine.secrets import redacted_args
-from trainer.errors import TrainingHalted
+from trainer.errors import ConfigError, TrainingHalted
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class ZeroTrainer(Trainer):
         if num_items_in_batch is not None and model.training:
             loss = loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
-                # DDP/DeepSpeed average gradients over processes; the divisor above is already global.
+                # DDP, DeepSpeed and FSDP average gradients over processes; the divisor above is already global.
                 loss = loss * self.accelerator.num_processes
         else:
             loss = loss_sum / count.clamp(min=1)
@@ -111,11 +113,13 @@ class ZeroTrainer(Trainer):
         finally:
             self._staging = False
         self.accelerator.wait_for_everyone()
+        staged = checkpoints.staging_dir(run_dir)
+        best = self.state.best_model_checkpoint
+        moved = bool(best and best.startswith(staged))
+        if moved:  # on every process: each one loads the best model at the end (load_best_model_at_end)
+            self.state.best_model_checkpoint = best.replace(staged, run_dir, 1)
         if self.args.should_save:
-            staged = checkpoints.staging_dir(run_dir)
-            best = self.state.best_model_checkpoint
-            if best and best.startswith(staged):
-                self.state.best_model_checkpoint = best.replace(staged, run_dir, 1)
+            if moved:
                 self.state.save_to_json(f"{staged}/{name}/trainer_state.json")
             final = checkpoints.publish(run_dir, name)
             checkpoints.rotate(run_dir, self.args.save_total_limit, newest=final, keep=self.state.best_model_checkpoint)
@@ -133,8 +137,53 @@ class ZeroTrainer(Trainer):
                 super()._push_from_checkpoint(checkpoint_folder)
 
     def _save(self, output_dir=None, state_dict=None):
+        if state_dict is None and fsdp.is_sharded(self.model):
+            # Every process joins the gather; rank 0 writes ordinary weights (for LoRA, only the adapter's).
+            state_dict = fsdp.full_state_dict(self.model, trainable_only=hasattr(self.model, "peft_config"))
         with redacted_args(self.args):  # training_args.bin must not carry tokens
             return super()._save(output_dir, state_dict)
+
+    # ---- FSDP: the model arrives sharded (engine/fsdp.py); the Trainer must neither move nor re-wrap it ------------
+    def _move_model_to_device(self, model, device):
+        if not fsdp.is_sharded(model):  # fully_shard has already placed each shard
+            super()._move_model_to_device(model, device)
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        if not (training and fsdp.is_sharded(model)):
+            return super()._wrap_model(model, training, dataloader)
+        # accelerate adds autocast (bf16 on CPU) but must not put DDP on top of FSDP: once marked as prepared,
+        # the model comes back unchanged when the Trainer prepares it together with the optimizer.
+        if model not in self.accelerator._models:
+            model = self.accelerator.prepare_model(model, device_placement=False, evaluation_mode=True)
+        model._is_accelerate_prepared = True
+        return model
+
+    def _save_optimizer_and_scheduler(self, output_dir):
+        if not fsdp.is_sharded(self.model):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        fsdp.save_shards(self.model, _unwrapped(self.optimizer), output_dir)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not fsdp.is_sharded(self.model):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        fsdp.load_model_shards(self.model, resume_from_checkpoint)
+
+    def _load_best_model(self):
+        if not fsdp.is_sharded(self.model):
+            return super()._load_best_model()
+        fsdp.load_model_shards(self.model, self.state.best_model_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or not fsdp.is_sharded(self.model):
+            if checkpoint and os.path.isdir(os.path.join(checkpoint, fsdp.SHARDS)):
+                # Its optimizer state lives in the shards; resuming without it would silently restart Adam.
+                raise ConfigError(f"resume_from_checkpoint: {checkpoint} was written by an fsdp run; resume it "
+                                  "with fsdp and several processes.")
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        fsdp.load_optimizer_shards(self.model, _unwrapped(self.optimizer), checkpoint)
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
 
     def _any_nonfinite(self, loss_sum) -> bool:
         """One process's nan is every process's problem: agree, so all stop (or skip) together."""
@@ -190,6 +239,11 @@ class ZeroTrainer(Trainer):
         if self._window_start is None:
             self._window_start, self._excluded = time.perf_counter(), 0.0
         return super().training_step(model, inputs, num_items_in_batch)
+
+
+def _unwrapped(optimizer):
+    """The torch optimizer inside accelerate's wrapper (torch's state-dict helpers step it to initialise state)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _token_weighted_loss(eval_pred) -> dict:
