@@ -135,10 +135,13 @@ def load_model(model_args, training_args, finetuning_type: str):
     impl = attention_implementation(model_args.flash_attn, config)
     dtype = weights_dtype(training_args, finetuning_type)
     from trainer.model.kernels import apply_liger
+    from trainer.model.lean_ops import apply_lean_ops
 
-    apply_liger(config.model_type, model_args.enable_liger_kernel)
+    liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
                                                  **common)
+    if not liger:
+        apply_lean_ops(model)
     # Packed rows are only kept apart when the model does not build a KV cache (see PLATFORM.md).
     model.config.use_cache = False
     logger.info("Loaded %s (%s, %.1fM parameters) with %s attention, weights in %s.", path,

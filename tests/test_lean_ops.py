@@ -1,0 +1,117 @@
+"""The lean RMSNorm and SwiGLU give transformers' own values and gradients, keep less for backward, and are
+applied only to modules that compute what they compute."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from trainer.model.lean_ops import apply_lean_ops
+
+
+def _tiny_llama(hidden=32, layers=2, dtype=torch.float32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(config).to(dtype)
+    for p in model.parameters():  # random norm weights, so a wrong weight gradient cannot hide behind ones
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    return model
+
+
+def _run(model, ids, autocast=False):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        logits = model(input_ids=ids, use_cache=False).logits
+    loss = logits.float().logsumexp(-1).mean() - logits.float()[..., 3].mean()
+    loss.backward()
+    return logits.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+
+
+def test_fp32_values_and_gradients_match_transformers():
+    ref = _tiny_llama()
+    lean = copy.deepcopy(ref)
+    assert sorted(apply_lean_ops(lean)) == ["LlamaMLP", "LlamaRMSNorm"]
+    ids = torch.randint(0, 64, (2, 17))
+    out_ref, g_ref = _run(ref, ids)
+    out_lean, g_lean = _run(lean, ids)
+    torch.testing.assert_close(out_lean, out_ref, rtol=1e-5, atol=1e-6)
+    for name in g_ref:
+        torch.testing.assert_close(g_lean[name], g_ref[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_weights_under_autocast_stay_within_bf16_rounding():
+    """The LoRA layout: frozen bf16 weights, bf16 activations. The lean ops round less often than the
+    original, so compare both against an fp32 run of the same weights."""
+    ref = _tiny_llama(dtype=torch.bfloat16)
+    lean = copy.deepcopy(ref)
+    apply_lean_ops(lean)
+    exact = copy.deepcopy(ref).float()
+    ids = torch.randint(0, 64, (2, 33))
+    out_exact, g_exact = _run(exact, ids)
+    out_ref, g_ref = _run(ref, ids, autocast=True)
+    out_lean, g_lean = _run(lean, ids, autocast=True)
+    err = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert err(out_lean, out_exact) <= 1.5 * err(out_ref, out_exact) + 1e-3
+    for name in g_exact:
+        assert err(g_lean[name], g_exact[name]) <= 1.5 * err(g_ref[name], g_exact[name]) + 1e-3, name
+
+
+def _saved_bytes(model, ids):
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=ids, use_cache=False)
+    return sum(storages.values())
+
+
+def test_keeps_less_for_backward():
+    ref = _tiny_llama(hidden=64, dtype=torch.bfloat16)
+    for p in ref.model.layers.parameters():  # frozen bf16 weights, as under LoRA; the activations still need grads
+        p.requires_grad_(False)
+    lean = copy.deepcopy(ref)
+    apply_lean_ops(lean)
+    ids = torch.randint(0, 64, (1, 256))
+    before, after = _saved_bytes(ref, ids), _saved_bytes(lean, ids)
+    # Per layer and token the original keeps an fp32 copy of each norm's input where the lean norm keeps the bf16
+    # input (2 norms x 64 x 2 bytes less), and silu(gate) (192 x 2 bytes) that the lean MLP recomputes.
+    assert before - after >= 2 * 256 * (2 * 64 * 2 + 192 * 2), (before, after)
+
+
+class _GemmaLikeRMSNorm(nn.Module):
+    """(1 + weight) scaling: the same attributes as Llama's norm, another formula."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width))
+        self.variance_epsilon = 1e-6
+
+    def forward(self, x):
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return x * (1 + self.weight)
+
+
+class _GeluMLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(width, 8), nn.Linear(width, 8), nn.Linear(8, width)
+        self.act_fn = nn.GELU()
+
+    def forward(self, x):  # the attributes of a SwiGLU MLP, another activation
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("module", [_GemmaLikeRMSNorm(16), _GeluMLP(16)])
+def test_modules_that_compute_something_else_are_left_alone(module):
+    forward = module.forward
+    assert apply_lean_ops(nn.Sequential(module)) == []
+    assert module.forward == forward
