@@ -5,7 +5,10 @@
     python -m benchmarks.throughput --peers         # also LLaMA-Factory and TRL (make bench-peers installs them)
 
 Every tool gets the same examples (alpaca_en_demo, the first --samples rows), the same template (ChatML),
-cutoff, batch size, bf16 setting and one epoch, and otherwise runs as its users get it by default. One
+cutoff, batch size, bf16 setting and one epoch, and otherwise runs as its users get it by default. bf16 is on
+where the CPU has native bf16 (AVX512-BF16 or AMX) and off elsewhere: without it zerotune trains in fp32
+anyway, and the peers' emulated bf16 autocast ran at minutes a step (LLaMA-Factory: 2 of 24 steps in 16
+minutes on an AVX2-only EPYC). One
 difference matters: LLaMA-Factory and TRL turn gradient checkpointing on by default, zerotune decides it
 from a memory estimate (off when activations fit). The row "checkpointing on" forces it on, for a
 like-for-like comparison of everything else. Real tokens are counted once, the same way for every
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
+    from trainer.config import cpu_supports_bf16
+
     work = Path(tempfile.mkdtemp(prefix="zerotune-bench-"))
     if args.quick:
         sys.path.insert(0, str(ROOT / "tests"))
@@ -213,11 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
         samples = args.samples or 96
     common = {"cutoff_len": args.cutoff, "max_samples": samples, "per_device_train_batch_size": args.batch,
-              "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "num_train_epochs": 1, "bf16": True}
+              "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "num_train_epochs": 1,
+              "bf16": cpu_supports_bf16()}
     real_tokens, lengths = real_token_count(model_dir, samples, args.cutoff)
     examples = len(lengths)
-    print(f"benchmark set: {examples} examples, {real_tokens} real tokens, cutoff {args.cutoff}, batch {args.batch}",
-          file=sys.stderr)
+    print(f"benchmark set: {examples} examples, {real_tokens} real tokens, cutoff {args.cutoff}, batch {args.batch}, "
+          f"bf16 {common['bf16']}", file=sys.stderr)
     keep = [k.strip() for k in args.only.split(",") if k.strip()]
     wanted = (lambda name: not keep or any(k in name for k in keep))
 
