@@ -29,7 +29,8 @@ def _run(model, ids, autocast=False):
         logits = model(input_ids=ids, use_cache=False).logits
     loss = logits.float().logsumexp(-1).mean() - logits.float()[..., 3].mean()
     loss.backward()
-    return logits.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+    return logits.detach().float(), {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+                                     if p.grad is not None}
 
 
 def test_fp32_values_and_gradients_match_transformers():
@@ -115,3 +116,31 @@ def test_modules_that_compute_something_else_are_left_alone(module):
     forward = module.forward
     assert apply_lean_ops(nn.Sequential(module)) == []
     assert module.forward == forward
+
+
+def test_lora_input_cast_skipped_under_autocast_only():
+    """Under autocast the adapters see the same bf16 input either way (so identical values and gradients) but no
+    fp32 copy is kept; without autocast PEFT's cast still runs, so a bf16 base with fp32 adapters works."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.model.lean_ops import lean_lora_inputs
+
+    def build():
+        model = get_peft_model(_tiny_llama(hidden=64, dtype=torch.bfloat16),
+                               LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return model
+
+    ref, lean = build(), build()
+    assert lean_lora_inputs(lean) == 14  # 7 linear layers x 2 decoder layers
+    ids = torch.randint(0, 64, (1, 256))
+    out_ref, g_ref = _run(ref, ids, autocast=True)
+    out_lean, g_lean = _run(lean, ids, autocast=True)
+    torch.testing.assert_close(out_lean, out_ref, rtol=0, atol=0)
+    for name, grad in g_ref.items():
+        torch.testing.assert_close(g_lean[name], grad, rtol=1e-6, atol=1e-8, msg=name)
+    assert _saved_bytes(lean.get_base_model(), ids) < _saved_bytes(ref.get_base_model(), ids)
+    with torch.no_grad():  # no autocast: PEFT's cast to the adapters' fp32 still applies
+        assert torch.isfinite(lean(input_ids=ids[:, :8], use_cache=False).logits).all()
