@@ -23,7 +23,7 @@ def test_overrides_are_typed(tmp_path):
                                  "dataset=x,y", "lora_target=q_proj,v_proj", "num_train_epochs=2",
                                  "max_grad_norm=0.5", "eval_strategy=no", "save_steps=50"])
     assert cfg.training.learning_rate == pytest.approx(1e-5)
-    assert cfg.training.per_device_train_batch_size == 4
+    assert cfg.training.per_device_train_batch_size * cfg.passes == 4  # on CPU run as passes of 1 row
     assert cfg.training.bf16 is False
     assert cfg.data.dataset == ["x", "y"]
     assert cfg.finetuning.lora_target == ["q_proj", "v_proj"]
@@ -140,3 +140,36 @@ def test_cli_version_and_help():
     assert out.returncode == 0 and out.stdout.startswith("zerotune ")
     out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "zerotune train" in out.stdout
+
+
+def test_forward_batch_size_splits_the_batch_and_names_bad_values(tmp_path):
+    import json
+
+    cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2))
+    assert (cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps, cfg.passes) == (1, 12, 6)
+    cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, forward_batch_size=3))
+    assert (cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps, cfg.passes) == (3, 2, 2)
+    cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, forward_batch_size=16))
+    assert (cfg.training.per_device_train_batch_size, cfg.passes) == (6, 1)
+    for value, words in ((4, "does not divide per_device_train_batch_size: 6"), ("fast", "neither auto nor"),
+                         (0, "neither auto nor")):
+        with pytest.raises(ConfigError, match="forward_batch_size") as err:
+            build_config(_base(tmp_path, per_device_train_batch_size=6, forward_batch_size=value))
+        assert words in str(err.value)
+    # A DeepSpeed config that fixes the batch shape is left as written under auto, refused when asked for.
+    # (_split_batch itself: TrainingArguments with deepspeed would start a process group inside pytest.)
+    from trainer.config import _split_batch
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 1}))
+    values = {"per_device_train_batch_size": 6, "deepspeed": str(ds)}
+    _split_batch(values, "auto", cuda=False)
+    assert values == {"per_device_train_batch_size": 6, "deepspeed": str(ds)}
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu, gradient_accumulation_steps"):
+        _split_batch(values, "2", cuda=False)
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
+    _split_batch(values, "auto", cuda=False)
+    assert (values["per_device_train_batch_size"], values["gradient_accumulation_steps"]) == (1, 6)
+    values = {"per_device_train_batch_size": 6}
+    _split_batch(values, "auto", cuda=True)  # GPU: the whole batch a pass
+    assert values == {"per_device_train_batch_size": 6}

@@ -85,9 +85,10 @@ def _history(state, key):
 def test_batch_1x8_equals_8x1(tiny_model_dir, many_rows_dir, tmp_path, packing):
     runs = {}
     for bs, ga in ((1, 8), (8, 1), (2, 4)):
+        # forward_batch_size = bs: each batch really runs as one pass (auto would split it on CPU).
         cfg = base_config(tiny_model_dir, many_rows_dir, tmp_path / f"o{bs}x{ga}", finetuning_type="full",
                           per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=3,
-                          packing=packing, cutoff_len=96, learning_rate=1e-2)
+                          packing=packing, cutoff_len=96, learning_rate=1e-2, forward_batch_size=bs)
         _, state = train_with(cfg)
         runs[(bs, ga)] = (_history(state, "loss"), _history(state, "grad_norm"))
     ref_loss, ref_norm = runs[(8, 1)]
@@ -96,6 +97,35 @@ def test_batch_1x8_equals_8x1(tiny_model_dir, many_rows_dir, tmp_path, packing):
         assert loss == pytest.approx(ref_loss, rel=1e-4), key
         assert norm == pytest.approx(ref_norm, rel=1e-4), key
     assert ref_loss[2] < ref_loss[0]  # and it trains
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_split_passes_train_exactly_like_the_whole_batch(tiny_model_dir, many_rows_dir, tmp_path, packing):
+    """forward_batch_size splits each batch into passes with accumulated gradients: every step's loss and
+    gradient norm, and the trained weights, must match running each batch of 8 as one pass."""
+    from safetensors.torch import load_file
+
+    from trainer.config import build_config
+
+    runs = {}
+    for rows in (8, 2, "auto"):
+        cfg = base_config(tiny_model_dir, many_rows_dir, tmp_path / f"rows{rows}", finetuning_type="full",
+                          per_device_train_batch_size=8, max_steps=3, packing=packing, cutoff_len=96,
+                          learning_rate=1e-2, forward_batch_size=rows)
+        t = build_config(cfg).training
+        assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == \
+            {8: (8, 1), 2: (2, 4), "auto": (1, 8)}[rows]  # auto is one row a pass on CPU
+        _, state = train_with(cfg)
+        weights = load_file(str(tmp_path / f"rows{rows}" / "model.safetensors"))
+        runs[rows] = (_history(state, "loss"), _history(state, "grad_norm"), weights)
+    ref_loss, ref_norm, ref_weights = runs[8]
+    assert len(ref_loss) == 3 and ref_loss[2] < ref_loss[0]
+    for rows, (loss, norm, weights) in runs.items():
+        assert loss == pytest.approx(ref_loss, rel=1e-5), rows
+        assert norm == pytest.approx(ref_norm, rel=1e-4), rows
+        assert weights.keys() == ref_weights.keys()
+        for name in ref_weights:
+            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_logged_loss_is_the_token_mean_of_the_global_batch(tiny_model_dir, many_rows_dir, tmp_path):
@@ -107,6 +137,6 @@ def test_logged_loss_is_the_token_mean_of_the_global_batch(tiny_model_dir, many_
     for ga in (1, 4):
         cfg = base_config(tiny_model_dir, many_rows_dir, tmp_path / f"ga{ga}", finetuning_type="full",
                           cutoff_len=96, max_steps=1, packing=False, gradient_accumulation_steps=ga,
-                          per_device_train_batch_size=48 // ga)
+                          per_device_train_batch_size=48 // ga, forward_batch_size=48 // ga)
         _, state = train_with(cfg)
         assert _history(state, "loss")[0] == pytest.approx(reference, rel=1e-5), ga

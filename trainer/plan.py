@@ -129,9 +129,13 @@ def describe(config: RunConfig, with_data: bool = True) -> str:
         lines.append(f"sharding         FSDP2 {mode} over {world} processes (model states: the ZeRO-3 row below)"
                      if world > 1 else "sharding         fsdp is set, but one process has nothing to shard")
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
-    batch_line = (f"global batch     {t.per_device_train_batch_size} x {t.gradient_accumulation_steps} "
-                  f"accumulation x {world} = {rows_per_step} {'packed rows' if d.packing else 'examples'} a step")
-    lines.append(batch_line)
+    unit = "packed rows" if d.packing else "examples"
+    per, passes = t.per_device_train_batch_size * config.passes, config.passes
+    lines.append(f"global batch     {per} x {t.gradient_accumulation_steps // passes} accumulation x {world} = "
+                 f"{rows_per_step} {unit} a step")
+    if passes > 1:
+        lines.append(f"passes           each device's batch of {per} runs as {passes} forward/backward passes of "
+                     f"{t.per_device_train_batch_size} (forward_batch_size: {config.finetuning.forward_batch_size})")
     if with_data and d.dataset:
         from trainer.data import packing, processing
         from trainer.data.templates import get_template

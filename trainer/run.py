@@ -163,6 +163,10 @@ def run(config: RunConfig) -> dict:
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
     if template is not None and t.do_train:
         warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
+    if t.do_train and config.passes > 1:
+        logger.info("Each batch of %d rows a device runs as %d passes of %d with accumulated gradients (the same "
+                    "gradient, less memory held); forward_batch_size: %s.", t.per_device_train_batch_size * config.passes,
+                    config.passes, t.per_device_train_batch_size, config.finetuning.forward_batch_size)
     if t.do_train and config.checkpointing_auto:
         from trainer.plan import decide_checkpointing
 
