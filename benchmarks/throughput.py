@@ -8,11 +8,11 @@ Every tool gets the same examples (alpaca_en_demo, the first --samples rows), th
 cutoff, batch size, bf16 setting and one epoch, and otherwise runs as its users get it by default. bf16 is on
 where the CPU has native bf16 (AVX512-BF16 or AMX) and off elsewhere: without it zerotune trains in fp32
 anyway, and the peers' emulated bf16 autocast ran at minutes a step (LLaMA-Factory: 2 of 24 steps in 16
-minutes on an AVX2-only EPYC). One
-difference matters: LLaMA-Factory and TRL turn gradient checkpointing on by default, zerotune decides it
-from a memory estimate (off when activations fit). The row "checkpointing on" forces it on, for a
-like-for-like comparison of everything else. Real tokens are counted once, the same way for every
-tool: the non-pad tokens of the examples as zerotune's template renders them (the peers render the same
+minutes on an AVX2-only EPYC). Two differences matter. LLaMA-Factory and TRL turn gradient checkpointing
+on by default, zerotune decides it from a memory estimate (off when activations fit): the row "checkpointing
+on" forces it on. And on CPU zerotune runs each batch as passes of one row with accumulated gradients
+(forward_batch_size: auto; the same optimizer steps and gradient): the row "whole batch a pass" runs the
+--batch rows at once, as the peers do. Real tokens are counted once, the same way for every tool: the non-pad tokens of the examples as zerotune's template renders them (the peers render the same
 ChatML conversation). tokens/s = real tokens / the Trainer's train_runtime (each tool uses the HF Trainer,
 so the clock covers the same loop: data, forward, backward, optimizer). Peak RSS is the child process's
 own maximum resident set (os.wait4). Startup is wall time minus train_runtime: loading, tokenizing and
@@ -93,9 +93,13 @@ def zerotune_runs(model_dir: str, common: dict, quick: bool) -> dict[str, dict]:
             "logging_steps": 1, **common}
     runs = {
         "zerotune lora packed": {"finetuning_type": "lora", "packing": True},
+        "zerotune lora packed, whole batch a pass": {"finetuning_type": "lora", "packing": True,
+                                                     "forward_batch_size": common["per_device_train_batch_size"]},
         "zerotune lora packed, checkpointing on": {"finetuning_type": "lora", "packing": True,
                                                    "gradient_checkpointing": True},
-        "zerotune lora padded": {"finetuning_type": "lora", "packing": False},
+        # Padded batches as the peers run them (one example a pass would leave no padding to measure).
+        "zerotune lora padded": {"finetuning_type": "lora", "packing": False,
+                                 "forward_batch_size": common["per_device_train_batch_size"]},
         "zerotune lora packed, full logits": {"finetuning_type": "lora", "packing": True, "chunked_loss": False},
         "zerotune full packed": {"finetuning_type": "full", "packing": True},
     }
