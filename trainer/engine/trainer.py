@@ -42,7 +42,7 @@ class ZeroTrainer(Trainer):
         # and not to divide again by gradient_accumulation_steps.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
-        self._linear_flops, self._pair_flops = flops_per_token(self.model)
+        self._linear_flops, self._pair_flops, self._head_flops = flops_per_token(self.model)
         self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
         self._slots = {"real": 0.0, "capacity": 0.0}  # for the run's padding fraction
         self._window_start = None
@@ -60,7 +60,8 @@ class ZeroTrainer(Trainer):
             self._window["slots"] += float(inputs["input_ids"].numel())
             self._slots["real"] += tokens
             self._slots["capacity"] += float(inputs["input_ids"].numel())
-            self._window["flops"] += tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
+            self._window["flops"] += (tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
+                                      + float(count) * self._head_flops)
         if num_items_in_batch is not None and model.training:
             loss = loss_sum / num_items_in_batch
             if self.args.average_tokens_across_devices:
