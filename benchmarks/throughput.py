@@ -82,7 +82,7 @@ def real_token_count(model_dir: str, samples: int, cutoff: int) -> tuple[int, in
     tok = AutoTokenizer.from_pretrained(model_dir)
     args = DataArguments(dataset_dir=str(ROOT / "examples/data"), cutoff_len=cutoff, max_samples=samples,
                          tokenized_cache_dir=tempfile.mkdtemp())
-    data, _ = tokenized_dataset(["alpaca_en_demo"], args, "sft", tok, get_template("chatml", tok), True)
+    data, _ = tokenized_dataset(["alpaca_en_demo"], args, "supervised", tok, get_template("chatml", tok), True)
     return sum(data["length"]), list(data["length"])
 
 
@@ -97,8 +97,12 @@ def zerotune_runs(model_dir: str, common: dict, quick: bool) -> dict[str, dict]:
                                                      "forward_batch_size": common["per_device_train_batch_size"]},
         "zerotune lora packed, checkpointing on": {"finetuning_type": "lora", "packing": True,
                                                    "gradient_checkpointing": True},
+        # The sft default: LLaMA-Factory's steps (the same examples in each), each micro-batch without padding.
+        "zerotune lora padding-free": {"finetuning_type": "lora", "packing": False},
+        "zerotune lora padding-free, whole batch a pass": {"finetuning_type": "lora", "packing": False,
+                                                           "forward_batch_size": common["per_device_train_batch_size"]},
         # Padded batches as the peers run them (one example a pass would leave no padding to measure).
-        "zerotune lora padded": {"finetuning_type": "lora", "packing": False,
+        "zerotune lora padded": {"finetuning_type": "lora", "packing": False, "padding_free": False,
                                  "forward_batch_size": common["per_device_train_batch_size"]},
         "zerotune lora packed, full logits": {"finetuning_type": "lora", "packing": True, "chunked_loss": False},
         "zerotune full packed": {"finetuning_type": "full", "packing": True},

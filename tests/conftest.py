@@ -48,3 +48,19 @@ def smollm_tokenizer():
 
     folder, name = gguf_location()
     return AutoTokenizer.from_pretrained(folder, gguf_file=name)
+
+
+@pytest.fixture()
+def packed_rows(tiny_tokenizer, data_dir):
+    """4 packed rows of the alpaca test set (cutoff 128), at least one holding several examples."""
+    from trainer.config import DataArguments
+    from trainer.data.packing import pack_dataset
+    from trainer.data.processing import tokenized_dataset
+    from trainer.data.templates import get_template
+
+    args = DataArguments(dataset_dir=str(data_dir), template="chatml", cutoff_len=128)
+    data, _ = tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, get_template("chatml", tiny_tokenizer),
+                                True)
+    rows, _ = pack_dataset(data.select(range(16)), 128)
+    assert len(rows) >= 4 and any(len(r["lengths"]) > 1 for r in rows)
+    return [rows[i] for i in range(4)]

@@ -42,7 +42,7 @@ def test_seed_keys_are_honoured(tmp_path):
     t = cfg.training
     assert t.warmup_steps == pytest.approx(0.1)  # transformers 5: a float < 1 is a ratio
     assert t.ddp_timeout == 180000000 and t.lr_scheduler_type == "cosine" and t.eval_steps == 500
-    assert cfg.data.packing is True  # sft packs by default
+    assert cfg.data.packing is False and cfg.data.padding_free  # sft: padding-free batches, as many steps as LF
     assert cfg.finetuning.overwrite_output_dir and cfg.finetuning.plot_loss
     assert cfg.checkpointing_auto  # decided from the memory estimate once the model is loaded
     assert build_config(_base(tmp_path, disable_gradient_checkpointing=True)).training.activation_checkpointing is False

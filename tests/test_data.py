@@ -57,7 +57,7 @@ def test_bad_rows_are_counted_with_file_and_row(tmp_path, tiny_tokenizer, caplog
     (tmp_path / "dataset_info.json").write_text(json.dumps({"c": {"file_name": "c.jsonl", "formatting": "sharegpt"}}))
     template = get_template("chatml", tiny_tokenizer)
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        data, report = processing.tokenized_dataset(["c"], _args(tmp_path, max_bad_rows=3), "sft", tiny_tokenizer,
+        data, report = processing.tokenized_dataset(["c"], _args(tmp_path, max_bad_rows=3), "supervised", tiny_tokenizer,
                                                     template, True)
     assert len(data) == 1 and report.read == 4 and report.bad == 3
     text = caplog.text
@@ -83,7 +83,7 @@ def test_missing_name_file_and_column_errors(tmp_path):
 def test_truncation_is_counted_and_labelless_examples_dropped(data_dir, tiny_tokenizer, caplog):
     template = get_template("chatml", tiny_tokenizer)
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        data, report = processing.tokenized_dataset(["alpaca"], _args(data_dir, cutoff_len=40), "sft",
+        data, report = processing.tokenized_dataset(["alpaca"], _args(data_dir, cutoff_len=40), "supervised",
                                                     tiny_tokenizer, template, True)
     assert report.truncated > 0 and "truncated" in caplog.text
     assert max(data["length"]) <= 40
@@ -92,7 +92,7 @@ def test_truncation_is_counted_and_labelless_examples_dropped(data_dir, tiny_tok
 
 def test_mixing_max_samples_and_val_size(data_dir, tiny_tokenizer):
     template = get_template("chatml", tiny_tokenizer)
-    data, report = processing.tokenized_dataset(["alpaca", "chat"], _args(data_dir, max_samples=5), "sft",
+    data, report = processing.tokenized_dataset(["alpaca", "chat"], _args(data_dir, max_samples=5), "supervised",
                                                 tiny_tokenizer, template, True)
     assert len(data) == 10 and report.read == 10
     train, val = processing.split_validation(data, 0.2, seed=1)
@@ -104,22 +104,22 @@ def test_mixing_max_samples_and_val_size(data_dir, tiny_tokenizer):
 def test_cache_is_reused_and_keyed_on_what_changes_it(data_dir, tiny_tokenizer, caplog):
     template = get_template("chatml", tiny_tokenizer)
     args = _args(data_dir)
-    first, _ = processing.tokenized_dataset(["alpaca"], args, "sft", tiny_tokenizer, template, False)
+    first, _ = processing.tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, template, False)
     with caplog.at_level(logging.INFO, logger="trainer"):
-        again, _ = processing.tokenized_dataset(["alpaca"], args, "sft", tiny_tokenizer, template, False)
+        again, _ = processing.tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, template, False)
     assert "Reusing tokenized data" in caplog.text and again["input_ids"] == first["input_ids"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="trainer"):  # overwrite_cache rebuilds
-        processing.tokenized_dataset(["alpaca"], args, "sft", tiny_tokenizer, template, True)
+        processing.tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, template, True)
         # another template, another cutoff and edited data all miss the cache
-        processing.tokenized_dataset(["alpaca"], args, "sft", tiny_tokenizer, get_template("llama3", tiny_tokenizer),
+        processing.tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, get_template("llama3", tiny_tokenizer),
                                      False)
-        processing.tokenized_dataset(["alpaca"], _args(data_dir, cutoff_len=64), "sft", tiny_tokenizer, template,
+        processing.tokenized_dataset(["alpaca"], _args(data_dir, cutoff_len=64), "supervised", tiny_tokenizer, template,
                                      False)
         rows = json.loads((data_dir / "alpaca.json").read_text())
         rows[0]["output"] = "changed"
         (data_dir / "alpaca.json").write_text(json.dumps(rows))
-        changed, _ = processing.tokenized_dataset(["alpaca"], args, "sft", tiny_tokenizer, template, False)
+        changed, _ = processing.tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, template, False)
     assert "Reusing tokenized data" not in caplog.text
     assert changed["input_ids"][0] != first["input_ids"][0]
 

@@ -48,7 +48,7 @@ def test_full_finetune_through_cli(tiny_model_dir, data_dir, tmp_path):
     logged = [e for e in state["log_history"] if "loss" in e]
     assert all(e["tokens_per_second"] > 0 and 0 < e["mfu"] < 1 and 0 <= e["padding_fraction"] < 1
                and e["peak_memory_gb"] > 0 for e in logged)
-    assert "packing efficiency" in proc.stderr and "zerotune_segments attention" in proc.stderr
+    assert "Batches padding-free" in proc.stderr and "zerotune_segments attention" in proc.stderr
 
     from transformers import AutoModelForCausalLM
 

@@ -30,16 +30,12 @@ def test_best_fit_bins_places_every_example_once_within_capacity():
 
 def _examples(model_dir, data_dir, tokenizer):
     args = DataArguments(dataset_dir=str(data_dir), template="chatml", cutoff_len=128)
-    data, _ = tokenized_dataset(["alpaca"], args, "sft", tokenizer, get_template("chatml", tokenizer), True)
+    data, _ = tokenized_dataset(["alpaca"], args, "supervised", tokenizer, get_template("chatml", tokenizer), True)
     return data
 
 
-def _per_token_nll(model, wrapper, batch):
-    nll, mask = wrapper.token_nll(model, batch)
-    return nll, mask
-
-
-def test_packed_row_loss_equals_each_example_alone(tiny_model_dir, data_dir, tiny_tokenizer):
+def test_packed_rows_losses_equal_each_example_alone(tiny_model_dir, data_dir, tiny_tokenizer):
+    """Per-token losses through the loss head: packed rows laid end to end vs each example padded on its own."""
     from transformers import AutoModelForCausalLM
 
     from trainer.model.wrapper import ModelWrapper
@@ -54,34 +50,23 @@ def test_packed_row_loss_equals_each_example_alone(tiny_model_dir, data_dir, tin
     wrapper = ModelWrapper(model)
     data = _examples(tiny_model_dir, data_dir, tiny_tokenizer).select(range(8))
     packed, _ = pack_dataset(data, 400)
-    collate_packed, collate_padded = Collator(0, packed=True), Collator(0, packed=False)
+    assert len(packed) < 8
     alone_rows = unpacked_dataset(data)
     alone = {}
     for i in range(len(alone_rows)):
-        batch = collate_padded([alone_rows[i]])
-        batch.pop("real_tokens"), batch.pop("attn_square")
-        nll, mask = _per_token_nll(model, wrapper, batch)
+        batch = Collator(0, padding_free=False)([alone_rows[i]])
+        nll, mask = wrapper.token_nll(model, batch)
         alone[tuple(alone_rows[i]["input_ids"])] = nll[0][mask[0]]
-    checked = 0
-    for r in range(len(packed)):
-        row = packed[r]
-        batch = collate_packed([row])
-        batch.pop("real_tokens"), batch.pop("attn_square")
-        nll, mask = _per_token_nll(model, wrapper, batch)
-        start = 0
-        for n in row["lengths"]:
-            ids = tuple(row["input_ids"][start:start + n])
-            seg_nll, seg_mask = nll[0, start:start + n], mask[0, start:start + n]
-            torch.testing.assert_close(seg_nll[seg_mask], alone[ids], rtol=1e-5, atol=1e-5)
-            checked += 1
-            start += n
-        # The same row without position restarts lets examples see each other: the losses change.
-        flat = {k: v for k, v in batch.items()}
-        flat["position_ids"] = torch.arange(flat["input_ids"].shape[1])[None]
-        if len(row["lengths"]) > 1:
-            leaky, _ = _per_token_nll(model, wrapper, flat)
-            assert (leaky[mask] - nll[mask]).abs().max() > 1e-3
-    assert checked == 8 and len(packed) < 8
+    rows = [packed[r] for r in range(len(packed))]
+    batch = Collator(0)(rows)
+    nll, mask = wrapper.token_nll(model, batch)
+    ids, start, checked = batch["input_ids"][0].tolist(), 0, 0
+    for n in (n for row in rows for n in row["lengths"]):
+        seg_nll, seg_mask = nll[0, start:start + n], mask[0, start:start + n]
+        assert not seg_mask[-1]  # an example's last token never predicts the next example's first
+        torch.testing.assert_close(seg_nll[seg_mask], alone[tuple(ids[start:start + n])], rtol=1e-5, atol=1e-5)
+        start, checked = start + n, checked + 1
+    assert checked == 8
 
 
 def test_eval_loss_same_packed_or_padded_and_any_eval_batch(tiny_model_dir, data_dir, tmp_path):

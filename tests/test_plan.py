@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_check_prints_plan_with_packing_and_zero_memory(tiny_model_dir, data_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(base_config(tiny_model_dir, data_dir, tmp_path / "o", per_device_train_batch_size=2,
-                                              gradient_accumulation_steps=4)))
+                                              gradient_accumulation_steps=4, packing=True)))
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "check", str(cfg)], cwd=ROOT, capture_output=True,
                           text=True, env={"NNODES": "2", "NPROC_PER_NODE": "8", **__import__("os").environ})
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -33,7 +33,7 @@ def test_documents_split_not_cut(tiny_tokenizer):
 
 def test_pt_packs_and_trains(tiny_model_dir, corpus_dir, tiny_tokenizer, tmp_path):
     args = DataArguments(dataset_dir=str(corpus_dir), cutoff_len=64)
-    data, report = tokenized_dataset(["docs"], args, "pt", tiny_tokenizer, None, True)
+    data, report = tokenized_dataset(["docs"], args, "pretrain", tiny_tokenizer, None, True)
     assert max(data["length"]) <= 64 and report.examples > 7  # the long documents were split
     packed, efficiency = pack_dataset(data, 64)
     assert len(packed) < len(data) and 0 < efficiency <= 1
@@ -46,9 +46,9 @@ def test_pt_packs_and_trains(tiny_model_dir, corpus_dir, tiny_tokenizer, tmp_pat
 
 def test_streaming_packs_on_the_fly_and_runs(tiny_model_dir, corpus_dir, tiny_tokenizer, tmp_path):
     args = DataArguments(dataset_dir=str(corpus_dir), cutoff_len=64, packing=True)
-    rows = list(packed_stream(["docs"], args, "pt", tiny_tokenizer, None, pack=True))
+    rows = list(packed_stream(["docs"], args, "pretrain", tiny_tokenizer, None, pack=True))
     assert all(len(r["input_ids"]) <= 64 and sum(r["lengths"]) == len(r["input_ids"]) for r in rows)
-    offline, _ = tokenized_dataset(["docs"], args, "pt", tiny_tokenizer, None, True)
+    offline, _ = tokenized_dataset(["docs"], args, "pretrain", tiny_tokenizer, None, True)
     assert sum(len(r["input_ids"]) for r in rows) == sum(offline["length"])
     cfg = base_config(tiny_model_dir, corpus_dir, tmp_path / "stream", stage="pt", dataset="docs", template=None,
                       cutoff_len=64, streaming=True, max_steps=3)

@@ -25,7 +25,7 @@ from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "orpo")
+STAGES = ("pt", "sft", "rm", "ppo", "dpo", "kto", "orpo")  # LLaMA-Factory's stages (and orpo): planned or built
 FINETUNING_TYPES = ("lora", "freeze", "full")
 FLASH_ATTN = ("auto", "fa2", "sdpa", "eager", "disabled")
 
@@ -53,8 +53,13 @@ class DataArguments:
     cutoff_len: int = 2048
     max_samples: int | None = None
     val_size: float = 0.0
-    packing: bool | None = field(default=None, metadata={"help": "Default: true for pt and sft."})
-    neat_packing: bool = field(default=False, metadata={"help": "Alias: packing is always contamination-free."})
+    packing: bool | None = field(default=None, metadata={
+        "help": "Pack examples across batches into rows of cutoff_len (fewer, fuller steps). Default: true for pt, "
+                "false otherwise, as in LLaMA-Factory."})
+    neat_packing: bool = field(default=False, metadata={"help": "Alias of packing: true (never contaminated)."})
+    padding_free: bool = field(default=True, metadata={
+        "help": "Lay each micro-batch's examples end to end in one row, without padding (the steps hold the same "
+                "examples either way). false: one right-padded example a row (needs packing: false)."})
     train_on_prompt: bool = False
     mask_history: bool = False
     overwrite_cache: bool = False
@@ -73,7 +78,7 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    stage: str = field(default="sft", metadata={"choices": STAGES})
+    stage: str = field(default="sft", metadata={"help": "A registered stage plugin (trainer/stages)."})
     finetuning_type: str = field(default="lora", metadata={"choices": FINETUNING_TYPES})
     lora_target: list[str] = field(default_factory=lambda: ["all"])
     lora_rank: int = 8
@@ -207,6 +212,7 @@ class RunConfig:
     source: str = ""
     raw: dict = field(default_factory=dict)  # the merged YAML + overrides, as the user wrote them
     passes: int = 1  # forward/backward passes each per-device batch is split into (forward_batch_size)
+    stage_options: Any = None  # the stage's own keys (its `options` dataclass, trainer/stages)
 
     @property
     def checkpointing_auto(self) -> bool:
@@ -393,13 +399,19 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
             expanded.update(RENAMED_KEYS[key](raw.pop(key), raw))
     raw.update(expanded)
 
+    from trainer.stages import stage_keys
+
     groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "finetuning": {}, "training": {}}
-    unknown = []
+    staged = stage_keys()
+    unknown, stage_given = [], {}
     for key, value in raw.items():
         if key in ("fsdp", "fsdp_config"):
             continue  # zerotune applies FSDP itself (engine/fsdp.py); accelerate's FSDP does not run on CPU
         if key in IGNORED_LF_KEYS:
             logger.warning("Ignoring %s (%s).", key, IGNORED_LF_KEYS[key])
+            continue
+        if key in staged and key not in owners:
+            stage_given[key] = value
             continue
         if key not in owners:
             unknown.append(key)
@@ -407,7 +419,7 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
         group, tp, f = owners[key]
         groups[group][key] = _coerce(key, value, tp, f.metadata.get("choices"))
     if unknown:
-        valid = list(owners) + list(RENAMED_KEYS)
+        valid = list(owners) + list(RENAMED_KEYS) + list(staged)
         lines = []
         for key in unknown:
             close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
@@ -421,12 +433,33 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     model = ModelArguments(**groups["model"])
     data = DataArguments(**groups["data"])
     finetuning = FinetuningArguments(**groups["finetuning"])
-    training = _training_arguments(groups["training"], finetuning)
+    stage_options = _stage_options(finetuning.stage, stage_given, staged)
+    training = _training_arguments(groups["training"], finetuning, streaming=data.streaming)
     passes = int(groups["training"].get("per_device_train_batch_size", 8)) // training.per_device_train_batch_size
     config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, fsdp=fsdp, source=source,
-                       raw=original, passes=passes)
+                       raw=original, passes=passes, stage_options=stage_options)
     _validate(config, groups)
     return config
+
+
+def _stage_options(stage: str, given: dict, staged: dict[str, list[str]]):
+    """The stage's own keys, coerced into its options dataclass; a key of another stage is refused by name."""
+    from trainer.stages import get_stage_class
+
+    cls = get_stage_class(stage)
+    fields = _fields(cls.options)
+    foreign = [k for k in given if k not in fields]
+    if foreign:
+        raise ConfigError("\n".join(
+            f"{k} is a key of stage {' / '.join(staged[k])}; this run's stage is {stage}. Remove it, or set the "
+            "stage it belongs to." for k in foreign))
+    values = {k: _coerce(k, v, fields[k][0], fields[k][1].metadata.get("choices")) for k, v in given.items()}
+    try:
+        return cls.options(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"stage {stage}: {err}") from None
 
 
 def cpu_supports_bf16() -> bool:
@@ -438,7 +471,7 @@ def cpu_supports_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def _training_arguments(values: dict, finetuning: FinetuningArguments):
+def _training_arguments(values: dict, finetuning: FinetuningArguments, streaming: bool = False):
     import torch
 
     values = dict(values)
@@ -467,6 +500,10 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments):
     values.setdefault("ddp_find_unused_parameters", False)
     if values.get("report_to") is None:
         values["report_to"] = "none"
+    if streaming:
+        # accelerate would read a stream on the main process only and split each batch along its rows; padding-free
+        # batches are one row, so every process reads the stream and keeps its own share of the items instead.
+        values.setdefault("accelerator_config", {"dispatch_batches": False})
     _split_batch(values, finetuning.forward_batch_size, cuda)
     if values.get("deepspeed"):
         _single_process_rendezvous()
@@ -545,8 +582,6 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
     m, d, f, t = config.model, config.data, config.finetuning, config.training
     if not m.model_name_or_path:
         raise ConfigError("model_name_or_path is required (a local model folder or a hub id).")
-    if f.stage not in ("sft", "pt"):
-        raise ConfigError(f"stage: {f.stage!r} is not implemented yet; this version trains 'sft' and 'pt'.")
     if (t.do_train or t.do_eval) and not d.dataset and not d.eval_dataset:
         raise ConfigError("dataset is required to train or evaluate (a comma list of names in dataset_info.json).")
     if d.cutoff_len < 2:
@@ -558,10 +593,15 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
                           "that eval_dataset then replaces.")
     if d.max_samples is not None and d.max_samples <= 0:
         raise ConfigError(f"max_samples: {d.max_samples} must be positive.")
-    if d.packing is None:
-        d.packing = f.stage in ("pt", "sft")
     if d.neat_packing:
         d.packing = True
+    if d.packing is None:
+        from trainer.stages import get_stage_class
+
+        d.packing = get_stage_class(f.stage).packing_default
+    if d.packing and not d.padding_free:
+        raise ConfigError("padding_free: false lays one example a row, and packing: true puts several in one; "
+                          "set packing: false for padded batches.")
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
     if f.lora_rank <= 0:

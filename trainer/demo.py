@@ -61,13 +61,12 @@ def prepare(dest: Path = DEMO_DIR) -> Path:
 
 def reply(model, tokenizer, template, question: str, max_new_tokens: int = 64) -> str:
     """Greedy answer to one user message, formatted with our template (the same one training used)."""
-    import torch
+    from trainer.generation import GenerationSettings, generate
 
     ids = template.encode_prompt(tokenizer, [{"role": "user", "content": question}])
-    with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=template.stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    [answer] = generate(model, [ids], template.stop_token_ids(tokenizer), tokenizer.pad_token_id,
+                        GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False))
+    return tokenizer.decode(answer, skip_special_tokens=True).strip()
 
 
 def ask(model_dir: str, template_name: str, question: str, adapter: str | None = None) -> str:

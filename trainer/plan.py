@@ -102,17 +102,27 @@ def available_gb() -> float:
     return 8.0
 
 
-def decide_checkpointing(model, training_args, tokens_per_microbatch: int) -> tuple[bool, str]:
-    """Checkpointing costs ~20-25% of throughput; turn it on only when activations would not fit."""
+def decide_checkpointing(model, training_args, tokens_per_microbatch: int, sharded: bool = False) -> tuple[bool, str]:
+    """Checkpointing costs ~20-25% of throughput; turn it on only when activations would not fit.
+
+    Decided from the memory every process will have left once its weights sit on the device (a model still on
+    the CPU will move to the GPU; ZeRO-3 and FSDP keep 1/world of it per process), and agreed over all processes
+    (the least free memory decides), since processes that disagree deadlock under ZeRO-3 and FSDP.
+    """
+    from trainer.engine.agree import agreed_min
+
     compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
     need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
     size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
-    states = sum(size(p) * p.element_size() for p in model.parameters()) / GB
-    trained = sum(size(p) for p in model.parameters() if p.requires_grad) * 12 / GB  # grads + Adam moments
-    free = available_gb() - trained
+    share = training_args.world_size if sharded else 1
+    weights = sum(size(p) * p.element_size() for p in model.parameters()) / GB / share
+    trained = sum(size(p) for p in model.parameters() if p.requires_grad) * 12 / GB / share  # grads + Adam moments
+    to_move = torch.cuda.is_available() and not any(p.is_cuda for p in model.parameters())
+    free = agreed_min(available_gb() - (weights if to_move else 0.0) - trained)
     on = need > 0.6 * free
     why = (f"activations ~{need:.1f} GB per micro-batch of {tokens_per_microbatch} tokens vs ~{free:.1f} GB free "
-           f"(weights {states:.1f} GB already loaded)")
+           f"after {weights:.1f} GB of weights{' (sharded)' if sharded else ''} and {trained:.1f} GB of gradients and "
+           "optimizer states, the least of all processes")
     return on, why
 
 
@@ -139,12 +149,12 @@ def describe(config: RunConfig, with_data: bool = True) -> str:
     if with_data and d.dataset:
         from trainer.data import packing, processing
         from trainer.data.templates import get_template
-        from trainer.stages import get_stage
+        from trainer.stages import build_stage
 
-        stage = get_stage(config.finetuning.stage)
+        stage = build_stage(config)
         tok = load_tokenizer(config.model)
         template = get_template(d.template, tok) if stage.needs_template else None
-        data, report = processing.tokenized_dataset(d.dataset, d, stage.name, tok, template, False)
+        data, report = processing.tokenized_dataset(d.dataset, d, stage.data_kind, tok, template, False)
         lengths = data["length"]
         mean = sum(lengths) / len(lengths)
         if d.packing:

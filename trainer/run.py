@@ -63,7 +63,7 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
     rebuild = d.overwrite_cache and t.process_index == 0
 
     def tokenized(names):
-        data, _ = processing.tokenized_dataset(names, d, stage.name, tokenizer, template, rebuild)
+        data, _ = processing.tokenized_dataset(names, d, stage.data_kind, tokenizer, template, rebuild)
         return data
 
     train = evaluation = None
@@ -72,7 +72,7 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
 
         if d.val_size:
             raise ConfigError("val_size cannot split a stream; with streaming: true use eval_dataset instead.")
-        train = streaming_dataset(d.dataset, d, stage.name, tokenizer, template, t.max_steps)
+        train = streaming_dataset(d.dataset, d, stage.data_kind, tokenizer, template, t.max_steps)
         evaluation = tokenized(d.eval_dataset) if d.eval_dataset else None
         if evaluation is not None:
             evaluation = packing.pack_dataset(evaluation, d.cutoff_len)[0] if d.packing else \
@@ -100,6 +100,29 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
     return train, evaluation, efficiency
 
 
+def _shards_weights(config: RunConfig) -> bool:
+    from trainer.config import _zero_stage
+
+    return config.fsdp is not None or bool(config.training.deepspeed and _zero_stage(config.training.deepspeed) == 3)
+
+
+def log_layout(config: RunConfig, train) -> None:
+    """Which batch layout runs, and what one optimizer step holds: the numbers a LLaMA-Factory user compares."""
+    d, t = config.data, config.training
+    layout = ("packed: examples packed across batches into rows of cutoff_len, each row's examples kept apart"
+              if d.packing else "padding-free: each micro-batch's examples laid end to end, kept apart, no padding"
+              if d.padding_free else "padded: one right-padded example a row")
+    unit = "packed rows" if d.packing else "examples"
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.world_size
+    if hasattr(train, "__len__"):
+        steps = -(-len(train) // (t.per_device_train_batch_size * t.world_size))
+        steps = -(-steps // t.gradient_accumulation_steps)
+        logger.info("Batches %s; %d %s a step (batch x accumulation x processes): %d optimizer steps an epoch over "
+                    "%d %s.", layout, per_step, unit, steps, len(train), unit)
+    else:
+        logger.info("Batches %s; %d %s a step (batch x accumulation x processes).", layout, per_step, unit)
+
+
 def shard_model(model, config: RunConfig):
     """FSDP2 over every process, once the adapters are in place and before the Trainer builds the optimizer."""
     import torch
@@ -120,7 +143,6 @@ def run(config: RunConfig) -> dict:
     import torch
     from transformers import set_seed
 
-    from trainer.data.collators import Collator
     from trainer.data.templates import get_template
     from trainer.engine import checkpoints
     from trainer.engine.plot import plot_loss
@@ -129,7 +151,7 @@ def run(config: RunConfig) -> dict:
     from trainer.model.adapters import prepare_trainable, warn_untrained_stop_tokens
     from trainer.model.loading import load_model, load_tokenizer
     from trainer.model.wrapper import ModelWrapper
-    from trainer.stages import get_stage
+    from trainer.stages import build_stage
 
     m, d, f, t = config.model, config.data, config.finetuning, config.training
     setup_logging(t.process_index == 0)
@@ -143,7 +165,7 @@ def run(config: RunConfig) -> dict:
 
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    stage = get_stage(f.stage)
+    stage = build_stage(config)
     tokenizer = load_tokenizer(m)
     template = get_template(d.template, tokenizer) if stage.needs_template else None
     if template is not None and d.default_system is not None:
@@ -163,6 +185,9 @@ def run(config: RunConfig) -> dict:
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
     if template is not None and t.do_train:
         warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
+    from trainer.engine.agree import agreed_choice
+
+    agreed_choice("forward_batch_size", (t.per_device_train_batch_size, t.gradient_accumulation_steps))
     if t.do_train and config.passes > 1:
         logger.info("Each batch of %d rows a device runs as %d passes of %d with accumulated gradients (the same "
                     "gradient, less memory held); forward_batch_size: %s.", t.per_device_train_batch_size * config.passes,
@@ -171,7 +196,7 @@ def run(config: RunConfig) -> dict:
         from trainer.plan import decide_checkpointing
 
         tokens = t.per_device_train_batch_size * (d.cutoff_len if d.packing else min(d.cutoff_len, 2048))
-        t.activation_checkpointing, why = decide_checkpointing(model, t, tokens)
+        t.activation_checkpointing, why = decide_checkpointing(model, t, tokens, sharded=_shards_weights(config))
         logger.info("Gradient checkpointing %s: %s. Set gradient_checkpointing: true/false to choose.",
                     "on" if t.activation_checkpointing else "off", why)
     if config.fsdp is not None:
@@ -179,8 +204,9 @@ def run(config: RunConfig) -> dict:
     from trainer.model.kernels import liger_available
 
     wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())
-    collator = Collator(tokenizer.pad_token_id, packed=d.packing,
-                        pad_to_multiple_of=8 if torch.cuda.is_available() else None)
+    collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
+    if t.do_train:
+        log_layout(config, train)
     stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                           processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop],

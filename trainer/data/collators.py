@@ -1,10 +1,25 @@
-"""Batches for the model. Packed rows go without an attention_mask (the position_ids restarts keep
-examples apart); unpacked rows are right-padded with an attention_mask. Both carry the bookkeeping
-the engine needs: the real (non-pad) token count and the sum of squared example lengths (attention
-FLOPs), which the engine pops before the forward pass."""
+"""Batches for the model, and the segment layout every attention path reads.
+
+A dataset item is one example, or a packed row of several (its `lengths` say where each starts). The
+default layout is padding-free: the items of a micro-batch are laid end to end in ONE row, with no
+padding at all, and the batch carries its segment layout, computed here once:
+- position_ids restart at 0 for every example (RoPE sees each example from position 0);
+- cu_seq_lens_q / cu_seq_lens_k (int32 cumulative example lengths) and max_length_q / max_length_k,
+  which FlashAttention-2 varlen reads directly and zerotune_segments reads instead of inferring
+  boundaries (transformers' FA2 only treats a batch as packed when it has one row or gets these);
+- the first label of every example is ignored, so no example is trained to predict the next one's start.
+
+`padding_free=False` gives the classic layout instead: one example a row, right-padded, with an
+attention_mask (the reference the padding-free layout is tested against, and the benchmark's padded row).
+
+Both carry `item_lengths` (tokens of each dataset item: per-item statistics are summed from it, and it is
+the first key so that the Trainer reads the batch size from it) and the bookkeeping the engine pops before
+the forward pass: the real (non-pad) token count and the sum of squared example lengths (attention FLOPs).
+"""
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -12,36 +27,76 @@ import torch
 from trainer.data.processing import IGNORE_INDEX
 
 BOOKKEEPING = ("real_tokens", "attn_square")
+# What the model's forward receives; every other key is for the stage (labels, item_lengths, ...).
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                "max_length_k")
+
+
+def segment_layout(lengths: list[int]) -> dict:
+    """cu_seq_lens and max_length for examples of these lengths laid end to end (FlashAttention's varlen form)."""
+    cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+    longest = max(lengths)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def model_inputs(batch: dict) -> dict:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
+
+
+def item_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-token values [rows, T] -> one sum per dataset item of the batch."""
+    if "attention_mask" in batch:  # padded: one item a row
+        return values.sum(dim=1)
+    lengths = batch["item_lengths"].to(values.device)
+    index = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths,
+                                    output_size=values.shape[1])
+    return values.new_zeros(len(lengths)).index_add_(0, index, values[0])
 
 
 @dataclass
 class Collator:
     pad_token_id: int
-    packed: bool
-    pad_to_multiple_of: int | None = None
+    padding_free: bool = True
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for b, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[b, :n] = torch.tensor(row["input_ids"])
-            labels[b, :n] = torch.tensor(row["labels"])
-            mask[b, :n] = 1
-            if self.packed:
-                positions[b, :n] = torch.tensor(row["position_ids"])
-                # The padding tail restarts at 0 too: a segment of its own that attends to nothing real.
-                positions[b, n:] = torch.arange(width - n)
-        batch = {"input_ids": ids, "labels": labels}
-        if self.packed:
-            batch["position_ids"] = positions
-        else:
-            batch["attention_mask"] = mask
-        batch["real_tokens"] = mask.sum(dim=1)
-        batch["attn_square"] = torch.tensor([sum(n * n for n in r["lengths"]) for r in rows], dtype=torch.float64)
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._flat(items) if self.padding_free else self._padded(items)
+        batch["attn_square"] = torch.tensor([sum(n * n for n in it["lengths"]) for it in items], dtype=torch.float64)
         return batch
+
+    @staticmethod
+    def _labels(item: dict) -> list[int]:
+        labels, start = list(item["labels"]), 0
+        for n in item["lengths"]:
+            labels[start] = IGNORE_INDEX
+            start += n
+        return labels
+
+    def _flat(self, items: list[dict]) -> dict:
+        ids, labels, positions, segments = [], [], [], []
+        for it in items:
+            ids += it["input_ids"]
+            labels += self._labels(it)
+            for n in it["lengths"]:
+                positions += range(n)
+            segments += it["lengths"]
+        batch = {"item_lengths": torch.tensor([len(it["input_ids"]) for it in items]),
+                 "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+                 "position_ids": torch.tensor([positions])}
+        batch.update(segment_layout(segments))
+        batch["real_tokens"] = torch.tensor([len(ids)])
+        return batch
+
+    def _padded(self, items: list[dict]) -> dict:
+        if any(len(it["lengths"]) > 1 for it in items):
+            raise ValueError("the padded layout holds one example a row; packed rows need the padding-free layout")
+        width = max(len(it["input_ids"]) for it in items)
+        ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(items), width), dtype=torch.long)
+        for b, it in enumerate(items):
+            n = len(it["input_ids"])
+            ids[b, :n] = torch.tensor(it["input_ids"])
+            labels[b, :n] = torch.tensor(self._labels(it))
+            mask[b, :n] = 1
+        return {"item_lengths": mask.sum(dim=1), "input_ids": ids, "labels": labels, "attention_mask": mask,
+                "real_tokens": mask.sum(dim=1)}

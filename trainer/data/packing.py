@@ -1,16 +1,14 @@
 """Best-fit-decreasing packing of whole examples into rows of at most cutoff_len tokens.
 
-A packed row keeps every example apart: position_ids restart at 0 for each example (transformers and
-FlashAttention-varlen read the boundaries from them) and the first token of each example carries no
-label, so no example is ever trained to predict the next one's start.
+A packed row records where each of its examples starts (`lengths`); the collator turns that into the
+segment layout every attention path reads (position_ids restarting at 0, cu_seq_lens) and ignores the
+first label of each example, so examples never see or predict each other.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
-
-from trainer.data.processing import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -38,25 +36,21 @@ def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def pack_dataset(data, cutoff_len: int):
-    """A tokenized dataset (input_ids, labels, length) -> packed rows (input_ids, labels, position_ids, lengths)."""
+    """A tokenized dataset (input_ids, labels, length) -> packed rows (input_ids, labels, lengths)."""
     import datasets
 
     lengths = data["length"]
     bins = best_fit_bins(lengths, cutoff_len)
     input_ids, labels = data["input_ids"], data["labels"]
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "position_ids": [], "lengths": []}
+    rows: dict[str, list] = {"input_ids": [], "labels": [], "lengths": []}
     for members in bins:
-        row_ids, row_labels, row_pos, row_lengths = [], [], [], []
+        row_ids, row_labels, row_lengths = [], [], []
         for i in members:
-            ids, lab = input_ids[i], list(labels[i])
-            lab[0] = IGNORE_INDEX
-            row_ids += ids
-            row_labels += lab
-            row_pos += range(len(ids))
-            row_lengths.append(len(ids))
+            row_ids += input_ids[i]
+            row_labels += labels[i]
+            row_lengths.append(len(input_ids[i]))
         rows["input_ids"].append(row_ids)
         rows["labels"].append(row_labels)
-        rows["position_ids"].append(row_pos)
         rows["lengths"].append(row_lengths)
     packed = datasets.Dataset.from_dict(rows)
     used = sum(lengths)

@@ -2,7 +2,7 @@
 
 The tokenized data is cached under a key made of everything that changes it: the data files (path,
 size, mtime), their dataset_info entries, the tokenizer's vocabulary and special tokens, the template
-and the settings (stage, cutoff_len, train_on_prompt, mask_history, max_samples). Any change makes
+and the settings (the stage's data kind, cutoff_len, train_on_prompt, mask_history, max_samples). Any change makes
 a new key; `overwrite_cache: true` rebuilds it anyway.
 """
 
@@ -111,7 +111,15 @@ def _num_proc(requested: int | None, rows: int) -> int | None:
     return max(1, min(requested, os.cpu_count() or 1, rows // 1000))
 
 
-def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | None):
+DATA_KINDS = ("supervised", "pretrain")  # what a stage's data_kind may name (trainer/stages)
+
+
+def _check_kind(data_kind: str) -> None:
+    if data_kind not in DATA_KINDS:
+        raise ConfigError(f"data kind {data_kind!r} has no tokenizer yet; known: {', '.join(DATA_KINDS)}.")
+
+
+def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template | None):
     import datasets
 
     report = DataReport()
@@ -120,7 +128,7 @@ def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | N
         rows = rows.select(range(min(data_args.max_samples, len(rows))))
     report.read = len(rows)
     num_proc = _num_proc(data_args.preprocessing_num_workers, len(rows))
-    if stage == "pt":  # documents: the 'text' column, or whatever columns.prompt names
+    if data_kind == "pretrain":  # documents: the 'text' column, or whatever columns.prompt names
         spec.formatting = "text"
     canonical, bad = formats.to_canonical(spec, rows, num_proc=num_proc)
     with_tools = sum(1 for t in canonical["tools"] if t)
@@ -136,7 +144,7 @@ def _tokenize_one(spec, data_args, stage: str, tokenizer, template: Template | N
             f"max_bad_rows={data_args.max_bad_rows} allows. First ones: " + "; ".join(report.bad_samples)
             + ". Fix the rows, map the right columns in dataset_info.json, or raise max_bad_rows.")
 
-    if stage == "pt":
+    if data_kind == "pretrain":
         def apply(batch: dict) -> dict:
             out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_no_labels": []}
             for messages in batch["messages"]:
@@ -184,13 +192,14 @@ def _log_report(name: str, report: DataReport, cutoff_len: int) -> None:
                        name, report.no_labels)
 
 
-def tokenized_dataset(names: list[str], data_args, stage: str, tokenizer, template: Template | None,
+def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, template: Template | None,
                       rebuild: bool) -> tuple[Any, DataReport]:
     """All named datasets tokenized and concatenated (in the given order), from cache when possible."""
     import datasets
 
+    _check_kind(data_kind)
     specs = [registry.get_spec(n, data_args.dataset_dir) for n in names]
-    settings = {"stage": stage, "cutoff_len": data_args.cutoff_len, "train_on_prompt": data_args.train_on_prompt,
+    settings = {"data_kind": data_kind, "cutoff_len": data_args.cutoff_len, "train_on_prompt": data_args.train_on_prompt,
                 "mask_history": data_args.mask_history, "max_samples": data_args.max_samples,
                 "cutoff_policy": data_args.cutoff_policy, "max_bad_rows": data_args.max_bad_rows}
     key = cache_key(specs, tokenizer, template, settings)
@@ -204,7 +213,7 @@ def tokenized_dataset(names: list[str], data_args, stage: str, tokenizer, templa
 
     parts, total = [], DataReport()
     for spec in specs:
-        tokenized, report = _tokenize_one(spec, data_args, stage, tokenizer, template)
+        tokenized, report = _tokenize_one(spec, data_args, data_kind, tokenizer, template)
         _log_report(spec.name, report, data_args.cutoff_len)
         if report.examples == 0:
             raise ConfigError(f"dataset {spec.name!r} ({spec.path}) yields no usable examples: {report.read} rows read, "

@@ -8,18 +8,18 @@ import logging
 from typing import Iterator
 
 from trainer.data import formats, registry
-from trainer.data.processing import IGNORE_INDEX, tokenize_document, tokenize_row
+from trainer.data.processing import tokenize_document, tokenize_row
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def _examples(names: list[str], data_args, stage: str, tokenizer, template) -> Iterator[dict]:
+def _examples(names: list[str], data_args, data_kind: str, tokenizer, template) -> Iterator[dict]:
     import datasets
 
     for name in names:
         spec = registry.get_spec(name, data_args.dataset_dir)
-        if stage == "pt":
+        if data_kind == "pretrain":
             spec.formatting = "text"
         if spec.source == "file":
             files = [str(f) for f in spec.files()]
@@ -45,7 +45,7 @@ def _examples(names: list[str], data_args, stage: str, tokenizer, template) -> I
                                       f"malformed, more than max_bad_rows={data_args.max_bad_rows} allows.")
                 continue
             good += 1
-            if stage == "pt":
+            if data_kind == "pretrain":
                 yield from (c for c in tokenize_document(example, tokenizer, data_args.cutoff_len) if not c["_no_labels"])
             else:
                 out = tokenize_row(example, template, tokenizer, data_args.cutoff_len, data_args.train_on_prompt,
@@ -58,29 +58,26 @@ def _examples(names: list[str], data_args, stage: str, tokenizer, template) -> I
             raise ConfigError(f"dataset {name!r} ({spec.path}) streamed no usable example ({bad} malformed rows).")
 
 
-def packed_stream(names: list[str], data_args, stage: str, tokenizer, template, pack: bool) -> Iterator[dict]:
+def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, template, pack: bool) -> Iterator[dict]:
     """Greedy on-the-fly packing: examples fill the current row until the next one does not fit."""
-    row: dict = {"input_ids": [], "labels": [], "position_ids": [], "lengths": []}
-    for ex in _examples(names, data_args, stage, tokenizer, template):
+    row: dict = {"input_ids": [], "labels": [], "lengths": []}
+    for ex in _examples(names, data_args, data_kind, tokenizer, template):
         n = len(ex["input_ids"])
         if row["lengths"] and (not pack or len(row["input_ids"]) + n > data_args.cutoff_len):
             yield row
-            row = {"input_ids": [], "labels": [], "position_ids": [], "lengths": []}
-        labels = list(ex["labels"])
-        labels[0] = IGNORE_INDEX
+            row = {"input_ids": [], "labels": [], "lengths": []}
         row["input_ids"] += ex["input_ids"]
-        row["labels"] += labels
-        row["position_ids"] += range(n)
+        row["labels"] += ex["labels"]
         row["lengths"].append(n)
     if row["lengths"]:
         yield row
 
 
-def streaming_dataset(names: list[str], data_args, stage: str, tokenizer, template, max_steps: int):
+def streaming_dataset(names: list[str], data_args, data_kind: str, tokenizer, template, max_steps: int):
     import datasets
 
     if max_steps is None or max_steps <= 0:
         raise ConfigError("streaming: true needs max_steps (a stream has no known length, so epochs are undefined).")
     return datasets.IterableDataset.from_generator(
-        packed_stream, gen_kwargs=dict(names=names, data_args=data_args, stage=stage, tokenizer=tokenizer,
+        packed_stream, gen_kwargs=dict(names=names, data_args=data_args, data_kind=data_kind, tokenizer=tokenizer,
                                        template=template, pack=bool(data_args.packing)))

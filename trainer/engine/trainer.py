@@ -31,39 +31,47 @@ logger = logging.getLogger(__name__)
 
 class ZeroTrainer(Trainer):
     def __init__(self, *args, stage, wrapper, skip_nonfinite: bool = False, **kwargs):
-        kwargs.setdefault("compute_metrics", _token_weighted_loss)
+        kwargs.setdefault("compute_metrics", _summed_statistics)
         super().__init__(*args, **kwargs)
         self.stage = stage
         self.wrapper = wrapper
         self.skip_nonfinite = skip_nonfinite
         self.skipped_batches = 0
         self._staging = False
-        # Our compute_loss divides by the accumulated token count itself: ask the Trainer to count it
-        # and not to divide again by gradient_accumulation_steps.
+        # compute_loss divides by the accumulated item count that _get_num_items_in_batch gives (from the stage,
+        # never transformers' guess from a `labels` key): the Trainer must not divide again by the accumulation.
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._linear_flops, self._pair_flops, self._head_flops = flops_per_token(self.model)
         self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
+        self._window_stats: dict[str, torch.Tensor] = {}  # name -> [sum, count] of the stage's statistics
+        self._stat_names: list[str] = []
         self._slots = {"real": 0.0, "capacity": 0.0}  # for the run's padding fraction
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
 
     # ---- loss -----------------------------------------------------------------------------------
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Items of the loss in the whole accumulated batch, counted by the stage; summed over every process when
+        average_tokens_across_devices (the default), so each item weighs the same wherever it was computed."""
+        if not batch_samples:
+            return None
+        count = sum(self.stage.count_items(b) for b in batch_samples)
+        count = torch.as_tensor(count, device=device).reshape(())
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            count = self.accelerator.reduce(count, reduction="sum")
+        return count
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
-        loss_sum, count = self.stage.loss(self.wrapper, model, inputs)
+        out = self.stage.compute(self.wrapper, model, inputs)
+        loss_sum, count = out.loss_sum, out.items
         if model.training and self._any_nonfinite(loss_sum):
             loss_sum = self._nonfinite(model, loss_sum)
-        if model.training and book:
-            tokens = float(book["real_tokens"].sum())
-            self._window["tokens"] += tokens
-            self._window["slots"] += float(inputs["input_ids"].numel())
-            self._slots["real"] += tokens
-            self._slots["capacity"] += float(inputs["input_ids"].numel())
-            self._window["flops"] += (tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
-                                      + float(count) * self._head_flops)
+        if model.training:
+            self._account(book, inputs, count, out.stats)
         if num_items_in_batch is not None and model.training:
-            loss = loss_sum / num_items_in_batch
+            loss = loss_sum / num_items_in_batch.clamp(min=1)
             if self.args.average_tokens_across_devices:
                 # DDP, DeepSpeed and FSDP average gradients over processes; the divisor above is already global.
                 loss = loss * self.accelerator.num_processes
@@ -71,16 +79,37 @@ class ZeroTrainer(Trainer):
             loss = loss_sum / count.clamp(min=1)
         return (loss, None) if return_outputs else loss
 
+    def _account(self, book: dict, inputs: dict, count, stats: dict) -> None:
+        """Throughput and the stage's statistics of a training micro-batch, for the next log line."""
+        for name, (sums, counts) in stats.items():
+            if name == "loss":  # the Trainer logs the loss itself (exactly: each step is normalised globally)
+                continue
+            pair = torch.stack([sums.detach().sum().double(), counts.detach().sum().double()])
+            self._window_stats[name] = self._window_stats[name] + pair if name in self._window_stats else pair
+        if not book:
+            return
+        tokens = float(book["real_tokens"].sum())
+        slots = float(inputs["input_ids"].numel())
+        self._window["tokens"] += tokens
+        self._window["slots"] += slots
+        self._slots["real"] += tokens
+        self._slots["capacity"] += slots
+        self._window["flops"] += (tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
+                                  + float(count) * self._head_flops)
+
     # ---- evaluation ---------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Per dataset item, the sums and counts of every statistic of the stage; _summed_statistics adds them up
+        over the whole eval set (all batches, all processes), so no figure is a mean of means."""
         inputs = self._prepare_inputs(inputs)
         for k in BOOKKEEPING:
             inputs.pop(k, None)
         with torch.no_grad(), self.compute_loss_context_manager():
-            sums, counts = self.stage.row_losses(self.wrapper, model, inputs)
-        loss = sums.sum() / counts.sum().clamp(min=1)
-        stats = torch.stack([sums.double(), counts.double()], dim=-1)
-        return loss.detach(), stats, counts
+            out = self.stage.compute(self.wrapper, model, inputs)
+        self._stat_names = list(out.stats)
+        columns = [t.double() for name in self._stat_names for t in out.stats[name]]
+        stats = torch.stack(columns, dim=-1)
+        return (out.loss_sum / out.items.clamp(min=1)).detach(), stats, out.stats["loss"][1]
 
     def evaluate(self, *args, **kwargs):
         start = time.perf_counter()
@@ -90,12 +119,17 @@ class ZeroTrainer(Trainer):
             self._excluded += time.perf_counter() - start
 
     def evaluation_loop(self, *args, **kwargs):
+        self.compute_metrics = lambda pred: _summed_statistics(pred, self._stat_names)
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        token_loss = output.metrics.pop(f"{prefix}_token_loss", None)
-        if token_loss is not None:
-            output.metrics[f"{prefix}_loss"] = token_loss
-            output.metrics[f"{prefix}_tokens"] = output.metrics.pop(f"{prefix}_trained_tokens")
+        exact = output.metrics.pop(f"{prefix}_stat_loss", None)
+        if exact is not None:  # replaces the Trainer's mean of per-batch losses
+            output.metrics[f"{prefix}_loss"] = exact
+            output.metrics[f"{prefix}_tokens"] = output.metrics.pop(f"{prefix}_stat_loss_count")
+        for key in [k for k in output.metrics if k.startswith(f"{prefix}_stat_")]:
+            value = output.metrics.pop(key)
+            if not key.endswith("_count"):
+                output.metrics[f"{prefix}_{key[len(prefix) + 6:]}"] = value
         return output
 
     # ---- checkpoints ------------------------------------------------------------------------------------
@@ -222,10 +256,22 @@ class ZeroTrainer(Trainer):
             logs["mfu"] = round(flops / elapsed / peak, 4)
             logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
             logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
+            logs.update(self._window_statistics())
         if "loss" in logs or self._window_start is None:
             self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
+            self._window_stats = {}
             self._window_start, self._excluded = now, 0.0
         super().log(logs, *args, **kwargs)
+
+    def _window_statistics(self) -> dict:
+        """The stage's statistics over the logging window: sums and counts over every micro-batch and process."""
+        names = sorted(self._window_stats)
+        if not names:
+            return {}
+        totals = torch.stack([self._window_stats[n] for n in names]).to(self.args.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return {n: round(float(s / max(c, 1e-12)), 6) for n, (s, c) in zip(names, totals.tolist())}
 
     def padding_fraction(self) -> float | None:
         """Share of the batch slots this process trained on that held padding (0 for perfectly packed rows)."""
@@ -247,7 +293,13 @@ def _unwrapped(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _token_weighted_loss(eval_pred) -> dict:
-    stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2)
-    total, tokens = stats[:, 0].sum(), stats[:, 1].sum()
-    return {"token_loss": float(total / max(tokens, 1.0)), "trained_tokens": int(tokens)}
+def _summed_statistics(eval_pred, names: list[str] | None = None) -> dict:
+    """[items, 2K] per-item (sum, count) columns of K statistics -> each statistic's sum / count, and the count."""
+    names = names or ["loss"]
+    stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2 * len(names)).sum(axis=0)
+    out = {}
+    for i, name in enumerate(names):
+        total, count = stats[2 * i], stats[2 * i + 1]
+        out[f"stat_{name}"] = float(total / max(count, 1e-12))
+        out[f"stat_{name}_count"] = int(round(count))
+    return out

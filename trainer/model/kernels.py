@@ -1,12 +1,15 @@
 """Attention and fused kernels: the fastest correct path the machine has, and a log line saying which.
 
 `segment_attention` is registered with transformers as the attention implementation "zerotune_segments".
-A packed row holds many examples; full masked attention over the row costs cutoff_len^2 per layer, most
-of it on pairs the block-diagonal mask then throws away. This path runs causal SDPA on each example's
-own block instead (sum of L_i^2), reading the example boundaries from the position_ids restarts. It
-is the pure-torch counterpart of FlashAttention-2 varlen, for CPUs and GPUs without flash-attn.
-Right-padded rows (no packing) need no mask either: under a causal mask, real tokens never see the
-padding after them, and padded positions carry no label.
+A padding-free batch holds many examples end to end; full masked attention over it costs T^2 per layer,
+most of it on pairs a block-diagonal mask then throws away. This path runs causal SDPA on each example's
+own block instead (sum of L_i^2). It reads the example boundaries from the batch's cu_seq_lens (the
+collator computes them once per batch: the same layout FlashAttention-2 varlen reads), converted to host
+integers once per forward pass, not once per layer. It is the pure-torch counterpart of FlashAttention-2
+varlen, for CPUs and GPUs without flash-attn.
+
+It is registered with a mask function too, so a padded batch (batched, left-padded generation; the padded
+layout) gets its attention mask and runs plain SDPA with it; a batch without padding gets no mask built.
 """
 
 from __future__ import annotations
@@ -35,30 +38,54 @@ def segment_bounds(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
     return bounds
 
 
+class _PerForward:
+    """What every layer of one forward pass would compute alike from the same tensor: computed once."""
+
+    def __init__(self, compute):
+        self.compute, self.key, self.value = compute, None, None
+
+    def __call__(self, key: torch.Tensor):
+        if self.key is not key:
+            self.key, self.value = key, self.compute(key)
+        return self.value
+
+
+_layout_lengths = _PerForward(lambda cu: cu.diff().tolist())  # one host sync a forward pass, not a layer
+_position_lengths = _PerForward(lambda pos: [[e - s for s, e in row] for row in segment_bounds(pos)])
+
+
+def _row_lengths(batch: int, q_len: int, position_ids, cu_seq_lens) -> list[list[int]]:
+    """Per row, the lengths of the examples laid end to end in it."""
+    if cu_seq_lens is not None:
+        if batch != 1:
+            raise ValueError("cu_seq_lens describe one row of examples laid end to end; got a batch of several rows")
+        return [_layout_lengths(cu_seq_lens)]
+    if position_ids is None:
+        return [[q_len]] * batch
+    # A caller without the collator's layout (packed position_ids only): boundaries from the restarts.
+    if position_ids.shape[0] != batch:
+        position_ids = position_ids.expand(batch, -1)
+    return _position_lengths(position_ids)
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      position_ids=None, **kwargs):
+                      position_ids=None, cu_seq_lens_q=None, **kwargs):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None or q_len != kv_len:
-        # Generation with a KV cache, or a caller that built its own mask: the standard path.
+        # Padding (its mask came from segment_mask) or generation with a KV cache: the standard path.
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
-    if position_ids is None:
-        bounds = [[(0, q_len)]] * query.shape[0]
-    else:
-        if position_ids.shape[0] != query.shape[0]:
-            position_ids = position_ids.expand(query.shape[0], -1)
-        bounds = segment_bounds(position_ids)
     # unbind/split/cat rather than slice assignment: their backward is one stack/cat per row, where
     # every sliced read or write would allocate and zero a full-size gradient in backward (measured: ~15%
     # of a packed SmolLM2 step went to those zero fills and copies).
     rows = []
-    for q_row, k_row, v_row, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), bounds):
-        lengths = [e - s for s, e in row]
+    for q_row, k_row, v_row, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0),
+                                            _row_lengths(query.shape[0], q_len, position_ids, cu_seq_lens_q)):
         pieces = [F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=p,
                                                  is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
                   for q, k, v in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
@@ -66,10 +93,22 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     return torch.stack(rows), None
 
 
+def segment_mask(*args, attention_mask=None, **kwargs):
+    """The mask function of zerotune_segments: SDPA's mask where the batch has padding, none otherwise (the
+    segments come from cu_seq_lens or position_ids, and a [T x T] mask would cost memory for nothing)."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
+
+
 def register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(SEGMENTS, segment_attention)
+    AttentionMaskInterface.register(SEGMENTS, segment_mask)
 
 
 def has_flash_attn() -> bool:

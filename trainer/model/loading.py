@@ -138,6 +138,9 @@ def load_model(model_args, training_args, finetuning_type: str):
     from trainer.model.lean_ops import apply_lean_ops
 
     liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
+    from trainer.engine.agree import agreed_choice
+
+    agreed_choice("the attention path and Liger kernels (flash_attn, enable_liger_kernel)", (impl, liger))
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
                                                  **common)
     if not liger:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.data.collators import model_inputs
 from trainer.model.losses import IGNORE_INDEX, chunked_token_nll, shift_targets
 
 logger = logging.getLogger(__name__)
@@ -83,9 +84,8 @@ class ModelWrapper:
 
     def token_nll(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts."""
-        labels = batch["labels"]
-        targets = shift_targets(labels)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        targets = shift_targets(batch["labels"])
+        inputs = model_inputs(batch)
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:
             with _targets(targets, self.chunk_size, self.liger):

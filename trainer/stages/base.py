@@ -1,38 +1,103 @@
-"""What a stage is: how its examples are tokenized, batched, and turned into a loss.
+"""What a stage is: a plugin built from the config that owns everything stage-specific.
 
 A stage never owns a training loop, a model loader or packing; those are shared. It answers:
-which data kind it reads, whether rows may be packed, and loss(wrapper, model, batch) ->
-(sum of per-item losses, number of items), which the engine normalises over the whole batch.
+- `options`: a dataclass of its own YAML keys (the pref_*, kto_*, ppo_* families), parsed and validated by
+  config.py with the same did-you-mean errors as every other key, and refused for any other stage;
+- `data_kind`: what processing builds from its datasets (processing dispatches on it, never on a name);
+- `collator()`: how dataset items become one batch (by default the padding-free segment layout);
+- `count_items(batch)`: how many items of its loss one micro-batch holds (trained tokens for sft/pt, pairs for
+  rm/dpo); the engine sums this over the accumulated batch and every process and divides by it;
+- `compute(wrapper, model, batch)`: its loss as a sum over items, plus per-item statistics (sums and counts)
+  that the engine adds up exactly, for the logs and for eval.
+
+This module imports no torch at module level: config.py reads the stage registry to validate keys.
 """
 
 from __future__ import annotations
 
-import torch
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
 
 from trainer.errors import ConfigError
 
-STAGES: dict[str, "Stage"] = {}
+STAGES: dict[str, type["Stage"]] = {}
+
+
+@dataclass
+class StageOutput:
+    """One micro-batch through a stage.
+
+    loss_sum: the sum of the per-item losses (a scalar tensor); the engine divides by the global item count.
+    items: how many items this micro-batch holds (the same number count_items gives).
+    stats: name -> (sums, counts), tensors of one entry per dataset item of the batch. The engine logs
+    sum(sums) / sum(counts) over a logging window, and in eval over the whole eval set, so the figures never
+    depend on the batch size, the accumulation or the number of processes. "loss" is always among them.
+    """
+    loss_sum: Any
+    items: Any
+    stats: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class NoOptions:
+    """A stage without keys of its own."""
 
 
 class Stage:
     name: str = ""
     data_kind: str = "supervised"  # what processing.tokenized_dataset builds
     needs_template: bool = True
+    packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
+    options: type = NoOptions
 
-    def loss(self, wrapper, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, counts = self.row_losses(wrapper, model, batch)
-        return sums.sum(), counts.sum()
+    def __init__(self, config=None, options=None):
+        self.config = config
+        self.opts = options if options is not None else self.options()
 
-    def row_losses(self, wrapper, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # ---- data ------------------------------------------------------------------------------------
+    def collator(self, pad_token_id: int, padding_free: bool = True):
+        from trainer.data.collators import Collator
+
+        return Collator(pad_token_id, padding_free=padding_free)
+
+    def count_items(self, batch: dict):
+        """Items of the loss in this micro-batch (a tensor), counted from the batch before the forward pass."""
+        raise NotImplementedError
+
+    # ---- loss ------------------------------------------------------------------------------------
+    def compute(self, wrapper, model, batch: dict) -> StageOutput:
         raise NotImplementedError
 
 
 def register(cls: type[Stage]) -> type[Stage]:
-    STAGES[cls.name] = cls()
+    STAGES[cls.name] = cls
     return cls
 
 
-def get_stage(name: str) -> Stage:
-    if name not in STAGES:
-        raise ConfigError(f"stage: {name!r} is not available; implemented: {', '.join(sorted(STAGES))}.")
-    return STAGES[name]
+def stage_keys() -> dict[str, list[str]]:
+    """Every stage-owned key -> the stages that own it."""
+    owners: dict[str, list[str]] = {}
+    for name, cls in STAGES.items():
+        for f in dataclasses.fields(cls.options):
+            owners.setdefault(f.name, []).append(name)
+    return owners
+
+
+def get_stage_class(name: str) -> type[Stage]:
+    if name in STAGES:
+        return STAGES[name]
+    from trainer.config import STAGES as PLANNED
+
+    if name in PLANNED:
+        raise ConfigError(f"stage: {name!r} is not implemented yet; this version trains: {', '.join(sorted(STAGES))}.")
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(STAGES) | set(PLANNED)), n=3, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(f"stage: {name!r} is not a stage.{hint} This version trains: {', '.join(sorted(STAGES))}.")
+
+
+def build_stage(config) -> Stage:
+    """The stage of a RunConfig, with its parsed options."""
+    return get_stage_class(config.finetuning.stage)(config, config.stage_options)

@@ -1,16 +1,23 @@
-"""sft and pt: next-token cross-entropy on the trained tokens (assistant replies, or whole documents)."""
+"""sft and pt: next-token cross-entropy; one item of the loss is one trained token (an assistant reply's
+token, or any token of a document)."""
 
 from __future__ import annotations
 
-import torch
-
-from trainer.stages.base import Stage, register
+from trainer.stages.base import Stage, StageOutput, register
 
 
 class _TokenLM(Stage):
-    def row_losses(self, wrapper, model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def count_items(self, batch: dict):
+        from trainer.model.losses import IGNORE_INDEX, shift_targets
+
+        return shift_targets(batch["labels"]).ne(IGNORE_INDEX).sum()
+
+    def compute(self, wrapper, model, batch: dict) -> StageOutput:
+        from trainer.data.collators import item_sums
+
         nll, mask = wrapper.token_nll(model, batch)
-        return (nll * mask).sum(dim=1), mask.sum(dim=1)
+        sums, counts = item_sums(nll * mask, batch), item_sums(mask.to(nll.dtype), batch)
+        return StageOutput(loss_sum=sums.sum(), items=counts.sum(), stats={"loss": (sums, counts)})
 
 
 @register
@@ -24,3 +31,4 @@ class PT(_TokenLM):
     name = "pt"
     data_kind = "pretrain"
     needs_template = False
+    packing_default = True

@@ -1,0 +1,86 @@
+"""GPU paths at their real call sites, where CUDA is present (skipped with the reason elsewhere).
+benchmarks/gpu_check.sh runs these before it times anything: the first GPU run settles correctness, then speed.
+
+- padding-free batches of several packed rows through the real flash-attn (transformers' FA2 varlen path):
+  every example's logits equal the example alone;
+- Liger's fused linear cross-entropy (the loss head's GPU kernel) equals the chunked loss, values and gradients;
+- batched, left-padded generation equals each prompt alone on FA2 and zerotune_segments.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from trainer.data.collators import Collator, model_inputs
+from trainer.model import kernels
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_flash = pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn not installed")
+needs_liger = pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="liger-kernel not installed")
+
+
+def _gpu_model(model_dir, path):
+    from transformers import AutoModelForCausalLM
+
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=path, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.5)
+    return model.cuda().eval()
+
+
+@needs_flash
+def test_flash_attention_keeps_packed_rows_apart_at_batch_above_one(tiny_model_dir, packed_rows):
+    model = _gpu_model(tiny_model_dir, "flash_attention_2")
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0)(packed_rows).items()}
+    with torch.no_grad():
+        packed = model(**model_inputs(batch), use_cache=False).logits[0].float()
+        start = 0
+        for row in packed_rows:
+            for n in row["lengths"]:
+                ids = batch["input_ids"][:, start:start + n]
+                alone = model(input_ids=ids, use_cache=False).logits[0].float()
+                torch.testing.assert_close(packed[start:start + n], alone, rtol=2e-2, atol=2e-2)
+                start += n
+
+
+@needs_liger
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_liger_fused_loss_equals_the_chunked_loss(dtype):
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    from trainer.model.losses import IGNORE_INDEX, chunked_token_nll
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", dtype=dtype, requires_grad=True)
+    weight = torch.randn(1000, 64, device="cuda", dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 1000, (300,), device="cuda")
+    targets[::7] = IGNORE_INDEX
+    ours = chunked_token_nll(hidden, weight, None, targets, 64)
+    theirs = liger_fused_linear_cross_entropy(hidden, weight, targets, None, reduction="none")
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(theirs.float(), ours.float(), **tol)
+    g_ours = torch.autograd.grad(ours.sum(), (hidden, weight))
+    g_theirs = torch.autograd.grad(theirs.sum(), (hidden, weight))
+    for a, b in zip(g_theirs, g_ours):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+
+
+@pytest.mark.parametrize("path", ["flash_attention_2", kernels.SEGMENTS])
+def test_batched_generation_on_gpu_equals_each_prompt_alone(path, tiny_model_dir, tiny_tokenizer):
+    if path == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        pytest.skip("flash-attn not installed")
+    from trainer.data.templates import get_template
+    from trainer.generation import GenerationSettings, generate
+
+    model = _gpu_model(tiny_model_dir, path)
+    template = get_template("chatml", tiny_tokenizer)
+    prompts = [template.encode_prompt(tiny_tokenizer, [{"role": "user", "content": q}])
+               for q in ("Hi", "What is the capital of France?", "Write a poem about the sea and the wind.")]
+    greedy = GenerationSettings(max_new_tokens=10, do_sample=False)
+    stops = template.stop_token_ids(tiny_tokenizer)
+    together = generate(model, prompts, stops, tiny_tokenizer.pad_token_id, greedy)
+    alone = [generate(model, [p], stops, tiny_tokenizer.pad_token_id, greedy)[0] for p in prompts]
+    assert together == alone
