@@ -7,12 +7,16 @@ setup(
     packages=find_packages(include=["trainer", "trainer.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "torch>=2.4",
+        # torch.distributed.fsdp.fully_shard (FSDP2) is public from 2.6; SDPA's enable_gqa needs 2.5.
+        "torch>=2.6",
         "deepspeed>=0.16",
-        "transformers>=5.0",
+        # The engine overrides private Trainer methods (trainer/engine/trainer.py, OVERRIDDEN): capped at the
+        # releases it is tested with; tests/test_versions.py names any change.
+        "transformers>=5.0,<5.25",
         "peft>=0.17",
         "datasets>=3.0",
         "accelerate>=1.4",
+        "numpy",
         "pyyaml",
         "wandb",
         "matplotlib",

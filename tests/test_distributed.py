@@ -251,3 +251,74 @@ def test_resume_matches_an_uninterrupted_run(layout, tiny_model_dir, data_dir, t
     a, b = _losses_by_step(straight), _losses_by_step(resumed)
     assert sorted(b) == [1, 2, 3, 4]  # 1 and 2 come with the checkpoint's state; 3 and 4 trained after resuming
     assert [b[3], b[4]] == pytest.approx([a[3], a[4]], rel=1e-5)  # step 4 moved with the restored Adam moments
+
+
+def _session_processes(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[3]) == sid and fields[0] not in ("Z", "X"):
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_sigterm_to_the_deepspeed_runner_alone_checkpoints_and_leaves_nothing_running(tiny_model_dir, data_dir,
+                                                                                      tmp_path):
+    """What a scheduler or container runtime that signals only the main process does: the runner exits at once
+    without passing the signal on; the workers notice their launcher is gone, save at the next step boundary and
+    exit, and the launcher follows. Resume then finishes the run."""
+    import signal
+    import time
+
+    marker = tmp_path / "reached-step-2"
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"""
+import os, runpy, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from trainer.engine.trainer import ZeroTrainer
+original = ZeroTrainer.training_step
+def step(self, *args, **kwargs):
+    time.sleep(0.2)  # steps of a tiny model are too quick to watch
+    if self.state.global_step == 2 and os.environ.get("RANK") == "0":
+        open({str(marker)!r}, "w").close()
+    return original(self, *args, **kwargs)
+ZeroTrainer.training_step = step
+sys.argv = [{str(ROOT / 'launch/train.py')!r}] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    out = tmp_path / "run"
+    cfg = base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=1, max_steps=60, save_steps=1000,
+                      deepspeed=str(ROOT / "ds_configs/ds_z2_config.json"))
+    cfg_file = tmp_path / "runner.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    log = (tmp_path / "runner.log").open("w")
+    runner = subprocess.Popen([launcher, "--num_gpus", "2", "--master_port", str(32500 + os.getpid() % 1000),
+                               str(driver), "--config", str(cfg_file)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not marker.exists():
+            assert runner.poll() is None and time.time() < deadline, (tmp_path / "runner.log").read_text()[-3000:]
+            time.sleep(0.2)
+        os.kill(runner.pid, signal.SIGTERM)
+        runner.wait(timeout=30)
+        while _session_processes(runner.pid) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not _session_processes(runner.pid), "workers or launcher still running after the runner exited"
+    finally:
+        for pid in _session_processes(runner.pid):
+            os.kill(pid, signal.SIGKILL)
+        log.close()
+    text = (tmp_path / "runner.log").read_text()
+    assert "DeepSpeed launcher" in text and "has exited" in text, text[-3000:]
+    saved = sorted(out.glob("checkpoint-*"))
+    assert len(saved) == 1 and 2 <= int(saved[0].name.split("-")[1]) < 60, (saved, text[-3000:])
+    proc = _deepspeed({**cfg, "resume_from_checkpoint": "true"}, tmp_path, "runner-resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 60

@@ -8,7 +8,7 @@ import pytest
 from tiny import base_config, train_with
 from trainer.config import DataArguments
 from trainer.data.packing import pack_dataset
-from trainer.data.processing import tokenize_document, tokenized_dataset
+from trainer.data.processing import encode_pretrain, split_document, tokenized_dataset
 from trainer.data.streaming import packed_stream
 
 
@@ -25,10 +25,18 @@ def corpus_dir(tmp_path):
 def test_documents_split_not_cut(tiny_tokenizer):
     text = " ".join(["word"] * 100)
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"] + [tiny_tokenizer.eos_token_id]
-    chunks = tokenize_document({"messages": [{"content": text}]}, tiny_tokenizer, 32)
+    [chunks] = encode_pretrain([{"messages": [{"content": text}]}], tiny_tokenizer, None, DataArguments(cutoff_len=32))
     assert [len(c["input_ids"]) for c in chunks[:-1]] == [32] * (len(chunks) - 1)
     assert sum((c["input_ids"] for c in chunks), []) == ids  # nothing lost, EOS last
     assert all(c["labels"] == c["input_ids"] for c in chunks)
+
+
+def test_a_lone_last_token_borrows_one_from_the_piece_before():
+    """A last piece of only EOS could train nothing (and was dropped as if truncated): it takes a token along."""
+    ids = list(range(65))
+    pieces = split_document(ids, 32)
+    assert [len(p) for p in pieces] == [32, 31, 2] and sum(pieces, []) == ids
+    assert [len(p) for p in split_document(list(range(64)), 32)] == [32, 32]
 
 
 def test_pt_packs_and_trains(tiny_model_dir, corpus_dir, tiny_tokenizer, tmp_path):

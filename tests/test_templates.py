@@ -3,7 +3,8 @@ chat template; labels only on assistant replies (plus their stop token)."""
 
 import pytest
 
-from trainer.data.processing import IGNORE_INDEX, tokenize_row
+from trainer.config import DataArguments
+from trainer.data.processing import IGNORE_INDEX, encode_supervised
 from trainer.data.templates import TEMPLATES, get_template
 from trainer.errors import ConfigError
 
@@ -80,11 +81,11 @@ def test_mask_history_and_train_on_prompt(tiny_tokenizer):
 def test_labels_follow_the_mask_and_truncation(tiny_tokenizer):
     template = get_template("chatml", tiny_tokenizer)
     row = {"messages": CONV, "system": SYSTEM}
-    full = tokenize_row(row, template, tiny_tokenizer, 10_000, False, False)
+    [[full]] = encode_supervised([row], tiny_tokenizer, template, DataArguments(cutoff_len=10_000))
     ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM)
     assert full["labels"] == [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
-    assert not full["_truncated"]
-    cut = tokenize_row(row, template, tiny_tokenizer, 12, False, False)
+    assert not full["_truncated"] and full["trained"] == sum(trained[1:])
+    [[cut]] = encode_supervised([row], tiny_tokenizer, template, DataArguments(cutoff_len=12))
     assert cut["_truncated"] and len(cut["input_ids"]) == 12 and cut["_no_labels"]
 
 

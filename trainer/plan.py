@@ -155,7 +155,7 @@ def describe(config: RunConfig, with_data: bool = True) -> str:
         tok = load_tokenizer(config.model)
         template = get_template(d.template, tok) if stage.needs_template else None
         data, report = processing.tokenized_dataset(d.dataset, d, stage.data_kind, tok, template, False)
-        lengths = data["length"]
+        lengths = processing.column_values(data, "length")
         mean = sum(lengths) / len(lengths)
         if d.packing:
             bins = packing.best_fit_bins(lengths, d.cutoff_len)

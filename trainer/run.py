@@ -78,11 +78,12 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
             evaluation = packing.pack_dataset(evaluation, d.cutoff_len)[0] if d.packing else \
                 packing.unpacked_dataset(evaluation)
         return train, evaluation, None
+    by_document = stage.data_kind in processing.DOCUMENT_KINDS  # all pieces of a document on one side
     if t.do_train:
         train = tokenized(d.dataset)
-        train, evaluation = processing.split_validation(train, d.val_size, t.seed)
+        train, evaluation = processing.split_validation(train, d.val_size, t.seed, by_document)
     elif d.val_size and not d.eval_dataset:
-        _, evaluation = processing.split_validation(tokenized(d.dataset), d.val_size, t.seed)
+        _, evaluation = processing.split_validation(tokenized(d.dataset), d.val_size, t.seed, by_document)
     elif not d.eval_dataset:
         evaluation = tokenized(d.dataset)
     if d.eval_dataset:
@@ -146,7 +147,7 @@ def run(config: RunConfig) -> dict:
     from trainer.data.templates import get_template
     from trainer.engine import checkpoints
     from trainer.engine.plot import plot_loss
-    from trainer.engine.signals import GracefulStop, Preempted
+    from trainer.engine.signals import GracefulStop, LauncherWatch, Preempted
     from trainer.engine.trainer import ZeroTrainer
     from trainer.model.adapters import prepare_trainable, warn_untrained_stop_tokens
     from trainer.model.loading import load_model, load_tokenizer
@@ -221,9 +222,11 @@ def run(config: RunConfig) -> dict:
             checkpoints.clear_stale_staging(t.output_dir)
             save_config(config)
         stop.install()
+        watch = LauncherWatch().start()
         try:
             outcome = trainer.train(resume_from_checkpoint=resume)
         finally:
+            watch.stop()
             stop.uninstall()
         if stop.signum:
             raise Preempted(stop.signum, checkpoints.latest_checkpoint(t.output_dir))
@@ -232,6 +235,8 @@ def run(config: RunConfig) -> dict:
         metrics = dict(outcome.metrics, **results)
         if trainer.padding_fraction() is not None:
             metrics["padding_fraction"] = round(trainer.padding_fraction(), 4)
+        if f.skip_nonfinite_batches:
+            metrics["skipped_nonfinite_batches"] = trainer.skipped_batches
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         results.update(metrics)

@@ -146,11 +146,8 @@ def text(spec: DatasetSpec) -> Callable[[dict], dict]:
 
 def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     """Convert a raw datasets.Dataset; return (good rows, list of (row, reason) for bad rows)."""
-    formatting = "text" if spec.formatting == "text" else spec.formatting
-    if spec.ranking:
-        raise ConfigError(f"dataset {spec.name!r} is ranking (pairwise) data, which the sft/pt stages cannot use.")
-    convert = FORMATTERS[formatting](spec)
-    _check_columns(spec, rows.column_names, formatting)
+    check_rows(spec, rows.column_names)
+    convert = FORMATTERS[spec.formatting](spec)
 
     def apply(row: dict) -> dict:
         out = convert(row)
@@ -165,6 +162,13 @@ def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     if bad:
         converted = converted.filter(lambda e: not e, input_columns="_error", num_proc=num_proc)
     return converted, bad
+
+
+def check_rows(spec: DatasetSpec, columns: list[str]) -> None:
+    """Before any row is converted: the dataset is of a kind these rows can be, and its columns are there."""
+    if spec.ranking:
+        raise ConfigError(f"dataset {spec.name!r} is ranking (pairwise) data, which the sft/pt stages cannot use.")
+    _check_columns(spec, columns, spec.formatting)
 
 
 def _check_columns(spec: DatasetSpec, columns: list[str], formatting: str) -> None:

@@ -1,14 +1,20 @@
-"""Best-fit-decreasing packing of whole examples into rows of at most cutoff_len tokens.
+"""Best-fit-decreasing packing plans, and the dataset items the collator lays out.
 
-A packed row records where each of its examples starts (`lengths`); the collator turns that into the
-segment layout every attention path reads (position_ids restarting at 0, cu_seq_lens) and ignores the
-first label of each example, so examples never see or predict each other.
+A packing plan is index lists: which examples share a row of at most cutoff_len tokens. Rows are never
+materialised ahead: `Items` assembles each one from the tokenized examples when the data loader asks for it,
+so a million-example set costs its plan (a few bytes an example), not a second copy of every token in every
+process. The collator turns an item's `lengths` into the segment layout every attention path reads
+(position_ids restarting at 0, cu_seq_lens) and ignores the first label of each example, so examples never
+see or predict each other.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+
+import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -35,31 +41,45 @@ def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def pack_dataset(data, cutoff_len: int):
-    """A tokenized dataset (input_ids, labels, length) -> packed rows (input_ids, labels, lengths)."""
-    import datasets
+class Items(torch.utils.data.Dataset):
+    """Dataset items over tokenized examples: one example each, or the rows of a packing plan.
 
-    lengths = data["length"]
+    Each item is {input_ids, labels, lengths}: the examples' tokens end to end and each example's length.
+    """
+
+    def __init__(self, data, bins: list[list[int]] | None = None):
+        self.data = data.select_columns(["input_ids", "labels"])
+        self.members = self.offsets = None
+        if bins is not None:
+            self.members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
+            self.offsets = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.data) if self.offsets is None else len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        if self.offsets is None:
+            ex = self.data[int(i)]
+            return {"input_ids": ex["input_ids"], "labels": ex["labels"], "lengths": [len(ex["input_ids"])]}
+        rows = self.data[self.members[self.offsets[i]:self.offsets[i + 1]].tolist()]
+        return {"input_ids": [t for ids in rows["input_ids"] for t in ids],
+                "labels": [t for lab in rows["labels"] for t in lab],
+                "lengths": [len(ids) for ids in rows["input_ids"]]}
+
+
+def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:
+    """Tokenized examples (input_ids, labels, length) -> packed rows of at most cutoff_len tokens, as a plan."""
+    from trainer.data.processing import column_values
+
+    lengths = column_values(data, "length")
     bins = best_fit_bins(lengths, cutoff_len)
-    input_ids, labels = data["input_ids"], data["labels"]
-    rows: dict[str, list] = {"input_ids": [], "labels": [], "lengths": []}
-    for members in bins:
-        row_ids, row_labels, row_lengths = [], [], []
-        for i in members:
-            row_ids += input_ids[i]
-            row_labels += labels[i]
-            row_lengths.append(len(input_ids[i]))
-        rows["input_ids"].append(row_ids)
-        rows["labels"].append(row_labels)
-        rows["lengths"].append(row_lengths)
-    packed = datasets.Dataset.from_dict(rows)
     used = sum(lengths)
     efficiency = used / (len(bins) * cutoff_len) if bins else 0.0
     logger.info("Packed %d examples into %d rows of %d tokens: packing efficiency %.1f%% (real tokens / capacity).",
                 len(lengths), len(bins), cutoff_len, 100 * efficiency)
-    return packed, efficiency
+    return Items(data, bins), efficiency
 
 
-def unpacked_dataset(data):
-    """One example per row, in the same columns as packed rows, so one collator serves both."""
-    return data.map(lambda x: {"lengths": [x["length"]]}, remove_columns=["length"])
+def unpacked_dataset(data) -> Items:
+    """One example an item."""
+    return Items(data)

@@ -1,9 +1,16 @@
-"""Canonical examples -> token ids + labels, cached on disk, split into train / eval.
+"""Raw rows -> token ids + labels, cached on disk, split into train / eval.
 
-The tokenized data is cached under a key made of everything that changes it: the data files (path,
-size, mtime), their dataset_info entries, the tokenizer's vocabulary and special tokens, the template
-and the settings (the stage's data kind, cutoff_len, train_on_prompt, mask_history, max_samples). Any change makes
-a new key; `overwrite_cache: true` rebuilds it anyway.
+One path for every row, cached or streamed: `process_rows` takes a batch of raw rows, converts each to the
+canonical form (formats.py), tokenizes the whole batch in one call of the fast tokenizer (its Rust batch
+encoder), reads the labels from character offsets with numpy (no Python loop over tokens), truncates, and
+says for every row what became of it (bad, truncated, without trained tokens). `keep_reason` is the one
+place that decides what is dropped; both the cache builder and the stream call it and count the reasons.
+
+The tokenized data is cached under a key made of everything that changes it: the data files (path, size,
+mtime), their dataset_info entries, the tokenizer's vocabulary and special tokens, the template and the
+settings (the stage's data kind, cutoff_len, train_on_prompt, mask_history, max_samples, ...). Any change
+makes a new key; `overwrite_cache: true` rebuilds it anyway. Large datasets are tokenized by worker processes
+over all cores (the main process once; the other ranks read its cache).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from trainer.data import formats, registry
 from trainer.data.templates import Template
 from trainer.errors import ConfigError
@@ -24,6 +33,8 @@ from trainer.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+# Columns process_rows writes besides input_ids and labels; the underscored ones are bookkeeping.
+OUTCOME_COLUMNS = ("length", "trained", "_row", "_doc", "_error", "_truncated", "_no_labels")
 
 
 @dataclass
@@ -46,29 +57,99 @@ class DataReport:
         self.bad_samples += other.bad_samples
 
 
-def tokenize_row(row: dict, template: Template | None, tokenizer, cutoff_len: int, train_on_prompt: bool,
-                 mask_history: bool) -> dict:
-    """One canonical sft example -> input_ids/labels, truncated to cutoff_len (flagged)."""
-    ids, trained = template.encode(tokenizer, row["messages"], row["system"], train_on_prompt, mask_history)
+# ---- tokenization, one batch of canonical examples at a time -------------------------------------------------
+def _labelled(ids: list[int], trained: np.ndarray, cutoff_len: int) -> dict:
     truncated = len(ids) > cutoff_len
     ids, trained = ids[:cutoff_len], trained[:cutoff_len]
-    labels = [i if t else IGNORE_INDEX for i, t in zip(ids, trained)]
-    # Position 0 is never predicted (labels shift by one), so it cannot count as a trained token.
-    no_labels = not any(t for t in trained[1:])
-    return {"input_ids": ids, "labels": labels, "_truncated": truncated, "_no_labels": no_labels}
+    labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
+    count = int(trained[1:].sum())  # position 0 is never predicted (labels shift by one)
+    return {"input_ids": ids, "labels": labels, "trained": count, "_truncated": truncated, "_no_labels": count == 0}
 
 
-def tokenize_document(row: dict, tokenizer, cutoff_len: int) -> list[dict]:
-    """One pt document -> chunks of at most cutoff_len tokens ending in EOS (long documents are split, not cut)."""
-    ids = tokenizer(row["messages"][0]["content"], add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
-        ids = [tokenizer.bos_token_id] + ids
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    return [{"input_ids": ids[i:i + cutoff_len], "labels": ids[i:i + cutoff_len], "_truncated": False,
-             "_no_labels": len(ids[i:i + cutoff_len]) < 2} for i in range(0, len(ids), cutoff_len)]
+def encode_supervised(examples: list[dict], tokenizer, template: Template, data_args) -> list[list[dict]]:
+    """Conversations -> one example each: the template's ids, labels on the assistant replies."""
+    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
+                                    data_args.train_on_prompt, data_args.mask_history)
+    return [[_labelled(ids, trained, data_args.cutoff_len)] for ids, trained in encoded]
 
 
+def split_document(ids: list[int], cutoff_len: int) -> list[list[int]]:
+    """Pieces of at most cutoff_len tokens. A last piece of a single token could train nothing (position 0 is
+    never predicted), so it takes one token from the piece before it: every token of a document is trained."""
+    pieces = [ids[i:i + cutoff_len] for i in range(0, len(ids), cutoff_len)]
+    if len(pieces) > 1 and len(pieces[-1]) == 1 and cutoff_len > 2:
+        pieces[-1] = pieces[-2][-1:] + pieces[-1]
+        pieces[-2] = pieces[-2][:-1]
+    return pieces
+
+
+def encode_pretrain(examples: list[dict], tokenizer, template, data_args) -> list[list[dict]]:
+    """Documents -> [BOS] text EOS, split into cutoff_len pieces (long documents are split, not cut)."""
+    texts = [e["messages"][0]["content"] for e in examples]
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id not in (None, tokenizer.eos_token_id) else None
+    eos = tokenizer.eos_token_id
+    out = []
+    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
+        out.append([_labelled(piece, np.ones(len(piece), dtype=bool), data_args.cutoff_len)
+                    for piece in split_document(ids, data_args.cutoff_len)])
+    return out
+
+
+ENCODERS = {"supervised": encode_supervised, "pretrain": encode_pretrain}
+FORMATTING_OF_KIND = {"pretrain": "text"}
+DOCUMENT_KINDS = ("pretrain",)  # examples are pieces of documents: val_size splits whole documents  # pt reads plain documents: the 'text' column (or columns.prompt)
+
+
+def check_kind(data_kind: str) -> None:
+    if data_kind not in ENCODERS:
+        raise ConfigError(f"data kind {data_kind!r} has no tokenizer yet; known: {', '.join(ENCODERS)}.")
+
+
+def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: str, tokenizer, template,
+                 data_args, doc_offset: int = 0) -> dict[str, list]:
+    """A batch of raw rows (with their `_row` numbers) -> one output row per example, and one per bad row."""
+    convert = formats.FORMATTERS[spec.formatting](spec)
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS}
+    names = list(batch)
+    good, good_rows = [], []
+    for i, number in enumerate(batch["_row"]):
+        example = convert({k: batch[k][i] for k in names})
+        if example["_error"]:
+            for k, v in zip(out, ([], [], 0, 0, number, number + doc_offset, example["_error"], False, False)):
+                out[k].append(v)
+        else:
+            good.append(example)
+            good_rows.append(number)
+    if good:
+        for number, pieces in zip(good_rows, ENCODERS[data_kind](good, tokenizer, template, data_args)):
+            for piece in pieces:
+                for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels"):
+                    out[k].append(piece[k])
+                out["length"].append(len(piece["input_ids"]))
+                out["_row"].append(number)
+                out["_doc"].append(number + doc_offset)
+                out["_error"].append("")
+    return out
+
+
+def column_values(data, name: str) -> list:
+    """One column as a Python list, in one read (indexing a datasets Column costs ~30 us an element)."""
+    return data.select_columns([name])[:][name]
+
+
+def keep_reason(error: str, truncated: bool, no_labels: bool, cutoff_policy: str) -> str:
+    """Why an output row of process_rows is not trained on ('' when it is): the one rule for cache and stream."""
+    if error:
+        return "bad"
+    if truncated and cutoff_policy == "drop":
+        return "dropped_long"
+    if no_labels:
+        return "no_labels"
+    return ""
+
+
+# ---- the cache ------------------------------------------------------------------------------------------------
 def _file_fingerprint(spec: registry.DatasetSpec) -> list:
     if spec.source != "file":
         return [spec.path, spec.subset, spec.split, spec.folder]
@@ -90,7 +171,7 @@ def _tokenizer_fingerprint(tokenizer) -> str:
 
 def cache_key(specs: list[registry.DatasetSpec], tokenizer, template: Template | None, settings: dict) -> str:
     payload = {
-        "version": 1,
+        "version": 2,
         "datasets": [[asdict(s), _file_fingerprint(s)] for s in specs],
         "tokenizer": _tokenizer_fingerprint(tokenizer),
         "template": repr(template),
@@ -104,37 +185,46 @@ def default_cache_dir() -> Path:
     return Path(root) / "tokenized"
 
 
+PARALLEL_FROM_ROWS = 20_000  # below this, starting worker processes costs more than it saves
+
+
 def _num_proc(requested: int | None, rows: int) -> int | None:
-    """Worker processes only pay off on large data; never more than the cores there are."""
-    if not requested or requested <= 1 or rows < 2000:
+    """Every core by default (preprocessing_num_workers caps it); one process for small data."""
+    cores = os.cpu_count() or 1
+    workers = cores if requested is None else min(requested, cores)
+    if workers <= 1 or rows < PARALLEL_FROM_ROWS:
         return None
-    return max(1, min(requested, os.cpu_count() or 1, rows // 1000))
+    return workers
 
 
-DATA_KINDS = ("supervised", "pretrain")  # what a stage's data_kind may name (trainer/stages)
+def _features():
+    """Fixed column types: a batch of only bad rows still has int token lists, and int32 halves the cache."""
+    from datasets import Features, Sequence, Value
+
+    return Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+                     "length": Value("int32"), "trained": Value("int32"), "_row": Value("int64"),
+                     "_doc": Value("int64"), "_error": Value("string"), "_truncated": Value("bool"),
+                     "_no_labels": Value("bool")})
 
 
-def _check_kind(data_kind: str) -> None:
-    if data_kind not in DATA_KINDS:
-        raise ConfigError(f"data kind {data_kind!r} has no tokenizer yet; known: {', '.join(DATA_KINDS)}.")
-
-
-def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template | None):
-    import datasets
-
+def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template | None, doc_offset: int):
     report = DataReport()
     rows = registry.load_rows(spec)
     if data_args.max_samples is not None:
         rows = rows.select(range(min(data_args.max_samples, len(rows))))
     report.read = len(rows)
-    num_proc = _num_proc(data_args.preprocessing_num_workers, len(rows))
-    if data_kind == "pretrain":  # documents: the 'text' column, or whatever columns.prompt names
-        spec.formatting = "text"
-    canonical, bad = formats.to_canonical(spec, rows, num_proc=num_proc)
-    with_tools = sum(1 for t in canonical["tools"] if t)
-    if with_tools:
-        logger.warning("%s: %d rows carry tool definitions (the tools column), which zerotune's templates do not "
-                       "render yet; those rows train without them.", spec.name, with_tools)
+    spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
+    formats.check_rows(spec, rows.column_names)
+    tokenized = rows.map(process_rows, batched=True, batch_size=data_args.preprocessing_batch_size,
+                         remove_columns=rows.column_names, features=_features(), num_proc=_num_proc(data_args.preprocessing_num_workers,
+                                                                              len(rows)),
+                         fn_kwargs=dict(spec=spec, data_kind=data_kind, tokenizer=tokenizer, template=template,
+                                        data_args=data_args, doc_offset=doc_offset),
+                         desc=f"Tokenizing {spec.name}")
+    outcome = tokenized.select_columns(["_error", "_row", "_truncated", "_no_labels", "length", "trained"]).to_dict()
+    reasons = [keep_reason(e, t, n, data_args.cutoff_policy)
+               for e, t, n in zip(outcome["_error"], outcome["_truncated"], outcome["_no_labels"])]
+    bad = [(row, err) for row, err in zip(outcome["_row"], outcome["_error"]) if err]
     report.bad = len(bad)
     report.bad_samples = [f"{spec.name} ({spec.path}) row {r}: {why}" for r, why in bad[:5]]
     allowed = data_args.max_bad_rows * report.read if data_args.max_bad_rows < 1 else data_args.max_bad_rows
@@ -143,37 +233,17 @@ def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template
             f"dataset {spec.name!r} ({spec.path}): {report.bad} of {report.read} rows are malformed, more than "
             f"max_bad_rows={data_args.max_bad_rows} allows. First ones: " + "; ".join(report.bad_samples)
             + ". Fix the rows, map the right columns in dataset_info.json, or raise max_bad_rows.")
-
-    if data_kind == "pretrain":
-        def apply(batch: dict) -> dict:
-            out: dict[str, list] = {"input_ids": [], "labels": [], "_truncated": [], "_no_labels": []}
-            for messages in batch["messages"]:
-                for chunk in tokenize_document({"messages": messages}, tokenizer, data_args.cutoff_len):
-                    for k in out:
-                        out[k].append(chunk[k])
-            return out
-        tokenized = canonical.map(apply, batched=True, batch_size=data_args.preprocessing_batch_size,
-                                  remove_columns=canonical.column_names, num_proc=num_proc,
-                                  desc=f"Tokenizing {spec.name}")
-    else:
-        tokenized = canonical.map(
-            lambda row: tokenize_row(row, template, tokenizer, data_args.cutoff_len, data_args.train_on_prompt,
-                                     data_args.mask_history),
-            remove_columns=canonical.column_names, num_proc=num_proc, desc=f"Tokenizing {spec.name}")
-    report.truncated = sum(tokenized["_truncated"])
-    if data_args.cutoff_policy == "drop" and report.truncated:
-        report.dropped_long, report.truncated = report.truncated, 0
-        tokenized = tokenized.filter(lambda x: not x, input_columns="_truncated")
-    report.no_labels = sum(tokenized["_no_labels"])
-    if report.no_labels:
-        tokenized = tokenized.filter(lambda x: not x, input_columns="_no_labels")
-    tokenized = tokenized.remove_columns(["_truncated", "_no_labels"])
-    lengths = [len(x) for x in tokenized["input_ids"]]
-    tokenized = tokenized.add_column("length", lengths)
-    report.examples = len(tokenized)
-    report.tokens = sum(lengths)
-    report.label_tokens = sum(sum(1 for t in lab[1:] if t != IGNORE_INDEX) for lab in tokenized["labels"])
-    return tokenized, report
+    report.dropped_long = reasons.count("dropped_long")
+    report.no_labels = reasons.count("no_labels")
+    keep = np.flatnonzero(np.array([not r for r in reasons], dtype=bool))
+    truncated = np.asarray(outcome["_truncated"], dtype=bool)
+    report.truncated = int(truncated[keep].sum()) if len(keep) else 0
+    report.examples = len(keep)
+    report.tokens = int(np.asarray(outcome["length"], dtype=np.int64)[keep].sum()) if len(keep) else 0
+    report.label_tokens = int(np.asarray(outcome["trained"], dtype=np.int64)[keep].sum()) if len(keep) else 0
+    if len(keep) < len(tokenized):
+        tokenized = tokenized.select(keep)
+    return tokenized.remove_columns(["_error", "_truncated", "_no_labels"]), report
 
 
 def _log_report(name: str, report: DataReport, cutoff_len: int) -> None:
@@ -197,7 +267,7 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
     """All named datasets tokenized and concatenated (in the given order), from cache when possible."""
     import datasets
 
-    _check_kind(data_kind)
+    check_kind(data_kind)
     specs = [registry.get_spec(n, data_args.dataset_dir) for n in names]
     settings = {"data_kind": data_kind, "cutoff_len": data_args.cutoff_len, "train_on_prompt": data_args.train_on_prompt,
                 "mask_history": data_args.mask_history, "max_samples": data_args.max_samples,
@@ -213,7 +283,7 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
 
     parts, total = [], DataReport()
     for spec in specs:
-        tokenized, report = _tokenize_one(spec, data_args, data_kind, tokenizer, template)
+        tokenized, report = _tokenize_one(spec, data_args, data_kind, tokenizer, template, doc_offset=total.read)
         _log_report(spec.name, report, data_args.cutoff_len)
         if report.examples == 0:
             raise ConfigError(f"dataset {spec.name!r} ({spec.path}) yields no usable examples: {report.read} rows read, "
@@ -241,12 +311,22 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
     return datasets.load_from_disk(str(path / "data")), total
 
 
-def split_validation(data, val_size: float, seed: int):
-    """val_size < 1 is a fraction, >= 1 a count of examples, as in LLaMA-Factory."""
+def split_validation(data, val_size: float, seed: int, by_document: bool = False):
+    """val_size < 1 is a fraction, >= 1 a count, as in LLaMA-Factory. by_document (pt): whole documents go to one
+    side, so no piece of an eval document is trained on; val_size then counts documents."""
     if not val_size:
         return data, None
-    size = int(val_size) if val_size >= 1 else val_size
-    if isinstance(size, int) and size >= len(data):
-        raise ConfigError(f"val_size: {val_size} leaves no training data ({len(data)} examples in all).")
-    split = data.train_test_split(test_size=size, seed=seed)
-    return split["train"], split["test"]
+    if not by_document:
+        size = int(val_size) if val_size >= 1 else val_size
+        if isinstance(size, int) and size >= len(data):
+            raise ConfigError(f"val_size: {val_size} leaves no training data ({len(data)} examples in all).")
+        split = data.train_test_split(test_size=size, seed=seed)
+        return split["train"], split["test"]
+    docs = np.asarray(column_values(data, "_doc"))
+    unique = np.unique(docs)
+    n_eval = int(val_size) if val_size >= 1 else max(1, int(round(val_size * len(unique))))
+    if n_eval >= len(unique):
+        raise ConfigError(f"val_size: {val_size} leaves no training data ({len(unique)} documents in all).")
+    held = np.random.default_rng(seed).permutation(unique)[:n_eval]
+    in_eval = np.isin(docs, held)
+    return data.select(np.flatnonzero(~in_eval)), data.select(np.flatnonzero(in_eval))

@@ -1,6 +1,8 @@
-"""streaming: true — corpora larger than memory. Rows are read, formatted, tokenized and packed on the
-fly (datasets' IterableDataset), so nothing is cached and training starts at once; it needs max_steps,
-since an endless stream has no epoch length."""
+"""streaming: true — corpora larger than memory. Rows are read and tokenized on the fly (datasets'
+IterableDataset) through the same `process_rows` and `keep_reason` as cached data, so bad rows, truncation and
+labels are treated alike; nothing is cached and training starts at once. It needs max_steps, since an endless
+stream has no epoch length. With packing, examples are packed greedily as they come (best-fit needs the whole
+set, which a stream never has)."""
 
 from __future__ import annotations
 
@@ -8,60 +10,83 @@ import logging
 from typing import Iterator
 
 from trainer.data import formats, registry
-from trainer.data.processing import tokenize_document, tokenize_row
+from trainer.data.processing import FORMATTING_OF_KIND, check_kind, keep_reason, process_rows
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+BATCH = 64  # rows tokenized together: the tokenizer's batch call, without holding back the first step
 
-def _examples(names: list[str], data_args, data_kind: str, tokenizer, template) -> Iterator[dict]:
+
+def _raw_rows(spec: registry.DatasetSpec):
     import datasets
 
+    if spec.source == "file":
+        files = [str(f) for f in spec.files()]
+        builder = registry.FILE_BUILDERS[spec.files()[0].suffix]
+        return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+    return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, streaming=True)
+
+
+def _batches(spec, data_args) -> Iterator[dict[str, list]]:
+    """Columnar batches of raw rows with their 1-based `_row` numbers, max_samples applied."""
+    buffer: list[dict] = []
+    for number, row in enumerate(_raw_rows(spec), start=1):
+        if data_args.max_samples is not None and number > data_args.max_samples:
+            break
+        if number == 1:
+            formats.check_rows(spec, list(row))
+        buffer.append({**row, "_row": number})
+        if len(buffer) == BATCH:
+            yield _columns(buffer)
+            buffer = []
+    if buffer:
+        yield _columns(buffer)
+
+
+def _columns(rows: list[dict]) -> dict[str, list]:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
+def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, template) -> Iterator[dict]:
+    """Trainable examples {input_ids, labels, lengths} in file order, each dataset after the other."""
+    check_kind(data_kind)
     for name in names:
         spec = registry.get_spec(name, data_args.dataset_dir)
-        if data_kind == "pretrain":
-            spec.formatting = "text"
-        if spec.source == "file":
-            files = [str(f) for f in spec.files()]
-            builder = registry.FILE_BUILDERS[spec.files()[0].suffix]
-            rows = datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
-        else:
-            rows = datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, streaming=True)
-        convert = formats.FORMATTERS[spec.formatting](spec)
-        bad = good = 0
-        for number, row in enumerate(rows, start=1):
-            if data_args.max_samples is not None and number > data_args.max_samples:
-                break
-            if number == 1:
-                formats._check_columns(spec, list(row), spec.formatting)
-            example = convert(row)
-            if example["_error"]:
-                bad += 1
-                if bad <= 5:
-                    logger.warning("%s (%s) row %d skipped: %s", name, spec.path, number, example["_error"])
-                limit = data_args.max_bad_rows if data_args.max_bad_rows >= 1 else data_args.max_bad_rows * number
-                if bad > limit and (data_args.max_bad_rows >= 1 or number >= 100):
-                    raise ConfigError(f"dataset {name!r} ({spec.path}): {bad} of the first {number} rows are "
-                                      f"malformed, more than max_bad_rows={data_args.max_bad_rows} allows.")
-                continue
-            good += 1
-            if data_kind == "pretrain":
-                yield from (c for c in tokenize_document(example, tokenizer, data_args.cutoff_len) if not c["_no_labels"])
-            else:
-                out = tokenize_row(example, template, tokenizer, data_args.cutoff_len, data_args.train_on_prompt,
-                                   data_args.mask_history)
-                if not out["_no_labels"] and not (out["_truncated"] and data_args.cutoff_policy == "drop"):
-                    yield out
-        if bad:
-            logger.warning("%s: skipped %d malformed rows while streaming.", name, bad)
-        if not good:
-            raise ConfigError(f"dataset {name!r} ({spec.path}) streamed no usable example ({bad} malformed rows).")
+        spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
+        counts = {"bad": 0, "dropped_long": 0, "no_labels": 0, "": 0}
+        read = 0
+        for batch in _batches(spec, data_args):
+            read += len(batch["_row"])
+            out = process_rows(batch, spec, data_kind, tokenizer, template, data_args)
+            for i, ids in enumerate(out["input_ids"]):
+                reason = keep_reason(out["_error"][i], out["_truncated"][i], out["_no_labels"][i],
+                                     data_args.cutoff_policy)
+                counts[reason] += 1
+                if reason == "bad" and counts["bad"] <= 5:
+                    logger.warning("%s (%s) row %d skipped: %s", name, spec.path, out["_row"][i], out["_error"][i])
+                if not reason:
+                    yield {"input_ids": ids, "labels": out["labels"][i], "lengths": [len(ids)]}
+            limit = data_args.max_bad_rows if data_args.max_bad_rows >= 1 else data_args.max_bad_rows * read
+            if counts["bad"] > limit and (data_args.max_bad_rows >= 1 or read >= 100):
+                raise ConfigError(f"dataset {name!r} ({spec.path}): {counts['bad']} of the first {read} rows are "
+                                  f"malformed, more than max_bad_rows={data_args.max_bad_rows} allows.")
+        if counts["bad"]:
+            logger.warning("%s: skipped %d malformed rows while streaming.", name, counts["bad"])
+        if counts["dropped_long"] or counts["no_labels"]:
+            logger.warning("%s: dropped %d examples longer than cutoff_len (cutoff_policy: drop) and %d without trained "
+                           "tokens while streaming.", name, counts["dropped_long"], counts["no_labels"])
+        if not counts[""]:
+            raise ConfigError(f"dataset {name!r} ({spec.path}) streamed no usable example ({counts['bad']} malformed "
+                              "rows).")
 
 
 def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, template, pack: bool) -> Iterator[dict]:
-    """Greedy on-the-fly packing: examples fill the current row until the next one does not fit."""
+    """Dataset items for the collator: one example each, or (pack) examples filling a row until the next one does
+    not fit in cutoff_len."""
     row: dict = {"input_ids": [], "labels": [], "lengths": []}
-    for ex in _examples(names, data_args, data_kind, tokenizer, template):
+    for ex in stream_examples(names, data_args, data_kind, tokenizer, template):
         n = len(ex["input_ids"])
         if row["lengths"] and (not pack or len(row["input_ids"]) + n > data_args.cutoff_len):
             yield row

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from trainer.errors import ConfigError
 
 TEMPLATES: dict[str, "Template"] = {}
@@ -95,20 +97,31 @@ class Template:
     def encode(self, tokenizer, messages: list[dict], system: str = "", train_on_prompt: bool = False,
                mask_history: bool = False) -> tuple[list[int], list[bool]]:
         """Token ids and, per token, whether it is trained (carries a label)."""
-        pieces = self.render(messages, system)
-        n_turns = 1 + max((turn for _, turn in pieces), default=-1)
-        text, char_trained = "", []
-        for piece, turn in pieces:
-            trained = train_on_prompt or (turn >= 0 and (not mask_history or turn == n_turns - 1))
-            text += piece
-            char_trained += [trained] * len(piece)
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids, offsets = enc["input_ids"], enc["offset_mapping"]
-        trained = []
-        for start, end in offsets:
-            pos = start if start < end else max(start - 1, 0)
-            trained.append(bool(char_trained[pos]) if pos < len(char_trained) else False)
-        return ids, trained
+        [(ids, trained)] = self.encode_batch(tokenizer, [(messages, system)], train_on_prompt, mask_history)
+        return ids, trained.tolist()
+
+    def encode_batch(self, tokenizer, conversations: list[tuple[list[dict], str]], train_on_prompt: bool = False,
+                     mask_history: bool = False) -> list[tuple[list[int], np.ndarray]]:
+        """Many (messages, system) at once: one call of the tokenizer's batch encoder; per conversation its ids
+        and a boolean array saying which tokens are trained (a token is trained when it starts inside an
+        assistant span; a token with an empty span takes the character before it)."""
+        texts, char_masks = [], []
+        for messages, system in conversations:
+            pieces = self.render(messages, system)
+            n_turns = 1 + max((turn for _, turn in pieces), default=-1)
+            flags = [train_on_prompt or (turn >= 0 and (not mask_history or turn == n_turns - 1)) for _, turn in pieces]
+            texts.append("".join(text for text, _ in pieces))
+            char_masks.append(np.repeat(np.array(flags, dtype=bool), [len(text) for text, _ in pieces]))
+        enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        out = []
+        for ids, offsets, chars in zip(enc["input_ids"], enc["offset_mapping"], char_masks):
+            spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+            pos = np.where(spans[:, 0] < spans[:, 1], spans[:, 0], np.maximum(spans[:, 0] - 1, 0))
+            inside = pos < len(chars)
+            trained = np.zeros(len(ids), dtype=bool)
+            trained[inside] = chars[pos[inside]]
+            out.append((ids, trained))
+        return out
 
     def encode_prompt(self, tokenizer, messages: list[dict], system: str = "") -> list[int]:
         """Ids of a conversation ending with a user turn, followed by the assistant header (for generation)."""

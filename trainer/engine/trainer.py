@@ -29,9 +29,57 @@ from trainer.errors import ConfigError, TrainingHalted
 logger = logging.getLogger(__name__)
 
 
+# The transformers.Trainer methods ZeroTrainer overrides, with the parameters it relies on. Private ones can change in
+# any release: check_trainer_api (run by the tests and at start) names what changed instead of failing obscurely.
+TESTED_TRANSFORMERS = "5.24"
+OVERRIDDEN = {
+    "_get_num_items_in_batch": ("self", "batch_samples", "device"),
+    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
+    "prediction_step": ("self", "model", "inputs", "prediction_loss_only", "ignore_keys"),
+    "training_step": ("self", "model", "inputs", "num_items_in_batch"),
+    "_get_output_dir": ("self", "trial"),
+    "_save_checkpoint": ("self", "model", "trial"),
+    "_push_from_checkpoint": ("self", "checkpoint_folder"),
+    "_save": ("self", "output_dir", "state_dict"),
+    "_move_model_to_device": ("self", "model", "device"),
+    "_wrap_model": ("self", "model", "training", "dataloader"),
+    "_save_optimizer_and_scheduler": ("self", "output_dir"),
+    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
+    "_load_best_model": ("self",),
+    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+}
+
+
+def trainer_api_changes() -> list[str]:
+    """What differs between this transformers' Trainer and the methods ZeroTrainer overrides (empty: all as tested)."""
+    import inspect
+
+    changes = []
+    for name, expected in OVERRIDDEN.items():
+        method = getattr(Trainer, name, None)
+        if method is None:
+            changes.append(f"Trainer.{name} no longer exists")
+            continue
+        params = tuple(p for p in inspect.signature(method).parameters if p not in ("args", "kwargs"))
+        if params != expected:
+            changes.append(f"Trainer.{name}{params} was Trainer.{name}{expected}")
+    return changes
+
+
+def check_trainer_api() -> None:
+    changes = trainer_api_changes()
+    if changes:
+        import transformers
+
+        logger.warning("transformers %s changed Trainer methods zerotune overrides (tested with %s): %s. Install "
+                       "'transformers<5.25' if training misbehaves.", transformers.__version__, TESTED_TRANSFORMERS,
+                       "; ".join(changes))
+
+
 class ZeroTrainer(Trainer):
     def __init__(self, *args, stage, wrapper, skip_nonfinite: bool = False, **kwargs):
         kwargs.setdefault("compute_metrics", _summed_statistics)
+        check_trainer_api()
         super().__init__(*args, **kwargs)
         self.stage = stage
         self.wrapper = wrapper
@@ -253,7 +301,7 @@ class ZeroTrainer(Trainer):
             tokens, flops, slots = totals.tolist()
             peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / elapsed, 2)
-            logs["mfu"] = round(flops / elapsed / peak, 4)
+            logs["mfu"] = float(f"{flops / elapsed / peak:.4g}")  # 4 significant digits: tiny runs have tiny MFU
             logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
             logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
             logs.update(self._window_statistics())
