@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from trainer import lf_compat
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -192,15 +193,6 @@ def _map_warmup_ratio(value: Any, raw: dict) -> dict:
 
 
 RENAMED_KEYS = {"warmup_ratio": _map_warmup_ratio}
-
-# LLaMA-Factory keys that change nothing in zerotune: accepted so that an LF YAML runs unchanged,
-# with a log line saying they are ignored (never silently).
-IGNORED_LF_KEYS = {
-    "print_param_status": "diagnostic only",
-    "disable_shuffling": "not supported; the train set is shuffled each epoch",
-    "ddp_find_unused_parameters": "zerotune chooses this itself",
-}
-
 
 @dataclass
 class RunConfig:
@@ -401,23 +393,26 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
 
     from trainer.stages import stage_keys
 
+    lf_compat.check_values(raw)
     groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "finetuning": {}, "training": {}}
     staged = stage_keys()
-    unknown, stage_given = [], {}
+    unknown, refused, stage_given = [], [], {}
     for key, value in raw.items():
         if key in ("fsdp", "fsdp_config"):
             continue  # zerotune applies FSDP itself (engine/fsdp.py); accelerate's FSDP does not run on CPU
-        if key in IGNORED_LF_KEYS:
-            logger.warning("Ignoring %s (%s).", key, IGNORED_LF_KEYS[key])
+        if key in lf_compat.IGNORED:
+            logger.warning("Ignoring %s (%s).", key, lf_compat.IGNORED[key])
             continue
         if key in staged and key not in owners:
             stage_given[key] = value
             continue
         if key not in owners:
-            unknown.append(key)
+            (refused if lf_compat.refusal(key) else unknown).append(key)
             continue
         group, tp, f = owners[key]
         groups[group][key] = _coerce(key, value, tp, f.metadata.get("choices"))
+    if refused:
+        raise ConfigError("\n".join(lf_compat.refusal(k) for k in refused))
     if unknown:
         valid = list(owners) + list(RENAMED_KEYS) + list(staged)
         lines = []
