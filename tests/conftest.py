@@ -20,6 +20,23 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ZEROTUNE_CACHE", str(tmp_path / "zcache"))
 
 
+@pytest.fixture(autouse=True)
+def _trainer_logs_reach_caplog(monkeypatch):
+    """run() stops zerotune's logger from propagating (no double lines under other libraries' root handlers);
+    in-process tests read its messages through caplog, which listens at the root."""
+    import logging
+
+    import trainer.run
+
+    original = trainer.run.setup_logging
+
+    def setup(main_process: bool) -> None:
+        original(main_process)
+        logging.getLogger("trainer").propagate = True
+
+    monkeypatch.setattr(trainer.run, "setup_logging", setup)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny(tmp_path_factory.mktemp("tiny-llama"))

@@ -109,9 +109,13 @@ def check(config: str, overrides: list[str]) -> int:
     from trainer.config import load_config
     from trainer.plan import describe
 
+    from trainer.config import parse_override, read_yaml
+
+    raw = read_yaml(config)
+    raw.update(parse_override(o) for o in overrides)
     # The plan needs no DeepSpeed engine; building one here would claim a process group of one.
     cfg = load_config(config, list(overrides) + ["overwrite_output_dir=true", "deepspeed=null"])
-    print(describe(cfg))
+    print(describe(cfg, deepspeed=raw.get("deepspeed")))
     return 0
 
 

@@ -72,6 +72,8 @@ class DataArguments:
         default=0.1, metadata={"help": "Malformed rows tolerated per dataset: a fraction (< 1) or a count (>= 1)."})
     cutoff_policy: str = field(default="truncate", metadata={
         "choices": ("truncate", "drop"), "help": "Examples longer than cutoff_len: truncate them or drop them."})
+    tokenized_path: str | None = field(default=None, metadata={
+        "help": "As in LLaMA-Factory: load the tokenized training data saved here, or tokenize and save it here."})
     tokenized_cache_dir: str | None = field(
         default=None, metadata={"help": "Where tokenized data is cached (default ~/.cache/zerotune/tokenized)."}
     )
@@ -429,6 +431,7 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     data = DataArguments(**groups["data"])
     finetuning = FinetuningArguments(**groups["finetuning"])
     stage_options = _stage_options(finetuning.stage, stage_given, staged)
+    _check_ranges(groups["training"], finetuning)
     training = _training_arguments(groups["training"], finetuning, streaming=data.streaming)
     passes = int(groups["training"].get("per_device_train_batch_size", 8)) // training.per_device_train_batch_size
     config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, fsdp=fsdp, source=source,
@@ -455,6 +458,52 @@ def _stage_options(stage: str, given: dict, staged: dict[str, list[str]]):
         raise
     except (ValueError, TypeError) as err:
         raise ConfigError(f"stage {stage}: {err}") from None
+
+
+def _check_ranges(training: dict, finetuning: FinetuningArguments) -> None:
+    """Values transformers would accept and then divide by, or train nothing with: refused here, by key."""
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if key in training and training[key] < 1:
+            raise ConfigError(f"{key}: {training[key]} must be at least 1.")
+    if training.get("do_train", False) and training.get("max_steps", -1) <= 0 and \
+            training.get("num_train_epochs", 3.0) <= 0:
+        raise ConfigError(f"Nothing to train: num_train_epochs is {training.get('num_train_epochs')} and max_steps "
+                          f"{training.get('max_steps', -1)}. Set num_train_epochs > 0 or max_steps > 0 (or do_train: "
+                          "false to only evaluate).")
+    if finetuning.lora_alpha is not None and finetuning.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha: {finetuning.lora_alpha} must be positive (default: 2 x lora_rank).")
+    if finetuning.lora_rank <= 0:
+        raise ConfigError(f"lora_rank: {finetuning.lora_rank} must be positive.")
+
+
+# report_to names -> the package each integration needs (transformers' integrations, 5.x).
+INTEGRATION_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "mlflow": "mlflow", "neptune": "neptune",
+                        "tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb",
+                        "codecarbon": "codecarbon", "clearml": "clearml", "dagshub": "dagshub", "flyte": "flytekit",
+                        "dvclive": "dvclive", "swanlab": "swanlab", "kubeflow": "kubeflow"}
+
+
+def _check_report_to(value) -> None:
+    """Unknown integrations with did-you-mean; known ones whose package is missing with the pip command to run."""
+    if value is None:
+        return
+    names = [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+    if names in (["none"], ["all"]):
+        return
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, \
+        get_available_reporting_integrations
+
+    known = list(INTEGRATION_TO_CALLBACK)
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=2, cutoff=0.6)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise ConfigError(f"report_to: {name!r} is not an integration.{hint} Known: {', '.join(known)}, none.")
+        if name not in available:
+            package = INTEGRATION_PACKAGES.get(name, name)
+            raise ConfigError(f"report_to: {name} needs the {package} package, which is not installed: "
+                              f"pip install {package}")
 
 
 def cpu_supports_bf16() -> bool:
@@ -495,6 +544,7 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments, streaming
     values.setdefault("ddp_find_unused_parameters", False)
     if values.get("report_to") is None:
         values["report_to"] = "none"
+    _check_report_to(values["report_to"])
     if streaming:
         # accelerate would read a stream on the main process only and split each batch along its rows; padding-free
         # batches are one row, so every process reads the stream and keeps its own share of the items instead.
@@ -599,8 +649,6 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
                           "set packing: false for padded batches.")
     if f.lora_alpha is None:
         f.lora_alpha = 2 * f.lora_rank
-    if f.lora_rank <= 0:
-        raise ConfigError(f"lora_rank: {f.lora_rank} must be positive.")
     if not 0.0 <= f.lora_dropout < 1.0:
         raise ConfigError(f"lora_dropout: {f.lora_dropout} must be in [0, 1).")
     if f.skip_nonfinite_batches and t.deepspeed and _zero_stage(t.deepspeed) == 3:
@@ -619,6 +667,7 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
         raise ConfigError("do_eval needs eval_dataset (or dataset).")
     if t.do_train:
         check_output_dir(t.output_dir, f.overwrite_output_dir, t.resume_from_checkpoint)
+        check_resume_folder(t.resume_from_checkpoint)
 
 
 RUN_MARKERS = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
@@ -640,3 +689,14 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: Any) -> None:
             f"output_dir {output_dir!r} already holds a run ({', '.join(held[:4])}). Set overwrite_output_dir: true "
             "to train over it, resume_from_checkpoint: true to continue it, or choose another output_dir."
         )
+
+
+def check_resume_folder(value) -> None:
+    """A resume_from_checkpoint folder must be a checkpoint: said before the model loads (true is resolved later)."""
+    if not wants_resume(value) or str(value).lower() in ("true", "auto", "last", "latest"):
+        return
+    from trainer.engine.checkpoints import describe_unresumable
+
+    why = describe_unresumable(str(value))
+    if why:
+        raise ConfigError(f"resume_from_checkpoint: {why}")

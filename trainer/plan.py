@@ -126,7 +126,8 @@ def decide_checkpointing(model, training_args, tokens_per_microbatch: int, shard
     return on, why
 
 
-def describe(config: RunConfig, with_data: bool = True) -> str:
+def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
+    """The plan; `deepspeed` is the YAML's DeepSpeed config (the check builds the config without DeepSpeed)."""
     from trainer.model.loading import load_tokenizer
 
     t, d = config.training, config.data
@@ -138,12 +139,27 @@ def describe(config: RunConfig, with_data: bool = True) -> str:
         mode = "full_shard" if config.fsdp.reshard_after_forward else "shard_grad_op"
         lines.append(f"sharding         FSDP2 {mode} over {world} processes (model states: the ZeRO-3 row below)"
                      if world > 1 else "sharding         fsdp is set, but one process has nothing to shard")
+    deepspeed = deepspeed or t.deepspeed
+    if deepspeed:
+        from trainer.config import _deepspeed_dict, _zero_stage
+
+        ds = _deepspeed_dict(deepspeed).get("zero_optimization", {})
+        offload = [k.replace("offload_", "") for k in ("offload_optimizer", "offload_param")
+                   if (ds.get(k) or {}).get("device", "none") not in ("none", None)]
+        lines.append(f"deepspeed        {deepspeed}: ZeRO-{_zero_stage(deepspeed)}"
+                     + (f" with {' and '.join(offload)} offload" if offload else "")
+                     + " (its row below is what each device holds)")
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
     unit = "packed rows" if d.packing else "examples"
     per, passes = t.per_device_train_batch_size * config.passes, config.passes
     lines.append(f"global batch     {per} x {t.gradient_accumulation_steps // passes} accumulation x {world} = "
                  f"{rows_per_step} {unit} a step")
-    if passes > 1:
+    what_if = "NPROC_PER_NODE" in os.environ or "NNODES" in os.environ
+    auto = str(config.finetuning.forward_batch_size).lower() == "auto"
+    if what_if and auto and not torch.cuda.is_available():
+        lines.append(f"passes           forward_batch_size auto: on GPUs each device's batch of {per} runs in one pass "
+                     f"(on this CPU it would run as {per} passes of 1)")
+    elif passes > 1:
         lines.append(f"passes           each device's batch of {per} runs as {passes} forward/backward passes of "
                      f"{t.per_device_train_batch_size} (forward_batch_size: {config.finetuning.forward_batch_size})")
     if with_data and d.dataset:
@@ -160,13 +176,20 @@ def describe(config: RunConfig, with_data: bool = True) -> str:
         if d.packing:
             bins = packing.best_fit_bins(lengths, d.cutoff_len)
             eff = sum(lengths) / (len(bins) * d.cutoff_len)
-            per_step = rows_per_step * d.cutoff_len * eff
+            items = len(bins)
+            per_step = min(rows_per_step, items) * d.cutoff_len * eff
             lines.append(f"data             {len(lengths)} examples, {sum(lengths)} tokens, mean {mean:.0f}; "
                          f"packed into {len(bins)} rows of {d.cutoff_len}: packing efficiency {100 * eff:.1f}%")
             lines.append(f"tokens a step    ~{per_step:.0f} real tokens ({per_step / mean:.1f} examples)")
         else:
+            items = len(lengths)
             lines.append(f"data             {len(lengths)} examples, {sum(lengths)} tokens, mean {mean:.0f} (no packing)")
-            lines.append(f"tokens a step    ~{rows_per_step * mean:.0f} real tokens")
+            lines.append(f"tokens a step    ~{min(rows_per_step, items) * mean:.0f} real tokens")
+        steps = -(-items // rows_per_step)
+        lines.append(f"steps an epoch   {steps} optimizer steps over {items} {unit}")
+        if rows_per_step > items:
+            lines.append(f"WARNING          one step takes {rows_per_step} {unit} but the data has only {items}: every "
+                         "epoch is a single, partly empty step. Lower the batch, the accumulation or the processes.")
         if report.truncated:
             lines.append(f"truncated        {report.truncated} examples longer than cutoff_len={d.cutoff_len}")
     total, trained, largest = parameter_counts(config)

@@ -38,8 +38,11 @@ def resolve_resume(value, output_dir: str) -> str | None:
             raise ConfigError(f"resume_from_checkpoint: {value} but {output_dir!r} holds no checkpoint-* folder.")
         logger.info("Resuming from %s (the newest complete checkpoint).", last)
         return last
-    if not Path(value).is_dir():
-        raise ConfigError(f"resume_from_checkpoint: {value!r} is not a folder.")
+    from trainer.engine.checkpoints import describe_unresumable
+
+    why = describe_unresumable(str(value))
+    if why:
+        raise ConfigError(f"resume_from_checkpoint: {why}")
     return str(value)
 
 
@@ -62,9 +65,11 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
     d, t = config.data, config.training
     rebuild = d.overwrite_cache and t.process_index == 0
 
-    def tokenized(names):
-        data, _ = processing.tokenized_dataset(names, d, stage.data_kind, tokenizer, template, rebuild)
-        return data
+    def tokenized(names, saved_at=None):
+        if saved_at:
+            return processing.tokenized_path_dataset(saved_at, names, d, stage.data_kind, tokenizer, template,
+                                                     rebuild)[0]
+        return processing.tokenized_dataset(names, d, stage.data_kind, tokenizer, template, rebuild)[0]
 
     train = evaluation = None
     if t.do_train and d.streaming:
@@ -80,12 +85,13 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
         return train, evaluation, None
     by_document = stage.data_kind in processing.DOCUMENT_KINDS  # all pieces of a document on one side
     if t.do_train:
-        train = tokenized(d.dataset)
+        train = tokenized(d.dataset, d.tokenized_path)
         train, evaluation = processing.split_validation(train, d.val_size, t.seed, by_document)
     elif d.val_size and not d.eval_dataset:
-        _, evaluation = processing.split_validation(tokenized(d.dataset), d.val_size, t.seed, by_document)
+        data = tokenized(d.dataset, d.tokenized_path)
+        _, evaluation = processing.split_validation(data, d.val_size, t.seed, by_document)
     elif not d.eval_dataset:
-        evaluation = tokenized(d.dataset)
+        evaluation = tokenized(d.dataset, d.tokenized_path)
     if d.eval_dataset:
         evaluation = tokenized(d.eval_dataset)
 
@@ -218,8 +224,14 @@ def run(config: RunConfig) -> dict:
         results["packing_efficiency"] = round(efficiency, 4)
     if t.do_train:
         resume = resolve_resume(t.resume_from_checkpoint, t.output_dir)
+        done = resume and checkpoints.run_is_complete(resume, t.max_steps, t.num_train_epochs)
+        if done:
+            logger.warning("%s; nothing to train. Raise max_steps or num_train_epochs to train further.", done)
+            return results
         if trainer.is_world_process_zero():
             checkpoints.clear_stale_staging(t.output_dir)
+            if f.overwrite_output_dir and not resume:
+                checkpoints.set_aside_previous_run(t.output_dir)
             save_config(config)
         stop.install()
         watch = LauncherWatch().start()

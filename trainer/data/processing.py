@@ -275,11 +275,9 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
     key = cache_key(specs, tokenizer, template, settings)
     root = Path(data_args.tokenized_cache_dir) if data_args.tokenized_cache_dir else default_cache_dir()
     path = root / key
-    report_path = path / "zerotune_report.json"
-    if path.is_dir() and report_path.is_file() and not rebuild:
+    if is_published(path) and not rebuild:
         logger.info("Reusing tokenized data for %s from %s (overwrite_cache: true rebuilds it).", ",".join(names), path)
-        report = DataReport(**json.loads(report_path.read_text()))
-        return datasets.load_from_disk(str(path / "data")), report
+        return load_published(path)
 
     parts, total = [], DataReport()
     for spec in specs:
@@ -292,13 +290,21 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
         parts.append(tokenized)
         total.merge(report)
     data = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    # Write beside, then rename: a killed run never leaves a half-written cache that looks complete.
-    tmp = root / f".{key}.tmp-{os.getpid()}"
+    publish(data, total, path)
+    return load_published(path)
+
+
+def publish(data, report: DataReport, path: Path) -> None:
+    """Write tokenized data and its report beside `path`, then rename: a killed run never leaves a half-written
+    folder that looks complete, and a reader holding an older copy keeps its files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     data.save_to_disk(str(tmp / "data"))
-    (tmp / "zerotune_report.json").write_text(json.dumps(asdict(total)))
-    if path.exists():  # a rebuild: move the old cache aside first (a reader holding it keeps its files)
-        old = root / f".{key}.old-{os.getpid()}"
+    (tmp / "zerotune_report.json").write_text(json.dumps(asdict(report)))
+    if path.exists():  # a rebuild: move the old copy aside first
+        old = path.parent / f".{path.name}.old-{os.getpid()}"
         try:
             os.replace(path, old)
         except OSError:
@@ -306,9 +312,34 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
         shutil.rmtree(old, ignore_errors=True)
     try:
         os.replace(tmp, path)
-    except OSError:  # another process published the same key meanwhile: its data is identical, use it
+    except OSError:  # another process published the same data meanwhile: it is identical, use it
         shutil.rmtree(tmp, ignore_errors=True)
-    return datasets.load_from_disk(str(path / "data")), total
+
+
+def is_published(path) -> bool:
+    return (Path(path) / "zerotune_report.json").is_file() and (Path(path) / "data").is_dir()
+
+
+def load_published(path) -> tuple[Any, DataReport]:
+    import datasets
+
+    report = DataReport(**json.loads((Path(path) / "zerotune_report.json").read_text()))
+    return datasets.load_from_disk(str(Path(path) / "data")), report
+
+
+def tokenized_path_dataset(path: str, names: list[str], data_args, data_kind: str, tokenizer, template,
+                           rebuild: bool):
+    """LLaMA-Factory's tokenized_path: load the tokenized data saved there, or tokenize and save it there first."""
+    if is_published(path) and not rebuild:
+        logger.info("Loading tokenized data from tokenized_path %s (the dataset settings are not read again).", path)
+        return load_published(path)
+    if Path(path).exists() and any(Path(path).iterdir()) and not is_published(path):
+        raise ConfigError(f"tokenized_path: {path!r} exists but holds no data zerotune saved; choose an empty or new "
+                          "folder.")
+    data, report = tokenized_dataset(names, data_args, data_kind, tokenizer, template, rebuild)
+    publish(data, report, Path(path))
+    logger.info("Saved the tokenized data to tokenized_path %s; later runs load it from there.", path)
+    return load_published(path)
 
 
 def split_validation(data, val_size: float, seed: int, by_document: bool = False):

@@ -115,7 +115,8 @@ def load_rows(spec: DatasetSpec, cache_dir: str | None = None):
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
         except Exception as err:  # datasets wraps parse errors in several types
-            raise ConfigError(f"dataset {spec.name!r}: could not read {spec.path}: {err}") from None
+            where = json_syntax_errors(files) if builder == "json" else ""
+            raise ConfigError(f"dataset {spec.name!r}: could not read {spec.path}: {where or err}") from None
     else:
         try:
             ds = datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, data_dir=spec.folder,
@@ -129,3 +130,28 @@ def load_rows(spec: DatasetSpec, cache_dir: str | None = None):
     if spec.num_samples is not None:
         ds = ds.select(range(min(spec.num_samples, len(ds))))
     return ds
+
+
+def json_syntax_errors(files: list[str]) -> str:
+    """Which lines of JSON / JSON Lines files do not parse: file, 1-based line, how many (empty: none found)."""
+    for f in files:
+        text = Path(f).read_text(encoding="utf-8", errors="replace")
+        if f.endswith(".json") and text.lstrip()[:1] in "[{":
+            try:
+                json.loads(text)
+                continue
+            except json.JSONDecodeError as err:
+                return f"{f} line {err.lineno}, column {err.colno} is not valid JSON ({err.msg})."
+        lines = text.splitlines()
+        bad = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as err:
+                    bad.append((number, err.msg))
+        if bad:
+            shown = "; ".join(f"line {n} ({msg})" for n, msg in bad[:5])
+            return (f"{len(bad)} of {len(lines)} lines of {f} are not valid JSON: {shown}. Fix or remove them "
+                    "(each line of a .jsonl file is one JSON object).")
+    return ""

@@ -6,6 +6,7 @@ set, which a stream never has)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Iterator
 
@@ -49,8 +50,10 @@ def _columns(rows: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in rows] for k in keys}
 
 
-def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, template) -> Iterator[dict]:
-    """Trainable examples {input_ids, labels, lengths} in file order, each dataset after the other."""
+def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, template,
+                    quiet: bool = False) -> Iterator[dict]:
+    """Trainable examples {input_ids, labels, lengths} in file order, each dataset after the other (quiet: the
+    stream's later passes, whose rows were reported on the first)."""
     check_kind(data_kind)
     for name in names:
         spec = registry.get_spec(name, data_args.dataset_dir)
@@ -64,7 +67,7 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
                 reason = keep_reason(out["_error"][i], out["_truncated"][i], out["_no_labels"][i],
                                      data_args.cutoff_policy)
                 counts[reason] += 1
-                if reason == "bad" and counts["bad"] <= 5:
+                if reason == "bad" and counts["bad"] <= 5 and not quiet:
                     logger.warning("%s (%s) row %d skipped: %s", name, spec.path, out["_row"][i], out["_error"][i])
                 if not reason:
                     yield {"input_ids": ids, "labels": out["labels"][i], "lengths": [len(ids)]}
@@ -72,6 +75,8 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
             if counts["bad"] > limit and (data_args.max_bad_rows >= 1 or read >= 100):
                 raise ConfigError(f"dataset {name!r} ({spec.path}): {counts['bad']} of the first {read} rows are "
                                   f"malformed, more than max_bad_rows={data_args.max_bad_rows} allows.")
+        if quiet:
+            continue
         if counts["bad"]:
             logger.warning("%s: skipped %d malformed rows while streaming.", name, counts["bad"])
         if counts["dropped_long"] or counts["no_labels"]:
@@ -82,11 +87,21 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
                               "rows).")
 
 
+def endless(names: list[str], data_args, data_kind: str, tokenizer, template) -> Iterator[dict]:
+    """The stream, started again each time it ends. The data loader never sees an end, so no optimizer step is
+    ever cut short or made of two passes' leftovers: every step holds the same number of rows (max_steps ends
+    the run)."""
+    for number in itertools.count(1):
+        if number > 1:
+            logger.info("Reached the end of the stream; reading it again (pass %d).", number)
+        yield from stream_examples(names, data_args, data_kind, tokenizer, template, quiet=number > 1)
+
+
 def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, template, pack: bool) -> Iterator[dict]:
     """Dataset items for the collator: one example each, or (pack) examples filling a row until the next one does
     not fit in cutoff_len."""
     row: dict = {"input_ids": [], "labels": [], "lengths": []}
-    for ex in stream_examples(names, data_args, data_kind, tokenizer, template):
+    for ex in endless(names, data_args, data_kind, tokenizer, template):
         n = len(ex["input_ids"])
         if row["lengths"] and (not pack or len(row["input_ids"]) + n > data_args.cutoff_len):
             yield row

@@ -101,3 +101,58 @@ def clear_stale_staging(output_dir: str) -> None:
         shutil.rmtree(stale, ignore_errors=True)
         if leftovers:
             logger.warning("Removed incomplete checkpoint(s) %s left by an interrupted run.", ", ".join(leftovers))
+
+
+def set_aside_previous_run(output_dir: str) -> str | None:
+    """overwrite_output_dir: the earlier run's checkpoints belong to that run. Move them into
+    output_dir/previous-run-<time>/ (nothing is deleted), so `resume_from_checkpoint: true` can only pick this
+    run's. Returns the folder, or None when there was nothing to move."""
+    found = complete_checkpoints(output_dir)
+    if not found:
+        return None
+    import time
+
+    aside = Path(output_dir) / f"previous-run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    aside.mkdir(parents=True, exist_ok=True)
+    for _, path in found:
+        os.replace(path, aside / os.path.basename(path))
+    logger.warning("overwrite_output_dir: moved the earlier run's %d checkpoint(s) (%s) to %s; this run's "
+                   "checkpoints start afresh.", len(found), ", ".join(os.path.basename(p) for _, p in found), aside)
+    return str(aside)
+
+
+# What makes a folder resumable: the Trainer's state plus the optimizer's, in one of the forms the engines write.
+OPTIMIZER_STATE = ("optimizer.pt", "optimizer.bin", "fsdp_shards")
+
+
+def describe_unresumable(path: str) -> str | None:
+    """Why `path` cannot be resumed (None: it can). Checked before anything loads."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return f"{path!r} is not a folder"
+    has_state = (folder / "trainer_state.json").is_file()
+    has_optimizer = any((folder / name).exists() for name in OPTIMIZER_STATE) or any(folder.glob("global_step*"))
+    if has_state and has_optimizer:
+        return None
+    what = ("it holds weights and trainer_state.json but no optimizer state: the output of a finished run, or a "
+            "checkpoint saved with save_only_model" if has_state and any(folder.glob("*.safetensors"))
+            else "it is not a checkpoint (no trainer_state.json and optimizer state)")
+    return (f"{path!r} cannot be resumed: {what}. A checkpoint folder (output_dir/checkpoint-N, written every "
+            "save_steps) holds the weights, the optimizer, scheduler and RNG states and trainer_state.json, so "
+            "training continues exactly. To start a new run from these weights instead, set model_name_or_path to "
+            "it (full or freeze runs) or adapter_name_or_path (LoRA), without resume_from_checkpoint.")
+
+
+def run_is_complete(checkpoint: str, max_steps: int, num_train_epochs: float) -> str | None:
+    """A message when the checkpoint already reached the run's end (None: there is training left)."""
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    step, epoch = int(state.get("global_step", 0)), float(state.get("epoch") or 0.0)
+    if max_steps and max_steps > 0:
+        if step >= max_steps:
+            return f"{checkpoint} is at step {step} of max_steps {max_steps}: the run is already complete"
+        return None
+    if epoch >= num_train_epochs - 1e-9:
+        return f"{checkpoint} has trained {epoch:g} of num_train_epochs {num_train_epochs:g}: the run is already complete"
+    return None

@@ -59,8 +59,13 @@ def apply_lora(model, args, adapter_path: str | None, is_trainable: bool):
 def apply_freeze(model, args) -> None:
     layers = decoder_layers(model)
     n = args.freeze_trainable_layers
-    if n == 0 or abs(n) > len(layers):
-        raise ConfigError(f"freeze_trainable_layers: {n} must be between -{len(layers)} and {len(layers)}, not 0.")
+    if n == 0:
+        raise ConfigError("freeze_trainable_layers: 0 trains nothing; a positive n trains the last n layers, a negative "
+                          "n the first n.")
+    if abs(n) > len(layers):  # as LLaMA-Factory: more layers than the model has means all of them
+        logger.warning("freeze_trainable_layers: %d, but the model has %d layers; training all of them.", n,
+                       len(layers))
+        n = len(layers) if n > 0 else -len(layers)
     chosen = range(len(layers) - n, len(layers)) if n > 0 else range(-n)
     modules = args.freeze_trainable_modules
     for p in model.parameters():
@@ -71,16 +76,30 @@ def apply_freeze(model, args) -> None:
             if modules == ["all"] or any(re.search(rf"(^|\.){re.escape(m)}(\.|$)", name) for m in modules):
                 p.requires_grad_(True)
                 matched += 1
-    for extra in args.freeze_extra_modules or []:
-        sub = dict(model.named_modules()).get(extra)
-        if sub is None:
-            raise ConfigError(f"freeze_extra_modules: {extra!r} is not a module of this model.")
+    for sub in _extra_modules(model, layers, args.freeze_extra_modules or []):
         for p in sub.parameters():
             p.requires_grad_(True)
             matched += 1
     if not matched:
         raise ConfigError(f"freeze_trainable_modules: {modules} match no parameter of the chosen layers.")
     logger.info("Freeze tuning: training layers %s (%s).", list(chosen), ",".join(modules))
+
+
+def _extra_modules(model, layers, names: list[str]) -> list:
+    """freeze_extra_modules: full module names (model.embed_tokens) or LLaMA-Factory's short ones (embed_tokens,
+    lm_head, norm): the last part of the name of a module outside the decoder layers."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    outside = {name: m for name, m in model.named_modules() if name and id(m) not in inside
+               and any(True for _ in m.parameters(recurse=False))}
+    chosen = []
+    for extra in names:
+        found = [m for name, m in outside.items() if name == extra or name.split(".")[-1] == extra]
+        if not found:
+            short = sorted({name.split(".")[-1] for name in outside})
+            raise ConfigError(f"freeze_extra_modules: {extra!r} is not a module of this model outside its layers; "
+                              f"choose from: {', '.join(short)} (or their full names: {', '.join(sorted(outside))}).")
+        chosen += found
+    return chosen
 
 
 def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
@@ -96,8 +115,9 @@ def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
     logger.info("Trainable parameters: %d of %d (%.3f%%).", trainable, total, 100 * trainable / max(total, 1))
     return model
 
