@@ -145,8 +145,11 @@ def test_cli_version_and_help():
 def test_forward_batch_size_splits_the_batch_and_names_bad_values(tmp_path):
     import json
 
-    cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2))
+    # auto on CPU: packed rows one a pass; a padding-free batch (the sft default) is one row already.
+    cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2, packing=True))
     assert (cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps, cfg.passes) == (1, 12, 6)
+    cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, gradient_accumulation_steps=2))
+    assert (cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps, cfg.passes) == (6, 2, 1)
     cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, forward_batch_size=3))
     assert (cfg.training.per_device_train_batch_size, cfg.training.gradient_accumulation_steps, cfg.passes) == (3, 2, 2)
     cfg = build_config(_base(tmp_path, per_device_train_batch_size=6, forward_batch_size=16))
@@ -163,13 +166,13 @@ def test_forward_batch_size_splits_the_batch_and_names_bad_values(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 1}))
     values = {"per_device_train_batch_size": 6, "deepspeed": str(ds)}
-    _split_batch(values, "auto", cuda=False)
+    _split_batch(values, "auto", whole=False)
     assert values == {"per_device_train_batch_size": 6, "deepspeed": str(ds)}
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu, gradient_accumulation_steps"):
-        _split_batch(values, "2", cuda=False)
+        _split_batch(values, "2", whole=False)
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
-    _split_batch(values, "auto", cuda=False)
+    _split_batch(values, "auto", whole=False)
     assert (values["per_device_train_batch_size"], values["gradient_accumulation_steps"]) == (1, 6)
     values = {"per_device_train_batch_size": 6}
-    _split_batch(values, "auto", cuda=True)  # GPU: the whole batch a pass
+    _split_batch(values, "auto", whole=True)  # GPU, or a padding-free batch: the whole batch a pass
     assert values == {"per_device_train_batch_size": 6}

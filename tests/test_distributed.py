@@ -322,3 +322,25 @@ runpy.run_path(sys.argv[0], run_name="__main__")
     proc = _deepspeed({**cfg, "resume_from_checkpoint": "true"}, tmp_path, "runner-resume")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 60
+
+
+def test_dpo_two_processes_under_zero3_match_one(tiny_model_dir, tmp_path):
+    """The preference stage on the same engine: the reference (LoRA adapters switched off) and the pair layout hold
+    under ZeRO-3's partitioned weights; 1 process and 2 give the same losses and rewards."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    pairs = [{"instruction": f"Question {i}?", "chosen": "Yes." + " yes" * (i % 3), "rejected": "No." + " no" * (i % 4)}
+             for i in range(16)]
+    (data / "p.json").write_text(json.dumps(pairs))
+    (data / "dataset_info.json").write_text(json.dumps({"p": {"file_name": "p.json", "ranking": True}}))
+    common = dict(stage="dpo", dataset="p", max_steps=3, learning_rate=1e-2, gradient_accumulation_steps=1)
+    single = tmp_path / "one"
+    train_with(base_config(tiny_model_dir, data, single, per_device_train_batch_size=4, **common))
+    double = tmp_path / "two"
+    proc = _deepspeed(base_config(tiny_model_dir, data, double, per_device_train_batch_size=2, **common,
+                                  deepspeed=str(ROOT / "ds_configs/ds_z3_config.json")), tmp_path, "dpo-z3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
+    assert _history(double, "rewards/margins") == pytest.approx(_history(single, "rewards/margins"), rel=1e-3,
+                                                                abs=1e-6)
+    assert _history(single, "loss")[0] == pytest.approx(0.693147, rel=1e-4)

@@ -29,8 +29,9 @@ def test_the_messages_users_meet_most(tmp_path):
     with pytest.raises(ConfigError, match=r"finetuning_type: oft: OFT is not supported"):
         build_config({**base, "finetuning_type": "oft"})
     with pytest.raises(ConfigError) as err:  # several at once: each on its own line
-        build_config({**base, "use_galore": True, "pref_beta": 0.1})
-    assert "GaLore" in str(err.value) and "pref_beta: the rm, dpo" in str(err.value)
+        build_config({**base, "use_galore": True, "kto_chosen_weight": 1.0})
+    assert "GaLore" in str(err.value) and "kto_chosen_weight: this version trains sft, pt, dpo and orpo" in \
+        str(err.value)
 
 
 def test_ignored_keys_are_logged(tmp_path, caplog):

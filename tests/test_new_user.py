@@ -145,14 +145,18 @@ def test_tokenized_path_saves_then_loads(tiny_model_dir, data_dir, tmp_path, cap
 def test_check_prints_steps_warns_on_oversized_steps_and_names_the_zero_stage(tiny_model_dir, data_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump(base_config(tiny_model_dir, data_dir, tmp_path / "o", per_device_train_batch_size=8,
+                                              packing=True, cutoff_len=64,
                                               deepspeed=str(ROOT / "ds_configs/ds_z3_offload_config.json"))))
     proc = subprocess.run([sys.executable, "-m", "trainer.cli", "check", str(cfg)], cwd=ROOT, capture_output=True,
                           text=True, env={**os.environ, "NNODES": "2", "NPROC_PER_NODE": "8"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "ZeRO-3 with optimizer and param offload" in out
-    assert "steps an epoch   1 optimizer steps over 24 examples" in out
-    assert "WARNING          one step takes 128 examples but the data has only 24" in out
+    import re
+
+    rows = int(re.search(r"packed into (\d+) rows", out).group(1))
+    assert f"steps an epoch   1 optimizer steps over {rows} packed rows" in out
+    assert f"WARNING          one step takes 128 packed rows but the data has only {rows}" in out
     assert "on GPUs each device's batch of 8 runs in one pass" in out
     assert "~" in out and "real tokens" in out
 

@@ -95,8 +95,9 @@ class FinetuningArguments:
     disable_gradient_checkpointing: bool = False
     forward_batch_size: str = field(default="auto", metadata={"help": (
         "Rows per forward/backward pass: per_device_train_batch_size is run as passes of this many rows whose "
-        "gradients are accumulated (the same optimizer steps and gradient, less activation memory). auto: 1 on "
-        "CPU, where one row a pass measured both faster and leaner; the whole batch on GPU.")})
+        "gradients are accumulated (the same optimizer steps and gradient, less activation memory). auto: the "
+        "whole batch on GPU and for padding-free batches (one row already); on CPU, one packed or padded row a "
+        "pass, which measured both faster and leaner there.")})
     overwrite_output_dir: bool = False
     skip_nonfinite_batches: bool = field(
         default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run."})
@@ -432,7 +433,13 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     finetuning = FinetuningArguments(**groups["finetuning"])
     stage_options = _stage_options(finetuning.stage, stage_given, staged)
     _check_ranges(groups["training"], finetuning)
-    training = _training_arguments(groups["training"], finetuning, streaming=data.streaming)
+    from trainer.stages import get_stage_class
+
+    packed = data.neat_packing or (data.packing if data.packing is not None else
+                                   get_stage_class(finetuning.stage).packing_default)
+    # A padding-free micro-batch is one row already (its examples end to end): splitting it only adds passes.
+    one_row = packed or not data.padding_free
+    training = _training_arguments(groups["training"], finetuning, streaming=data.streaming, split_rows=one_row)
     passes = int(groups["training"].get("per_device_train_batch_size", 8)) // training.per_device_train_batch_size
     config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, fsdp=fsdp, source=source,
                        raw=original, passes=passes, stage_options=stage_options)
@@ -515,7 +522,8 @@ def cpu_supports_bf16() -> bool:
     return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def _training_arguments(values: dict, finetuning: FinetuningArguments, streaming: bool = False):
+def _training_arguments(values: dict, finetuning: FinetuningArguments, streaming: bool = False,
+                        split_rows: bool = True):
     import torch
 
     values = dict(values)
@@ -549,7 +557,7 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments, streaming
         # accelerate would read a stream on the main process only and split each batch along its rows; padding-free
         # batches are one row, so every process reads the stream and keeps its own share of the items instead.
         values.setdefault("accelerator_config", {"dispatch_batches": False})
-    _split_batch(values, finetuning.forward_batch_size, cuda)
+    _split_batch(values, finetuning.forward_batch_size, cuda or not split_rows)
     if values.get("deepspeed"):
         _single_process_rendezvous()
     cls = _training_arguments_class()
@@ -561,8 +569,9 @@ def _training_arguments(values: dict, finetuning: FinetuningArguments, streaming
         raise ConfigError(f"Invalid training arguments: {err}") from None
 
 
-def _split_batch(values: dict, forward_batch_size: str, cuda: bool) -> None:
-    """Run per_device_train_batch_size as passes of forward_batch_size rows, accumulating gradients.
+def _split_batch(values: dict, forward_batch_size: str, whole: bool) -> None:
+    """Run per_device_train_batch_size as passes of forward_batch_size rows, accumulating gradients (auto: the
+    whole batch when `whole`, one row a pass otherwise).
 
     The engine normalises the loss by the tokens of the whole accumulated batch, so the optimizer sees the
     same gradient either way; only the activations held at once shrink. Done here, before TrainingArguments
@@ -571,7 +580,7 @@ def _split_batch(values: dict, forward_batch_size: str, cuda: bool) -> None:
     per = int(values.get("per_device_train_batch_size", 8))  # TrainingArguments' default
     text = str(forward_batch_size).strip().lower()
     if text == "auto":
-        rows, explicit = (per if cuda else 1), False
+        rows, explicit = (per if whole else 1), False
     elif text.isdigit() and int(text) > 0:
         rows, explicit = int(text), True
     else:

@@ -68,11 +68,11 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
                             "profiler_wait_steps", "profiler_warmup_steps", "profiler_with_stack"),
                            "LLaMA-Factory's profiler keys are not supported"),
     "preference and RL stages": (
-        ("pref_beta", "pref_loss", "pref_ftx", "pref_bco_weight", "dpo_label_smoothing", "simpo_gamma", "ld_alpha",
-         "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "kto_chosen_weight", "kto_rejected_weight",
+        ("pref_bco_weight", "ld_alpha", "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "kto_chosen_weight", "kto_rejected_weight",
          "reward_model", "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type",
          "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards"),
-        "the rm, dpo, orpo, kto and ppo stages are not implemented yet; this version trains sft and pt"),
+        "this version trains sft, pt, dpo and orpo (LoRA reference or reference-free losses); the rm, kto and ppo "
+        "stages, BCO, LD-DPO and a separate ref_model are not implemented yet"),
     "export": (("export_dir", "export_size", "export_device", "export_legacy_format", "export_hub_model_id",
                 "export_quantization_bit", "export_quantization_dataset", "export_quantization_maxlen",
                 "export_quantization_nsamples"),

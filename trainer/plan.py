@@ -156,7 +156,7 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
                  f"{rows_per_step} {unit} a step")
     what_if = "NPROC_PER_NODE" in os.environ or "NNODES" in os.environ
     auto = str(config.finetuning.forward_batch_size).lower() == "auto"
-    if what_if and auto and not torch.cuda.is_available():
+    if what_if and auto and passes > 1 and not torch.cuda.is_available():
         lines.append(f"passes           forward_batch_size auto: on GPUs each device's batch of {per} runs in one pass "
                      f"(on this CPU it would run as {per} passes of 1)")
     elif passes > 1:

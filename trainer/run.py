@@ -189,6 +189,9 @@ def run(config: RunConfig) -> dict:
         stops = template.stop_token_ids(tokenizer)
         model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    # Loading consumes the RNG differently under ZeRO-3 (zero.Init initialises weights before loading them) than
+    # in one process: seed again, so the new adapters start the same however the model was loaded.
+    set_seed(t.seed)
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
     if template is not None and t.do_train:
         warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)

@@ -53,6 +53,14 @@ def item_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
     return values.new_zeros(len(lengths)).index_add_(0, index, values[0])
 
 
+def segment_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-token values [1, T] of a padding-free batch -> one sum per sequence (segment), in order."""
+    lengths = batch["cu_seq_lens_q"].to(values.device).diff()
+    index = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths,
+                                    output_size=values.shape[1])
+    return values.new_zeros(len(lengths)).index_add_(0, index, values[0])
+
+
 @dataclass
 class Collator:
     pad_token_id: int

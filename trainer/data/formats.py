@@ -144,6 +144,49 @@ def text(spec: DatasetSpec) -> Callable[[dict], dict]:
     return convert
 
 
+def pairwise(spec: DatasetSpec) -> Callable[[dict], dict]:
+    """A ranking row (LLaMA-Factory's `ranking: true`) -> the prompt conversation (ending with a user turn) in
+    `messages`, and the two answers in `chosen` and `rejected`. alpaca: prompt/query/history/system columns and
+    chosen/rejected strings; sharegpt/openai: the conversation and chosen/rejected as one assistant message each.
+    The answer that wins is put where the SFT converter expects the reply, so both formats are validated alike."""
+    base = FORMATTERS[spec.formatting](spec)
+    chosen_col, rejected_col = spec.column("chosen", "chosen"), spec.column("rejected", "rejected")
+    if spec.formatting == "alpaca":
+        response_col = spec.column("response", "output")
+    else:
+        openai_style = spec.formatting == "openai"
+        role_tag = spec.tags.get("role_tag", "role" if openai_style else "from")
+        content_tag = spec.tags.get("content_tag", "content" if openai_style else "value")
+        assistant_tag = spec.tags.get("assistant_tag", "assistant" if openai_style else "gpt")
+        messages_col = spec.column("messages", "messages" if openai_style else "conversations")
+
+    def answer(value, column: str) -> tuple[str, str]:
+        """(text, error) of one answer: a string (alpaca) or one assistant message (sharegpt/openai)."""
+        if spec.formatting != "alpaca":
+            if not isinstance(value, dict) or value.get(role_tag) != assistant_tag:
+                return "", f"column {column!r} is not one {assistant_tag!r} message"
+            value = value.get(content_tag)
+        text = _text(value)
+        return text, "" if text.strip() else f"empty answer (column {column!r})"
+
+    def convert(row: dict) -> dict:
+        chosen, error = answer(row.get(chosen_col), chosen_col)
+        rejected, other = answer(row.get(rejected_col), rejected_col)
+        if error or other:
+            return {**_result([], error=error or other), "chosen": "", "rejected": ""}
+        if spec.formatting == "alpaca":
+            out = base({**row, response_col: chosen})
+        else:
+            turns = row.get(messages_col)
+            out = base({**row, messages_col: list(turns) + [row[chosen_col]] if isinstance(turns, list) else turns})
+        out["chosen"], out["rejected"] = chosen, rejected
+        if not out["_error"]:
+            out["messages"] = out["messages"][:-1]  # the prompt: everything before the answer
+        return out
+
+    return convert
+
+
 def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     """Convert a raw datasets.Dataset; return (good rows, list of (row, reason) for bad rows)."""
     check_rows(spec, rows.column_names)
@@ -164,16 +207,26 @@ def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     return converted, bad
 
 
-def check_rows(spec: DatasetSpec, columns: list[str]) -> None:
+def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = False) -> None:
     """Before any row is converted: the dataset is of a kind these rows can be, and its columns are there."""
-    if spec.ranking:
+    if spec.ranking and not pairwise_kind:
         raise ConfigError(f"dataset {spec.name!r} is ranking (pairwise) data, which the sft/pt stages cannot use.")
-    _check_columns(spec, columns, spec.formatting)
+    if pairwise_kind and not spec.ranking:
+        raise ConfigError(f"dataset {spec.name!r} is not pairwise: the preference stages need a dataset with "
+                          "\"ranking\": true and chosen/rejected columns in dataset_info.json.")
+    if pairwise_kind:
+        for role in ("chosen", "rejected"):
+            if spec.column(role, role) not in columns:
+                raise ConfigError(f"dataset {spec.name!r} ({spec.path}): column {spec.column(role, role)!r} not "
+                                  f"found; the file has columns {[c for c in columns if c != '_row']}. Map "
+                                  f"\"{role}\" under columns in dataset_info.json.")
+    needed_response = not pairwise_kind
+    _check_columns(spec, columns, spec.formatting, needed_response)
 
 
-def _check_columns(spec: DatasetSpec, columns: list[str], formatting: str) -> None:
+def _check_columns(spec: DatasetSpec, columns: list[str], formatting: str, response: bool = True) -> None:
     if formatting == "alpaca":
-        needed = [spec.column("prompt", "instruction"), spec.column("response", "output")]
+        needed = [spec.column("prompt", "instruction")] + ([spec.column("response", "output")] if response else [])
         optional = ("query", "history", "system")
     elif formatting == "text":
         needed, optional = [spec.column("prompt", "text")], ()

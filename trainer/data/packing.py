@@ -48,7 +48,9 @@ class Items(torch.utils.data.Dataset):
     """
 
     def __init__(self, data, bins: list[list[int]] | None = None):
-        self.data = data.select_columns(["input_ids", "labels"])
+        # `segments`: an example made of several sequences (a preference pair) lists their lengths.
+        self.data = data.select_columns([c for c in ("input_ids", "labels", "segments") if c in data.column_names])
+        self.segmented = "segments" in self.data.column_names
         self.members = self.offsets = None
         if bins is not None:
             self.members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
@@ -60,11 +62,13 @@ class Items(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if self.offsets is None:
             ex = self.data[int(i)]
-            return {"input_ids": ex["input_ids"], "labels": ex["labels"], "lengths": [len(ex["input_ids"])]}
+            return {"input_ids": ex["input_ids"], "labels": ex["labels"],
+                    "lengths": ex["segments"] if self.segmented else [len(ex["input_ids"])]}
         rows = self.data[self.members[self.offsets[i]:self.offsets[i + 1]].tolist()]
+        lengths = [n for seg in rows["segments"] for n in seg] if self.segmented else \
+            [len(ids) for ids in rows["input_ids"]]
         return {"input_ids": [t for ids in rows["input_ids"] for t in ids],
-                "labels": [t for lab in rows["labels"] for t in lab],
-                "lengths": [len(ids) for ids in rows["input_ids"]]}
+                "labels": [t for lab in rows["labels"] for t in lab], "lengths": lengths}
 
 
 def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:

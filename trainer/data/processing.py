@@ -96,9 +96,58 @@ def encode_pretrain(examples: list[dict], tokenizer, template, data_args) -> lis
     return out
 
 
-ENCODERS = {"supervised": encode_supervised, "pretrain": encode_pretrain}
-FORMATTING_OF_KIND = {"pretrain": "text"}
-DOCUMENT_KINDS = ("pretrain",)  # examples are pieces of documents: val_size splits whole documents  # pt reads plain documents: the 'text' column (or columns.prompt)
+def _llama_factory_budget(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """How LLaMA-Factory shares cutoff_len between a prompt and an answer (its infer_seqlen): a short answer keeps
+    all of it, else a short prompt does, else both shrink in proportion. Returns (prompt, answer) lengths."""
+    if target_len * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    target = min(max_target, target_len)
+    return min(max(cutoff_len - target, 0), source_len), target
+
+
+def encode_pairwise(examples: list[dict], tokenizer, template: Template, data_args) -> list[list[dict]]:
+    """Prompt + chosen and prompt + rejected, labels on each answer (its reply and stop token). One item per pair
+    holding the two sequences end to end (`segments`: their lengths). As in LLaMA-Factory, the prompt and the
+    longer answer share cutoff_len, so each sequence fits it; a pair left without a trained answer token is
+    counted and dropped."""
+    conversations = []
+    for e in examples:
+        for answer in (e["chosen"], e["rejected"]):
+            conversations.append((e["messages"] + [{"role": "assistant", "content": answer}], e["system"]))
+    encoded = template.encode_batch(tokenizer, conversations, train_on_prompt=False, mask_history=True)
+    out = []
+    for i in range(len(examples)):
+        parts = []
+        for ids, trained in encoded[2 * i:2 * i + 2]:
+            first, last = int(np.argmax(trained)), len(trained) - int(np.argmax(trained[::-1]))
+            parts.append((ids[:first], ids[first:last], trained[first:last]))  # the suffix after the answer goes
+        source = max(len(p) for p, _, _ in parts)
+        keep_prompt, keep_answer = _llama_factory_budget(source, max(len(a) for _, a, _ in parts),
+                                                         data_args.cutoff_len)
+        truncated = keep_prompt < source or any(len(a) > keep_answer for _, a, _ in parts)
+        ids, labels, segments, counts = [], [], [], []
+        for prompt, answer, trained in parts:
+            prompt, answer, trained = prompt[:keep_prompt], answer[:keep_answer], trained[:keep_answer]
+            seq = prompt + answer
+            labels += [IGNORE_INDEX] * len(prompt) + np.where(trained, np.asarray(answer, dtype=np.int64),
+                                                              IGNORE_INDEX).tolist()
+            ids += seq
+            segments.append(len(seq))
+            counts.append(int(trained.sum()) if len(prompt) else int(trained[1:].sum()))
+        out.append([{"input_ids": ids, "labels": labels, "segments": segments, "trained": sum(counts),
+                     "_truncated": truncated, "_no_labels": min(counts) == 0}])
+    return out
+
+
+ENCODERS = {"supervised": encode_supervised, "pretrain": encode_pretrain, "pairwise": encode_pairwise}
+CONVERTERS_OF_KIND = {"pairwise": formats.pairwise}  # otherwise the dataset's formatting converts a row
+FORMATTING_OF_KIND = {"pretrain": "text"}  # pt reads plain documents: the 'text' column (or columns.prompt)
+DOCUMENT_KINDS = ("pretrain",)  # examples are pieces of documents: val_size splits whole documents
+SEGMENTED_KINDS = ("pairwise",)  # an example is several sequences (its `segments` column says how long each is)
 
 
 def check_kind(data_kind: str) -> None:
@@ -109,14 +158,16 @@ def check_kind(data_kind: str) -> None:
 def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: str, tokenizer, template,
                  data_args, doc_offset: int = 0) -> dict[str, list]:
     """A batch of raw rows (with their `_row` numbers) -> one output row per example, and one per bad row."""
-    convert = formats.FORMATTERS[spec.formatting](spec)
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS}
+    convert = CONVERTERS_OF_KIND.get(data_kind, formats.FORMATTERS[spec.formatting])(spec)
+    with_segments = data_kind in SEGMENTED_KINDS
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS
+                            + (("segments",) if with_segments else ())}
     names = list(batch)
     good, good_rows = [], []
     for i, number in enumerate(batch["_row"]):
         example = convert({k: batch[k][i] for k in names})
         if example["_error"]:
-            for k, v in zip(out, ([], [], 0, 0, number, number + doc_offset, example["_error"], False, False)):
+            for k, v in zip(out, ([], [], 0, 0, number, number + doc_offset, example["_error"], False, False, [])):
                 out[k].append(v)
         else:
             good.append(example)
@@ -124,7 +175,8 @@ def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: 
     if good:
         for number, pieces in zip(good_rows, ENCODERS[data_kind](good, tokenizer, template, data_args)):
             for piece in pieces:
-                for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels"):
+                for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels") + \
+                        (("segments",) if with_segments else ()):
                     out[k].append(piece[k])
                 out["length"].append(len(piece["input_ids"]))
                 out["_row"].append(number)
@@ -197,11 +249,12 @@ def _num_proc(requested: int | None, rows: int) -> int | None:
     return workers
 
 
-def _features():
+def _features(data_kind: str):
     """Fixed column types: a batch of only bad rows still has int token lists, and int32 halves the cache."""
     from datasets import Features, Sequence, Value
 
-    return Features({"input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+    segments = {"segments": Sequence(Value("int32"))} if data_kind in SEGMENTED_KINDS else {}
+    return Features({**segments, "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                      "length": Value("int32"), "trained": Value("int32"), "_row": Value("int64"),
                      "_doc": Value("int64"), "_error": Value("string"), "_truncated": Value("bool"),
                      "_no_labels": Value("bool")})
@@ -214,9 +267,9 @@ def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template
         rows = rows.select(range(min(data_args.max_samples, len(rows))))
     report.read = len(rows)
     spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
-    formats.check_rows(spec, rows.column_names)
+    formats.check_rows(spec, rows.column_names, pairwise_kind=data_kind in SEGMENTED_KINDS)
     tokenized = rows.map(process_rows, batched=True, batch_size=data_args.preprocessing_batch_size,
-                         remove_columns=rows.column_names, features=_features(), num_proc=_num_proc(data_args.preprocessing_num_workers,
+                         remove_columns=rows.column_names, features=_features(data_kind), num_proc=_num_proc(data_args.preprocessing_num_workers,
                                                                               len(rows)),
                          fn_kwargs=dict(spec=spec, data_kind=data_kind, tokenizer=tokenizer, template=template,
                                         data_args=data_args, doc_offset=doc_offset),

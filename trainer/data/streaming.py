@@ -11,7 +11,7 @@ import logging
 from typing import Iterator
 
 from trainer.data import formats, registry
-from trainer.data.processing import FORMATTING_OF_KIND, check_kind, keep_reason, process_rows
+from trainer.data.processing import FORMATTING_OF_KIND, SEGMENTED_KINDS, check_kind, keep_reason, process_rows
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -29,14 +29,14 @@ def _raw_rows(spec: registry.DatasetSpec):
     return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, streaming=True)
 
 
-def _batches(spec, data_args) -> Iterator[dict[str, list]]:
+def _batches(spec, data_args, pairwise_kind: bool) -> Iterator[dict[str, list]]:
     """Columnar batches of raw rows with their 1-based `_row` numbers, max_samples applied."""
     buffer: list[dict] = []
     for number, row in enumerate(_raw_rows(spec), start=1):
         if data_args.max_samples is not None and number > data_args.max_samples:
             break
         if number == 1:
-            formats.check_rows(spec, list(row))
+            formats.check_rows(spec, list(row), pairwise_kind)
         buffer.append({**row, "_row": number})
         if len(buffer) == BATCH:
             yield _columns(buffer)
@@ -60,7 +60,7 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
         spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
         counts = {"bad": 0, "dropped_long": 0, "no_labels": 0, "": 0}
         read = 0
-        for batch in _batches(spec, data_args):
+        for batch in _batches(spec, data_args, data_kind in SEGMENTED_KINDS):
             read += len(batch["_row"])
             out = process_rows(batch, spec, data_kind, tokenizer, template, data_args)
             for i, ids in enumerate(out["input_ids"]):
@@ -70,7 +70,8 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
                 if reason == "bad" and counts["bad"] <= 5 and not quiet:
                     logger.warning("%s (%s) row %d skipped: %s", name, spec.path, out["_row"][i], out["_error"][i])
                 if not reason:
-                    yield {"input_ids": ids, "labels": out["labels"][i], "lengths": [len(ids)]}
+                    yield {"input_ids": ids, "labels": out["labels"][i],
+                           "lengths": out["segments"][i] if "segments" in out else [len(ids)]}
             limit = data_args.max_bad_rows if data_args.max_bad_rows >= 1 else data_args.max_bad_rows * read
             if counts["bad"] > limit and (data_args.max_bad_rows >= 1 or read >= 100):
                 raise ConfigError(f"dataset {name!r} ({spec.path}): {counts['bad']} of the first {read} rows are "
@@ -108,7 +109,7 @@ def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, templa
             row = {"input_ids": [], "labels": [], "lengths": []}
         row["input_ids"] += ex["input_ids"]
         row["labels"] += ex["labels"]
-        row["lengths"].append(n)
+        row["lengths"] += ex["lengths"]
     if row["lengths"]:
         yield row
 

@@ -1,0 +1,159 @@
+"""dpo and orpo end to end on pairs: pairwise data in LLaMA-Factory's ranking formats, log-probs of a padding-free
+batch of pairs equal separate unpadded forwards, the first step of a LoRA run sits exactly at each loss's
+policy = reference value, and training on an obvious preference raises rewards/accuracies."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from tiny import base_config, train_with
+from trainer.config import DataArguments
+from trainer.data import processing
+from trainer.data.collators import Collator, model_inputs
+from trainer.data.packing import unpacked_dataset
+from trainer.data.templates import get_template
+
+
+@pytest.fixture()
+def pairs_dir(tmp_path):
+    """Alpaca and ShareGPT ranking files: the chosen answer always agrees, the rejected one refuses."""
+    alpaca = [{"instruction": f"Question {i}: do you agree?", "input": "context" if i % 3 == 0 else "",
+               "chosen": "Yes, I agree." + " Yes" * (i % 4), "rejected": "No." + " no" * (i % 5)} for i in range(24)]
+    share = [{"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": "Hello"},
+                                {"from": "human", "value": "agree?"}],
+              "chosen": {"from": "gpt", "value": "Yes, I agree."}, "rejected": {"from": "gpt", "value": "No."}}
+             for i in range(6)]
+    (tmp_path / "pairs.json").write_text(json.dumps(alpaca))
+    (tmp_path / "chat_pairs.json").write_text(json.dumps(share))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "pairs": {"file_name": "pairs.json", "ranking": True,
+                  "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+        "chat_pairs": {"file_name": "chat_pairs.json", "ranking": True, "formatting": "sharegpt",
+                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}))
+    return tmp_path
+
+
+def _dpo(model_dir, data_dir, out, **kw):
+    return base_config(model_dir, data_dir, out, **{"stage": "dpo", "dataset": "pairs", **kw})
+
+
+def test_pairs_tokenize_with_labels_on_each_answer_only(pairs_dir, tiny_tokenizer):
+    template = get_template("chatml", tiny_tokenizer)
+    args = DataArguments(dataset_dir=str(pairs_dir), cutoff_len=256)
+    data, report = processing.tokenized_dataset(["pairs", "chat_pairs"], args, "pairwise", tiny_tokenizer, template,
+                                                True)
+    assert report.examples == 30 and report.bad == 0
+    item = unpacked_dataset(data)[0]
+    first, second = item["lengths"]
+    chosen, rejected = item["input_ids"][:first], item["input_ids"][first:]
+    # Each sequence is exactly what the template renders for prompt + that answer (the stop token ends it).
+    messages = [{"role": "user", "content": "Question 0: do you agree?\ncontext"}]
+    for ids, answer in ((chosen, "Yes, I agree."), (rejected, "No.")):
+        full, trained = template.encode(tiny_tokenizer, messages + [{"role": "assistant", "content": answer}])
+        last = max(i for i, t in enumerate(trained) if t) + 1
+        assert ids == full[:last]
+    labels = item["labels"]
+    prompt = len(template.encode_prompt(tiny_tokenizer, messages))
+    assert all(t == -100 for t in labels[:prompt]) and all(t == -100 for t in labels[first:first + prompt])
+    assert labels[prompt:first] == chosen[prompt:] and labels[first + prompt:] == rejected[prompt:]
+
+
+def test_pairs_truncate_the_llama_factory_way(pairs_dir, tiny_tokenizer):
+    """Prompt and the longer answer share cutoff_len (LLaMA-Factory's infer_seqlen), so both sequences fit."""
+    assert processing._llama_factory_budget(10, 100, 64) == (10, 54)  # a short prompt keeps all of it
+    assert processing._llama_factory_budget(100, 10, 64) == (54, 10)  # a short answer keeps all of it
+    assert processing._llama_factory_budget(100, 100, 64) == (32, 32)  # else both shrink in proportion
+    template = get_template("chatml", tiny_tokenizer)
+    args = DataArguments(dataset_dir=str(pairs_dir), cutoff_len=16)
+    data, report = processing.tokenized_dataset(["pairs"], args, "pairwise", tiny_tokenizer, template, True)
+    assert report.truncated > 0
+    assert all(n <= 16 for segments in data["segments"] for n in segments)
+
+
+def test_packed_pairs_logps_equal_separate_forwards(tiny_model_dir, pairs_dir, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model.wrapper import ModelWrapper
+    from trainer.stages.preference import DPO
+
+    template = get_template("chatml", tiny_tokenizer)
+    args = DataArguments(dataset_dir=str(pairs_dir), cutoff_len=256)
+    data, _ = processing.tokenized_dataset(["pairs"], args, "pairwise", tiny_tokenizer, template, True)
+    items = [unpacked_dataset(data)[i] for i in range(6)]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    wrapper = ModelWrapper(model)
+    with torch.no_grad():
+        packed, _ = DPO()._sequence_logps(wrapper, model, Collator(0)(items))
+        alone = []
+        for item in items:
+            start = 0
+            for n in item["lengths"]:
+                ids = torch.tensor([item["input_ids"][start:start + n]])
+                labels = torch.tensor([item["labels"][start:start + n]])
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+                picked = torch.log_softmax(logits, -1).gather(1, labels[0, 1:].clamp(min=0)[:, None])[:, 0]
+                alone.append(float((picked * labels[0, 1:].ne(-100)).sum()))
+                start += n
+    torch.testing.assert_close(packed.double(), torch.tensor(alone, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("loss,first", [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 1 / (4 * 0.1 ** 2))])
+def test_first_lora_step_is_at_policy_equal_to_reference(loss, first, tiny_model_dir, pairs_dir, tmp_path):
+    """LoRA's B starts at zero, so at step 1 the policy is the reference: the loss is the formula's value there,
+    whatever the data (LLaMA-Factory logs 0.6931 for all three)."""
+    _, state = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / loss, pref_loss=loss, max_steps=1))
+    logged = [e for e in state["log_history"] if "loss" in e][0]
+    assert logged["loss"] == pytest.approx(first, rel=1e-4)
+    assert logged["rewards/chosen"] == pytest.approx(0.0, abs=1e-6) and logged["rewards/margins"] == \
+        pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("extra", [{"pref_loss": "sigmoid"}, {"pref_loss": "simpo"}, {"stage": "orpo"}])
+def test_training_on_an_obvious_preference_learns_it(extra, tiny_model_dir, pairs_dir, tmp_path):
+    cfg = _dpo(tiny_model_dir, pairs_dir, tmp_path / "run", max_steps=20, learning_rate=2e-2, logging_steps=5,
+               per_device_train_batch_size=4, val_size=4, eval_strategy="no", do_eval=True, **extra)
+    results, state = train_with(cfg)
+    logged = [e for e in state["log_history"] if "rewards/accuracies" in e and "eval_loss" not in e]
+    assert logged[-1]["rewards/accuracies"] > 0.9 and logged[-1]["loss"] < logged[0]["loss"]
+    assert results["eval_rewards/accuracies"] > 0.5 and results["eval_rewards/margins"] > 0
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(tmp_path / "run"))
+
+
+def test_dpo_keys_belong_to_the_preference_stages(tiny_model_dir, pairs_dir, data_dir, tmp_path):
+    from trainer.config import build_config
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"pref_beta is a key of stage dpo / orpo; this run's stage is sft"):
+        build_config(base_config(tiny_model_dir, pairs_dir, tmp_path / "o", pref_beta=0.2))
+    with pytest.raises(ConfigError, match=r"dpo_label_smoothing applies to pref_loss: sigmoid only"):
+        build_config(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", pref_loss="hinge", dpo_label_smoothing=0.1))
+    with pytest.raises(ConfigError, match=r"needs a reference model"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", finetuning_type="full", max_steps=1))
+    with pytest.raises(ConfigError, match=r"is not pairwise"):
+        train_with(_dpo(tiny_model_dir, data_dir, tmp_path / "o2", max_steps=1, dataset="alpaca"))
+
+
+def test_the_dpo_example_runs_through_the_cli(tiny_model_dir, tmp_path):
+    """examples/dpo_lora.yaml and its demo pairs (examples/data/dpo_demo.json), on the tiny model for speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "dpo"
+    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "examples/dpo_lora.yaml",
+                           f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "bf16=false", "max_steps=3",
+                           "logging_steps=1"], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "rewards/accuracies" in e]
+    assert len(logged) == 3 and logged[0]["loss"] == pytest.approx(math.log(2), rel=1e-4)
+    assert (out / "adapter_model.safetensors").is_file() and (out / "training_loss.png").is_file()

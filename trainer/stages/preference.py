@@ -1,0 +1,122 @@
+"""dpo and orpo: preference training on pairs (LLaMA-Factory's stage dpo with pref_loss, and stage orpo).
+
+One item of the loss is one pair. A pair's chosen and rejected sequences (each prompt + answer) go through the
+model in the same padding-free forward as the other pairs of the micro-batch, kept apart by the segment layout;
+their log-probabilities come from the chunked loss head (never full logits) and are summed per sequence. The
+reference model of a LoRA run is the same weights with the adapters switched off (no second copy). The losses
+are the pure functions of trainer/model/preference_losses.py.
+
+Not yet here (the issue "Preference stages on pairs" lists them): prefix sharing (the prompt is computed once per
+sequence, twice per pair), a reference copy for full/freeze runs, precomputed reference log-probs, the rm stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+from trainer.errors import ConfigError
+from trainer.stages.base import Stage, StageOutput, register
+
+PREF_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
+
+
+@dataclass
+class PreferenceOptions:
+    pref_beta: float = 0.1
+    pref_loss: str = field(default="sigmoid", metadata={"choices": PREF_LOSSES})
+    pref_ftx: float = 0.0
+    dpo_label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+
+    def __post_init__(self):
+        if self.pref_beta <= 0:
+            raise ConfigError(f"pref_beta: {self.pref_beta} must be positive.")
+        if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
+            raise ConfigError(f"dpo_label_smoothing applies to pref_loss: sigmoid only (as in LLaMA-Factory), not "
+                              f"{self.pref_loss}.")
+        if not 0 <= self.dpo_label_smoothing < 0.5:
+            raise ConfigError(f"dpo_label_smoothing: {self.dpo_label_smoothing} must be in [0, 0.5).")
+        if self.pref_ftx < 0:
+            raise ConfigError(f"pref_ftx: {self.pref_ftx} must be non-negative.")
+
+
+@dataclass
+class OrpoOptions(PreferenceOptions):
+    pref_loss: str = field(default="orpo", metadata={"choices": ("orpo",)})
+
+
+def _peft_model(model):
+    """The PeftModel inside DDP / DeepSpeed / FSDP wrappers (None: no adapters)."""
+    while True:
+        if hasattr(model, "disable_adapter"):
+            return model
+        inner = getattr(model, "module", None)
+        if inner is None:
+            return None
+        model = inner
+
+
+@register
+class DPO(Stage):
+    name = "dpo"
+    data_kind = "pairwise"
+    options = PreferenceOptions
+
+    def __init__(self, config=None, options=None):
+        super().__init__(config, options)
+        from trainer.model.preference_losses import LOSSES, NEEDS_REFERENCE
+
+        self.loss_fn = LOSSES[self.opts.pref_loss]
+        self.needs_reference = self.opts.pref_loss in NEEDS_REFERENCE
+        if self.needs_reference and config is not None and config.finetuning.finetuning_type != "lora":
+            raise ConfigError(f"pref_loss: {self.opts.pref_loss} needs a reference model; this version takes it from "
+                              "a LoRA run's base weights (adapters off). Use finetuning_type: lora, or a "
+                              "reference-free pref_loss (simpo, orpo).")
+
+    def count_items(self, batch: dict):
+        return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))
+
+    def _sequence_logps(self, wrapper, model, batch):
+        from trainer.data.collators import segment_sums
+
+        nll, mask = wrapper.token_nll(model, batch)
+        return segment_sums(-(nll * mask), batch), segment_sums(mask.to(nll.dtype), batch)
+
+    def compute(self, wrapper, model, batch: dict) -> StageOutput:
+        import torch
+
+        logps, tokens = self._sequence_logps(wrapper, model, batch)
+        chosen, rejected, n_chosen, n_rejected = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
+        ref_chosen = ref_rejected = None
+        if self.needs_reference:
+            with torch.no_grad(), self._reference(model):
+                ref, _ = self._sequence_logps(wrapper, model, batch)
+            ref_chosen, ref_rejected = ref[0::2], ref[1::2]
+        o = self.opts
+        losses, reward_chosen, reward_rejected = self.loss_fn(
+            chosen, rejected, ref_chosen=ref_chosen, ref_rejected=ref_rejected, beta=o.pref_beta,
+            label_smoothing=o.dpo_label_smoothing, gamma=o.simpo_gamma, chosen_tokens=n_chosen.clamp(min=1),
+            rejected_tokens=n_rejected.clamp(min=1))
+        if o.pref_ftx:  # LLaMA-Factory's pref_ftx: the chosen answer's SFT loss (per token) added to each pair's
+            losses = losses + o.pref_ftx * (-chosen / n_chosen.clamp(min=1))
+        one = torch.ones_like(losses)
+        stats = {"loss": (losses.detach(), one),
+                 "rewards/chosen": (reward_chosen, one), "rewards/rejected": (reward_rejected, one),
+                 "rewards/accuracies": ((reward_chosen > reward_rejected).to(losses.dtype), one),
+                 "rewards/margins": (reward_chosen - reward_rejected, one),
+                 "logps/chosen": (chosen.detach(), one), "logps/rejected": (rejected.detach(), one)}
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats)
+
+    @staticmethod
+    def _reference(model):
+        peft = _peft_model(model)
+        if peft is None:
+            raise ConfigError("the reference model of this pref_loss is the LoRA base; the model has no adapters.")
+        return peft.disable_adapter() if hasattr(peft, "disable_adapter") else contextlib.nullcontext()
+
+
+@register
+class ORPO(DPO):
+    name = "orpo"
+    options = OrpoOptions
