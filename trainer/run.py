@@ -113,13 +113,13 @@ def _shards_weights(config: RunConfig) -> bool:
     return config.fsdp is not None or bool(config.training.deepspeed and _zero_stage(config.training.deepspeed) == 3)
 
 
-def log_layout(config: RunConfig, train) -> None:
+def log_layout(config: RunConfig, train, item_name: str = "examples") -> None:
     """Which batch layout runs, and what one optimizer step holds: the numbers a LLaMA-Factory user compares."""
     d, t = config.data, config.training
     layout = ("packed: examples packed across batches into rows of cutoff_len, each row's examples kept apart"
               if d.packing else "padding-free: each micro-batch's examples laid end to end, kept apart, no padding"
               if d.padding_free else "padded: one right-padded example a row")
-    unit = "packed rows" if d.packing else "examples"
+    unit = "packed rows" if d.packing else item_name
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.world_size
     if hasattr(train, "__len__"):
         steps = -(-len(train) // (t.per_device_train_batch_size * t.world_size))
@@ -216,7 +216,7 @@ def run(config: RunConfig) -> dict:
     wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())
     collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
     if t.do_train:
-        log_layout(config, train)
+        log_layout(config, train, stage.item_name)
     stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                           processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop],

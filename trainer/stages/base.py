@@ -49,6 +49,7 @@ class Stage:
     data_kind: str = "supervised"  # what processing.tokenized_dataset builds
     needs_template: bool = True
     packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
+    item_name: str = "examples"  # what one dataset item is, in the log
     options: type = NoOptions
 
     def __init__(self, config=None, options=None):

@@ -61,6 +61,7 @@ def _peft_model(model):
 class DPO(Stage):
     name = "dpo"
     data_kind = "pairwise"
+    item_name = "pairs"
     options = PreferenceOptions
 
     def __init__(self, config=None, options=None):
