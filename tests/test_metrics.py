@@ -7,6 +7,25 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from trainer.engine.metrics import flops_per_token
 
+LENGTH = 24
+
+
+def _counted(model) -> tuple[float, float]:
+    """(matmul FLOPs, attention batched-matmul FLOPs) torch counts for one forward + backward of LENGTH tokens."""
+    ids = torch.randint(0, model.config.vocab_size, (1, LENGTH))
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=ids).logits.sum().backward()
+    counts = counter.get_flop_counts()["Global"]
+    aten = torch.ops.aten
+    return (sum(v for op, v in counts.items() if op in (aten.mm, aten.addmm)),
+            sum(v for op, v in counts.items() if op is aten.bmm))
+
+
+def _norms(model) -> int:
+    """6N counts every trained parameter by convention; the norms' 1-D weights are no matmul, so torch leaves
+    them out."""
+    return sum(p.numel() for p in model.parameters() if p.dim() == 1)
+
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_flop_count_matches_torch_flop_counter(tiny_model_dir, tied):
@@ -17,18 +36,9 @@ def test_flop_count_matches_torch_flop_counter(tiny_model_dir, tied):
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
     linear, pair, head = flops_per_token(model)
-    length = 24
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=ids).logits.sum().backward()
-    counts = counter.get_flop_counts()["Global"]
-    aten = torch.ops.aten
-    linear_counted = sum(v for op, v in counts.items() if op in (aten.mm, aten.addmm))
-    attention_counted = sum(v for op, v in counts.items() if op is aten.bmm)
-    # 6N counts every parameter by convention; the norms' 1-D weights are no matmul, so torch leaves them out.
-    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)
-    assert norms and linear_counted == pytest.approx(length * (linear + head - 6 * norms), rel=1e-9)
-    assert attention_counted == pytest.approx(2 * pair * length * length, rel=1e-9)
+    linear_counted, attention_counted = _counted(model)
+    assert _norms(model) and linear_counted == pytest.approx(LENGTH * (linear + head - 6 * _norms(model)), rel=1e-9)
+    assert attention_counted == pytest.approx(2 * pair * LENGTH * LENGTH, rel=1e-9)
 
 
 def test_frozen_weights_cost_no_weight_gradient(tiny_model_dir):
@@ -38,14 +48,6 @@ def test_frozen_weights_cost_no_weight_gradient(tiny_model_dir):
     for p in model.parameters():
         p.requires_grad_(p.dim() == 1)  # only the norms train: every activation still needs its gradient
     linear, pair, head = flops_per_token(model)
-    length = 24
-    ids = torch.randint(0, model.config.vocab_size, (1, length))
-    with FlopCounterMode(display=False) as counter:
-        model(input_ids=ids).logits.sum().backward()
-    counts = counter.get_flop_counts()["Global"]
-    aten = torch.ops.aten
-    counted = sum(v for op, v in counts.items() if op in (aten.mm, aten.addmm))
-    norms = sum(p.numel() for p in model.parameters() if p.dim() == 1)  # trained (6 each) but no matmul
-    assert counted == pytest.approx(length * (linear + head - 6 * norms), rel=1e-9)
-    weight = model.get_output_embeddings().weight
-    assert head == 4 * weight.numel()  # the frozen head: forward and input gradient, no weight gradient
+    counted, _ = _counted(model)
+    assert counted == pytest.approx(LENGTH * (linear + head - 6 * _norms(model)), rel=1e-9)
+    assert head == 4 * model.get_output_embeddings().weight.numel()  # frozen head: no weight gradient
