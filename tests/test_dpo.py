@@ -121,6 +121,8 @@ def test_training_on_an_obvious_preference_learns_it(extra, tiny_model_dir, pair
     logged = [e for e in state["log_history"] if "rewards/accuracies" in e and "eval_loss" not in e]
     assert logged[-1]["rewards/accuracies"] > 0.9 and logged[-1]["loss"] < logged[0]["loss"]
     assert results["eval_rewards/accuracies"] > 0.5 and results["eval_rewards/margins"] > 0
+    if extra.get("stage") == "orpo":
+        assert logged[-1]["log_odds_ratio"] > logged[0]["log_odds_ratio"] and "eval_nll_loss" in results
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

@@ -70,15 +70,22 @@ def simpo(policy_chosen, policy_rejected, beta: float, gamma: float = 0.5, chose
     return loss, beta * chosen.detach(), beta * rejected.detach()
 
 
+def orpo_terms(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens):
+    """ORPO's two terms per pair: the chosen answer's NLL (per token) and the log odds ratio
+    log odds(y_c) - log odds(y_r), odds(y) = p / (1 - p) with p the length-averaged likelihood."""
+    chosen, rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
+    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+    return -chosen, log_odds
+
+
 @register("orpo")
 def orpo(policy_chosen, policy_rejected, beta: float, chosen_tokens=None, rejected_tokens=None, **_):
     """ORPO (Hong et al. 2024, eqs. 6-7), reference-free, on length-averaged log-probs: the chosen answer's NLL plus
-    beta times the odds-ratio term -log sigma(log odds(y_c) - log odds(y_r)), odds(y) = p / (1 - p),
-    log odds = lp - log(1 - exp(lp)). Rewards are beta x the length-averaged log-probs (as TRL reports them)."""
-    chosen, rejected = policy_chosen / chosen_tokens, policy_rejected / rejected_tokens
-    log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
-    loss = -chosen - beta * F.logsigmoid(log_odds)
-    return loss, beta * chosen.detach(), beta * rejected.detach()
+    beta times the odds-ratio term -log sigma(log odds ratio). Rewards are beta x the length-averaged log-probs
+    (as TRL reports them)."""
+    nll, log_odds = orpo_terms(policy_chosen, policy_rejected, chosen_tokens, rejected_tokens)
+    loss = nll - beta * F.logsigmoid(log_odds)
+    return loss, beta * (policy_chosen / chosen_tokens).detach(), beta * (policy_rejected / rejected_tokens).detach()
 
 
 def reward_model(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor) -> torch.Tensor:

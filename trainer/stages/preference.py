@@ -107,6 +107,12 @@ class DPO(Stage):
                  "rewards/accuracies": ((reward_chosen > reward_rejected).to(losses.dtype), one),
                  "rewards/margins": (reward_chosen - reward_rejected, one),
                  "logps/chosen": (chosen.detach(), one), "logps/rejected": (rejected.detach(), one)}
+        if o.pref_loss == "orpo":  # TRL's and LLaMA-Factory's names for ORPO's two terms
+            from trainer.model.preference_losses import orpo_terms
+
+            nll, log_odds = orpo_terms(chosen.detach(), rejected.detach(), n_chosen.clamp(min=1),
+                                       n_rejected.clamp(min=1))
+            stats.update({"nll_loss": (nll, one), "log_odds_ratio": (log_odds, one)})
         return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats)
 
     @staticmethod
