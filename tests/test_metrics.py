@@ -51,3 +51,22 @@ def test_frozen_weights_cost_no_weight_gradient(tiny_model_dir):
     counted, _ = _counted(model)
     assert counted == pytest.approx(LENGTH * (linear + head - 6 * _norms(model)), rel=1e-9)
     assert head == 4 * model.get_output_embeddings().weight.numel()  # frozen head: no weight gradient
+
+
+def test_a_reference_forward_costs_two_flops_per_base_parameter(tiny_model_dir):
+    """What MFU charges for a preference stage's reference pass: a no-grad forward of the base model (adapters
+    off), against torch's count; LoRA's own parameters are not part of it."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.engine.metrics import forward_flops_per_token
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    linear, head = forward_flops_per_token(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, LENGTH))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=ids)
+    aten = torch.ops.aten
+    counted = sum(v for op, v in counter.get_flop_counts()["Global"].items() if op in (aten.mm, aten.addmm))
+    assert counted == pytest.approx(LENGTH * (linear + head - 2 * _norms(model)), rel=1e-9)
+    lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert forward_flops_per_token(lora) == (linear, head)

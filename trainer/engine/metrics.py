@@ -47,6 +47,18 @@ def flops_per_token(model: torch.nn.Module) -> tuple[float, float, float]:
     return linear, attention_pair, head_flops
 
 
+def forward_flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
+    """(linear FLOPs per token, head FLOPs per labelled token) of a forward pass alone: 2 per parameter touched.
+    What a reference model's no-grad forward costs (the attention pairs cost a third of flops_per_token's)."""
+    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = getattr(head, "weight", None)
+    skip = {id(head_weight)} if head_weight is not None else set()
+    body = sum(size(p) for n, p in model.named_parameters() if id(p) not in skip and "embed" not in n
+               and "lora_" not in n)  # the reference runs without the adapters
+    return 2.0 * body, 2.0 * size(head_weight) if head_weight is not None else 0.0
+
+
 @functools.lru_cache(maxsize=None)
 def device_peak_flops(dtype_name: str) -> float:
     """Peak FLOP/s of the device in the compute dtype: the data sheet on GPU, a measured matmul on CPU."""

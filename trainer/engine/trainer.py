@@ -22,7 +22,7 @@ from transformers.trainer import SCHEDULER_NAME
 
 from trainer.data.collators import BOOKKEEPING
 from trainer.engine import checkpoints, fsdp
-from trainer.engine.metrics import device_peak_flops, flops_per_token, peak_memory_gb
+from trainer.engine.metrics import device_peak_flops, flops_per_token, forward_flops_per_token, peak_memory_gb
 from trainer.engine.secrets import redacted_args
 from trainer.errors import ConfigError, TrainingHalted
 
@@ -91,6 +91,7 @@ class ZeroTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.loss_is_scaled_for_ga = True
         self._linear_flops, self._pair_flops, self._head_flops = flops_per_token(self.model)
+        self._forward_linear, self._forward_head = forward_flops_per_token(self.model)
         self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
         self._window_stats: dict[str, torch.Tensor] = {}  # name -> [sum, count] of the stage's statistics
         self._stat_names: list[str] = []
@@ -117,7 +118,7 @@ class ZeroTrainer(Trainer):
         if model.training and self._any_nonfinite(loss_sum):
             loss_sum = self._nonfinite(model, loss_sum)
         if model.training:
-            self._account(book, inputs, count, out.stats)
+            self._account(book, inputs, out)
         if num_items_in_batch is not None and model.training:
             loss = loss_sum / num_items_in_batch.clamp(min=1)
             if self.args.average_tokens_across_devices:
@@ -127,9 +128,9 @@ class ZeroTrainer(Trainer):
             loss = loss_sum / count.clamp(min=1)
         return (loss, None) if return_outputs else loss
 
-    def _account(self, book: dict, inputs: dict, count, stats: dict) -> None:
+    def _account(self, book: dict, inputs: dict, out) -> None:
         """Throughput and the stage's statistics of a training micro-batch, for the next log line."""
-        for name, (sums, counts) in stats.items():
+        for name, (sums, counts) in out.stats.items():
             if name == "loss":  # the Trainer logs the loss itself (exactly: each step is normalised globally)
                 continue
             pair = torch.stack([sums.detach().sum().double(), counts.detach().sum().double()])
@@ -142,8 +143,13 @@ class ZeroTrainer(Trainer):
         self._window["slots"] += slots
         self._slots["real"] += tokens
         self._slots["capacity"] += slots
-        self._window["flops"] += (tokens * self._linear_flops + float(book["attn_square"].sum()) * self._pair_flops
-                                  + float(count) * self._head_flops)
+        pairs = float(book["attn_square"].sum())
+        head_tokens = float(out.items if out.head_tokens is None else out.head_tokens)
+        flops = tokens * self._linear_flops + pairs * self._pair_flops + head_tokens * self._head_flops
+        if out.reference_passes:  # a reference model's forward over the same tokens
+            flops += out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
+                                             + head_tokens * self._forward_head)
+        self._window["flops"] += flops
 
     # ---- evaluation ---------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

@@ -37,6 +37,8 @@ class StageOutput:
     loss_sum: Any
     items: Any
     stats: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    head_tokens: Any = None  # labelled tokens the loss head computed (MFU; default: items)
+    reference_passes: int = 0  # no-grad forwards of a reference model over the same batch (MFU)
 
 
 @dataclass

@@ -88,6 +88,7 @@ class DPO(Stage):
         import torch
 
         logps, tokens = self._sequence_logps(wrapper, model, batch)
+        labelled = tokens.sum()
         chosen, rejected, n_chosen, n_rejected = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
         ref_chosen = ref_rejected = None
         if self.needs_reference:
@@ -113,7 +114,8 @@ class DPO(Stage):
             nll, log_odds = orpo_terms(chosen.detach(), rejected.detach(), n_chosen.clamp(min=1),
                                        n_rejected.clamp(min=1))
             stats.update({"nll_loss": (nll, one), "log_odds_ratio": (log_odds, one)})
-        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats)
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=labelled,
+                           reference_passes=int(self.needs_reference))
 
     @staticmethod
     def _reference(model):
