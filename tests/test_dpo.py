@@ -113,6 +113,16 @@ def test_first_lora_step_is_at_policy_equal_to_reference(loss, first, tiny_model
         pytest.approx(0.0, abs=1e-6)
 
 
+def test_full_and_freeze_runs_keep_a_frozen_reference_copy(tiny_model_dir, pairs_dir, tmp_path):
+    """At step 1 the policy is the reference copy: ln 2; then the policy moves away from the copy, which stays."""
+    for kind in ("full", "freeze"):
+        _, state = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / kind, finetuning_type=kind, max_steps=6,
+                                   learning_rate=1e-2, per_device_train_batch_size=4))
+        logged = [e for e in state["log_history"] if "loss" in e]
+        assert logged[0]["loss"] == pytest.approx(math.log(2), rel=1e-4), kind
+        assert logged[-1]["loss"] < logged[0]["loss"] and logged[-1]["rewards/margins"] > 0, kind
+
+
 @pytest.mark.parametrize("extra", [{"pref_loss": "sigmoid"}, {"pref_loss": "simpo"}, {"stage": "orpo"}])
 def test_training_on_an_obvious_preference_learns_it(extra, tiny_model_dir, pairs_dir, tmp_path):
     cfg = _dpo(tiny_model_dir, pairs_dir, tmp_path / "run", max_steps=20, learning_rate=2e-2, logging_steps=5,
@@ -137,8 +147,9 @@ def test_dpo_keys_belong_to_the_preference_stages(tiny_model_dir, pairs_dir, dat
         build_config(base_config(tiny_model_dir, pairs_dir, tmp_path / "o", pref_beta=0.2))
     with pytest.raises(ConfigError, match=r"dpo_label_smoothing applies to pref_loss: sigmoid only"):
         build_config(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", pref_loss="hinge", dpo_label_smoothing=0.1))
-    with pytest.raises(ConfigError, match=r"needs a reference model"):
-        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", finetuning_type="full", max_steps=1))
+    with pytest.raises(ConfigError, match=r"needs a reference copy of the model, which this version does not shard"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", finetuning_type="full", max_steps=1,
+                        fsdp="full_shard"))
     with pytest.raises(ConfigError, match=r"is not pairwise"):
         train_with(_dpo(tiny_model_dir, data_dir, tmp_path / "o2", max_steps=1, dataset="alpaca"))
 

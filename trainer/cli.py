@@ -105,6 +105,26 @@ def _finish_distributed() -> None:
     os._exit(0)
 
 
+def _leave_without_teardown(code: int) -> None:
+    """A preempted multi-process run has saved its checkpoint together (every rank stopped at the same step and
+    waited for the save); nothing collective is left. Leave now: at interpreter teardown gloo's threads can abort
+    the process (exit -6, seen in CI on a preempted ZeRO-2 rank), and the launcher would report that instead of
+    the preemption's 128 + signal."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=code)
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def check(config: str, overrides: list[str]) -> int:
     from trainer.config import load_config
     from trainer.plan import describe
@@ -153,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Preempted as err:
         print(f"zerotune: {err}", file=sys.stderr)
+        _leave_without_teardown(128 + err.signum)
         return 128 + err.signum
 
 

@@ -214,6 +214,8 @@ def run(config: RunConfig) -> dict:
     from trainer.model.kernels import liger_available
 
     wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())
+    if t.do_train:
+        stage.prepare(model, wrapper)
     collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
     if t.do_train:
         log_layout(config, train, stage.item_name)

@@ -68,6 +68,9 @@ class Stage:
         """Items of the loss in this micro-batch (a tensor), counted from the batch before the forward pass."""
         raise NotImplementedError
 
+    def prepare(self, model, wrapper) -> None:
+        """Called once the model is ready (adapters in place, loss head patched) and before the engine wraps it."""
+
     # ---- loss ------------------------------------------------------------------------------------
     def compute(self, wrapper, model, batch: dict) -> StageOutput:
         raise NotImplementedError

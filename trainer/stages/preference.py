@@ -3,11 +3,14 @@
 One item of the loss is one pair. A pair's chosen and rejected sequences (each prompt + answer) go through the
 model in the same padding-free forward as the other pairs of the micro-batch, kept apart by the segment layout;
 their log-probabilities come from the chunked loss head (never full logits) and are summed per sequence. The
-reference model of a LoRA run is the same weights with the adapters switched off (no second copy). The losses
+reference model of a LoRA run is the same weights with the adapters switched off (no second copy); a full or
+freeze run keeps a frozen copy of its starting weights, in the compute dtype (not yet sharded: refused under ZeRO-3
+and FSDP). The losses
 are the pure functions of trainer/model/preference_losses.py.
 
-Not yet here (the issue "Preference stages on pairs" lists them): prefix sharing (the prompt is computed once per
-sequence, twice per pair), a reference copy for full/freeze runs, precomputed reference log-probs, the rm stage.
+Not yet here (the issue "Preference stages on pairs" lists them): prefix sharing (the prompt is computed with each
+answer, twice a pair), a sharded reference copy for full/freeze runs under ZeRO-3/FSDP, ref_model, precomputed
+reference log-probs, the rm stage.
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ class OrpoOptions(PreferenceOptions):
     pref_loss: str = field(default="orpo", metadata={"choices": ("orpo",)})
 
 
+def _shards(config) -> bool:
+    from trainer.config import _zero_stage
+
+    t = config.training
+    return config.fsdp is not None or bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
+
+
 def _peft_model(model):
     """The PeftModel inside DDP / DeepSpeed / FSDP wrappers (None: no adapters)."""
     while True:
@@ -70,10 +80,29 @@ class DPO(Stage):
 
         self.loss_fn = LOSSES[self.opts.pref_loss]
         self.needs_reference = self.opts.pref_loss in NEEDS_REFERENCE
-        if self.needs_reference and config is not None and config.finetuning.finetuning_type != "lora":
-            raise ConfigError(f"pref_loss: {self.opts.pref_loss} needs a reference model; this version takes it from "
-                              "a LoRA run's base weights (adapters off). Use finetuning_type: lora, or a "
-                              "reference-free pref_loss (simpo, orpo).")
+        self.reference = None  # full/freeze runs: a frozen copy of the starting weights (prepare)
+        self.copies_reference = self.needs_reference and config is not None and \
+            config.finetuning.finetuning_type != "lora"
+        if self.copies_reference and _shards(config):
+            raise ConfigError(f"pref_loss: {self.opts.pref_loss} with finetuning_type: "
+                              f"{config.finetuning.finetuning_type} needs a reference copy of the model, which this "
+                              "version does not shard under ZeRO-3 or FSDP yet. Use ZeRO-0/2, finetuning_type: lora "
+                              "(its reference is the base, no copy), or a reference-free pref_loss (simpo, orpo).")
+
+    def prepare(self, model, wrapper) -> None:
+        """Full and freeze runs: keep the starting weights as the reference, frozen, in the compute dtype (a 16-bit
+        copy under bf16/fp16). LoRA runs need no copy: the reference is the base with the adapters off."""
+        if not self.copies_reference:
+            return
+        import copy
+
+        import torch
+
+        t = self.config.training
+        dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+        self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+        if dtype is not None:
+            self.reference.to(dtype)
 
     def count_items(self, batch: dict):
         return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))
@@ -92,8 +121,12 @@ class DPO(Stage):
         chosen, rejected, n_chosen, n_rejected = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
         ref_chosen = ref_rejected = None
         if self.needs_reference:
-            with torch.no_grad(), self._reference(model):
-                ref, _ = self._sequence_logps(wrapper, model, batch)
+            with torch.no_grad():
+                if self.reference is not None:
+                    ref, _ = self._sequence_logps(wrapper, self._placed_reference(batch), batch)
+                else:
+                    with self._reference(model):
+                        ref, _ = self._sequence_logps(wrapper, model, batch)
             ref_chosen, ref_rejected = ref[0::2], ref[1::2]
         o = self.opts
         losses, reward_chosen, reward_rejected = self.loss_fn(
@@ -116,6 +149,12 @@ class DPO(Stage):
             stats.update({"nll_loss": (nll, one), "log_odds_ratio": (log_odds, one)})
         return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=labelled,
                            reference_passes=int(self.needs_reference))
+
+    def _placed_reference(self, batch):
+        device = batch["input_ids"].device
+        if next(self.reference.parameters()).device != device:  # the engine moved the policy after prepare()
+            self.reference.to(device)
+        return self.reference
 
     @staticmethod
     def _reference(model):
