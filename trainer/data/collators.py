@@ -43,22 +43,24 @@ def model_inputs(batch: dict) -> dict:
     return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
+def _sums_by_length(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """values [1, T] -> the sum of each consecutive run of the given lengths (no host sync)."""
+    lengths = lengths.to(values.device)
+    index = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths,
+                                    output_size=values.shape[1])
+    return values.new_zeros(len(lengths)).index_add_(0, index, values[0])
+
+
 def item_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-token values [rows, T] -> one sum per dataset item of the batch."""
     if "attention_mask" in batch:  # padded: one item a row
         return values.sum(dim=1)
-    lengths = batch["item_lengths"].to(values.device)
-    index = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths,
-                                    output_size=values.shape[1])
-    return values.new_zeros(len(lengths)).index_add_(0, index, values[0])
+    return _sums_by_length(values, batch["item_lengths"])
 
 
 def segment_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
     """Per-token values [1, T] of a padding-free batch -> one sum per sequence (segment), in order."""
-    lengths = batch["cu_seq_lens_q"].to(values.device).diff()
-    index = torch.repeat_interleave(torch.arange(len(lengths), device=values.device), lengths,
-                                    output_size=values.shape[1])
-    return values.new_zeros(len(lengths)).index_add_(0, index, values[0])
+    return _sums_by_length(values, batch["cu_seq_lens_q"].diff())
 
 
 @dataclass
