@@ -63,6 +63,34 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def _step_driver(tmp_path: Path, before_each_step: str) -> Path:
+    """launch/train.py behind a script that runs `before_each_step` (Python, with `self`, `os`, `signal` and `time`
+    at hand) at the start of every training step of every rank: how the tests below signal a rank mid-run."""
+    driver = tmp_path / "driver.py"
+    body = "\n".join("    " + line for line in before_each_step.strip().splitlines())
+    driver.write_text(f"""
+import os, runpy, signal, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from trainer.engine.trainer import ZeroTrainer
+original = ZeroTrainer.training_step
+def step(self, *args, **kwargs):
+{body}
+    return original(self, *args, **kwargs)
+ZeroTrainer.training_step = step
+sys.argv = [{str(ROOT / 'launch/train.py')!r}] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+    return driver
+
+
+def _deepspeed_command(script: Path, cfg: dict, tmp_path: Path, name: str, port: int) -> list[str]:
+    cfg_file = tmp_path / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    return [launcher, "--num_gpus", "2", "--master_port", str(port + os.getpid() % 1000), str(script), "--config",
+            str(cfg_file)]
+
+
 def _torchrun(cfg: dict, tmp_path: Path, name: str) -> subprocess.CompletedProcess:
     driver = tmp_path / "record_shards.py"
     driver.write_text(RECORD_SHARDS)
@@ -139,29 +167,15 @@ def test_zero2_optimizer_offload(tiny_model_dir, data_dir, tmp_path):
 
 def test_sigterm_on_one_rank_stops_all_ranks_at_a_checkpoint(tiny_model_dir, data_dir, tmp_path):
     """Only rank 1 is signalled; the ranks agree at the step boundary, save one checkpoint together, and resume."""
-    driver = tmp_path / "driver.py"
-    driver.write_text(f"""
-import os, runpy, signal, sys
-sys.path.insert(0, {str(ROOT)!r})
-from trainer.engine.trainer import ZeroTrainer
-original = ZeroTrainer.training_step
-def step(self, *args, **kwargs):
-    if self.state.global_step == 3 and os.environ.get("RANK") == "1" and not getattr(self, "_sent", False):
-        self._sent = True
-        os.kill(os.getpid(), signal.SIGTERM)
-    return original(self, *args, **kwargs)
-ZeroTrainer.training_step = step
-sys.argv = [{str(ROOT / 'launch/train.py')!r}] + sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+    driver = _step_driver(tmp_path, """
+if self.state.global_step == 3 and os.environ.get("RANK") == "1" and not getattr(self, "_sent", False):
+    self._sent = True
+    os.kill(os.getpid(), signal.SIGTERM)
 """)
     out = tmp_path / "run"
     cfg = base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=1, max_steps=8, save_steps=100,
                       deepspeed=str(ROOT / "ds_configs/ds_z2_config.json"))
-    cfg_file = tmp_path / "sig.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(31500 + os.getpid() % 1000), str(driver),
-           "--config", str(cfg_file)]
+    cmd = _deepspeed_command(driver, cfg, tmp_path, "sig", 31500)
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 128 + 15, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-4"]
@@ -276,31 +290,17 @@ def test_sigterm_to_the_deepspeed_runner_alone_checkpoints_and_leaves_nothing_ru
     import time
 
     marker = tmp_path / "reached-step-2"
-    driver = tmp_path / "driver.py"
-    driver.write_text(f"""
-import os, runpy, sys, time
-sys.path.insert(0, {str(ROOT)!r})
-from trainer.engine.trainer import ZeroTrainer
-original = ZeroTrainer.training_step
-def step(self, *args, **kwargs):
-    time.sleep(0.2)  # steps of a tiny model are too quick to watch
-    if self.state.global_step == 2 and os.environ.get("RANK") == "0":
-        open({str(marker)!r}, "w").close()
-    return original(self, *args, **kwargs)
-ZeroTrainer.training_step = step
-sys.argv = [{str(ROOT / 'launch/train.py')!r}] + sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
+    driver = _step_driver(tmp_path, f"""
+time.sleep(0.2)  # steps of a tiny model are too quick to watch
+if self.state.global_step == 2 and os.environ.get("RANK") == "0":
+    open({str(marker)!r}, "w").close()
 """)
     out = tmp_path / "run"
     cfg = base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=1, max_steps=60, save_steps=1000,
                       deepspeed=str(ROOT / "ds_configs/ds_z2_config.json"))
-    cfg_file = tmp_path / "runner.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     log = (tmp_path / "runner.log").open("w")
-    runner = subprocess.Popen([launcher, "--num_gpus", "2", "--master_port", str(32500 + os.getpid() % 1000),
-                               str(driver), "--config", str(cfg_file)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    runner = subprocess.Popen(_deepspeed_command(driver, cfg, tmp_path, "runner", 32500), cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         while not marker.exists():
