@@ -1,3 +1,4 @@
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,3 +82,22 @@ def packed_rows(tiny_tokenizer, data_dir):
     rows, _ = pack_dataset(data.select(range(16)), 128)
     assert len(rows) >= 4 and any(len(r["lengths"]) > 1 for r in rows)
     return [rows[i] for i in range(4)]
+
+
+@pytest.fixture()
+def pairs_dir(tmp_path):
+    """Alpaca and ShareGPT ranking files: the chosen answer always agrees, the rejected one refuses."""
+    alpaca = [{"instruction": f"Question {i}: do you agree?", "input": "context" if i % 3 == 0 else "",
+               "chosen": "Yes, I agree." + " Yes" * (i % 4), "rejected": "No." + " no" * (i % 5)} for i in range(24)]
+    share = [{"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": "Hello"},
+                                {"from": "human", "value": "agree?"}],
+              "chosen": {"from": "gpt", "value": "Yes, I agree."}, "rejected": {"from": "gpt", "value": "No."}}
+             for i in range(6)]
+    (tmp_path / "pairs.json").write_text(json.dumps(alpaca))
+    (tmp_path / "chat_pairs.json").write_text(json.dumps(share))
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "pairs": {"file_name": "pairs.json", "ranking": True,
+                  "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
+        "chat_pairs": {"file_name": "chat_pairs.json", "ranking": True, "formatting": "sharegpt",
+                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}))
+    return tmp_path

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tiny import base_config, train_with
@@ -324,23 +325,37 @@ if self.state.global_step == 2 and os.environ.get("RANK") == "0":
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 60
 
 
-def test_dpo_two_processes_under_zero3_match_one(tiny_model_dir, tmp_path):
-    """The preference stage on the same engine: the reference (LoRA adapters switched off) and the pair layout hold
-    under ZeRO-3's partitioned weights; 1 process and 2 give the same losses and rewards."""
+@pytest.mark.parametrize("stage,kind,layout", [("dpo", "lora", "zero3"), ("rm", "full", "zero3"),
+                                               ("dpo", "lora", "fsdp"), ("rm", "full", "fsdp")])
+def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir, tmp_path):
+    """The pair stages on the same engine: dpo's reference (LoRA adapters switched off), rm's value head (added
+    after ZeRO-3 partitioned the model at load, or sharded with the root under FSDP) and the pair layout hold under
+    sharded weights; 1 process and 2 give the same losses and metrics, and rm's value_head.safetensors is the same
+    tensor."""
+    metric = "rewards/margins" if stage == "dpo" else "margin"
+    launch, extra = (_deepspeed, {"deepspeed": str(ROOT / "ds_configs/ds_z3_config.json")}) if layout == "zero3" \
+        else (_torchrun, {"fsdp": "full_shard auto_wrap"})
     data = tmp_path / "pairs"
     data.mkdir()
     pairs = [{"instruction": f"Question {i}?", "chosen": "Yes." + " yes" * (i % 3), "rejected": "No." + " no" * (i % 4)}
              for i in range(16)]
     (data / "p.json").write_text(json.dumps(pairs))
     (data / "dataset_info.json").write_text(json.dumps({"p": {"file_name": "p.json", "ranking": True}}))
-    common = dict(stage="dpo", dataset="p", max_steps=3, learning_rate=1e-2, gradient_accumulation_steps=1)
+    common = dict(stage=stage, finetuning_type=kind, dataset="p", max_steps=3, learning_rate=1e-2,
+                  gradient_accumulation_steps=1)
     single = tmp_path / "one"
     train_with(base_config(tiny_model_dir, data, single, per_device_train_batch_size=4, **common))
     double = tmp_path / "two"
-    proc = _deepspeed(base_config(tiny_model_dir, data, double, per_device_train_batch_size=2, **common,
-                                  deepspeed=str(ROOT / "ds_configs/ds_z3_config.json")), tmp_path, "dpo-z3")
+    proc = launch(base_config(tiny_model_dir, data, double, per_device_train_batch_size=2, **common, **extra),
+                  tmp_path, f"{stage}-{layout}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
-    assert _history(double, "rewards/margins") == pytest.approx(_history(single, "rewards/margins"), rel=1e-3,
-                                                                abs=1e-6)
-    assert _history(single, "loss")[0] == pytest.approx(0.693147, rel=1e-4)
+    assert _history(double, metric) == pytest.approx(_history(single, metric), rel=1e-3, abs=1e-6)
+    if stage == "dpo":
+        assert _history(single, "loss")[0] == pytest.approx(0.693147, rel=1e-4)
+    else:
+        from safetensors.torch import load_file
+
+        heads = [load_file(out / "value_head.safetensors") for out in (single, double)]
+        torch.testing.assert_close(heads[1], heads[0], rtol=1e-3, atol=1e-5)
+        assert not any("v_head" in k for k in load_file(double / "model.safetensors"))

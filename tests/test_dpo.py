@@ -16,25 +16,6 @@ from trainer.data.packing import unpacked_dataset
 from trainer.data.templates import get_template
 
 
-@pytest.fixture()
-def pairs_dir(tmp_path):
-    """Alpaca and ShareGPT ranking files: the chosen answer always agrees, the rejected one refuses."""
-    alpaca = [{"instruction": f"Question {i}: do you agree?", "input": "context" if i % 3 == 0 else "",
-               "chosen": "Yes, I agree." + " Yes" * (i % 4), "rejected": "No." + " no" * (i % 5)} for i in range(24)]
-    share = [{"conversations": [{"from": "human", "value": f"Hi {i}"}, {"from": "gpt", "value": "Hello"},
-                                {"from": "human", "value": "agree?"}],
-              "chosen": {"from": "gpt", "value": "Yes, I agree."}, "rejected": {"from": "gpt", "value": "No."}}
-             for i in range(6)]
-    (tmp_path / "pairs.json").write_text(json.dumps(alpaca))
-    (tmp_path / "chat_pairs.json").write_text(json.dumps(share))
-    (tmp_path / "dataset_info.json").write_text(json.dumps({
-        "pairs": {"file_name": "pairs.json", "ranking": True,
-                  "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"}},
-        "chat_pairs": {"file_name": "chat_pairs.json", "ranking": True, "formatting": "sharegpt",
-                       "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"}}}))
-    return tmp_path
-
-
 def _dpo(model_dir, data_dir, out, **kw):
     return base_config(model_dir, data_dir, out, **{"stage": "dpo", "dataset": "pairs", **kw})
 

@@ -649,10 +649,13 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
         raise ConfigError(f"max_samples: {d.max_samples} must be positive.")
     if d.neat_packing:
         d.packing = True
-    if d.packing is None:
-        from trainer.stages import get_stage_class
+    from trainer.stages import get_stage_class
 
+    if d.packing is None:
         d.packing = get_stage_class(f.stage).packing_default
+    if not d.padding_free and get_stage_class(f.stage).data_kind == "pairwise":
+        raise ConfigError(f"padding_free: false lays one sequence a row; stage {f.stage} keeps a pair's chosen and "
+                          "rejected together in the padding-free layout. Remove padding_free: false.")
     if d.packing and not d.padding_free:
         raise ConfigError("padding_free: false lays one example a row, and packing: true puts several in one; "
                           "set packing: false for padded batches.")

@@ -71,7 +71,7 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
         ("pref_bco_weight", "ld_alpha", "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "kto_chosen_weight", "kto_rejected_weight",
          "reward_model", "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type",
          "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards"),
-        "this version trains sft, pt, dpo and orpo (LoRA reference or reference-free losses); the rm, kto and ppo "
+        "this version trains sft, pt, rm, dpo and orpo (LoRA reference or reference-free losses); the kto and ppo "
         "stages, BCO, LD-DPO and a separate ref_model are not implemented yet"),
     "export": (("export_dir", "export_size", "export_device", "export_legacy_format", "export_hub_model_id",
                 "export_quantization_bit", "export_quantization_dataset", "export_quantization_maxlen",

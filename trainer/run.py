@@ -193,6 +193,7 @@ def run(config: RunConfig) -> dict:
     # in one process: seed again, so the new adapters start the same however the model was loaded.
     set_seed(t.seed)
     model = prepare_trainable(model, f, m, is_trainable=t.do_train)
+    model = stage.extend_model(model)
     if template is not None and t.do_train:
         warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
     from trainer.engine.agree import agreed_choice

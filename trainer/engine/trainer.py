@@ -229,8 +229,10 @@ class ZeroTrainer(Trainer):
         if state_dict is None and fsdp.is_sharded(self.model):
             # Every process joins the gather; rank 0 writes ordinary weights (for LoRA, only the adapter's).
             state_dict = fsdp.full_state_dict(self.model, trainable_only=hasattr(self.model, "peft_config"))
+        if self.args.should_save:  # first: saving the model drops _keys_to_ignore_on_save from state_dict in place
+            self.stage.save_extra(output_dir or self.args.output_dir, state_dict)
         with redacted_args(self.args):  # training_args.bin must not carry tokens
-            return super()._save(output_dir, state_dict)
+            super()._save(output_dir, state_dict)
 
     # ---- FSDP: the model arrives sharded (engine/fsdp.py); the Trainer must neither move nor re-wrap it ------------
     def _move_model_to_device(self, model, device):
@@ -256,7 +258,10 @@ class ZeroTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not fsdp.is_sharded(self.model):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            if not self.is_deepspeed_enabled:
+                self.stage.load_extra(resume_from_checkpoint)
+            return
         fsdp.load_model_shards(self.model, resume_from_checkpoint)
 
     def _load_best_model(self):

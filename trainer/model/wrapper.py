@@ -1,10 +1,12 @@
-"""The one model wrapper every stage uses: per-token losses through the model's own forward.
+"""The one model wrapper every stage uses: per-token losses (or values) through the model's own forward.
 
-The model's lm_head is given a second mode. While `targets` are set (a context variable, so the
+The model's lm_head is given two more modes. While `targets` are set (a context variable, so the
 call still goes through DDP / DeepSpeed / FSDP wrappers and their hooks), the head returns the
-per-token negative log-likelihood computed in chunks instead of the [tokens x vocab] logits. With no
-targets set (generation, plain use) it is the ordinary Linear. Models whose head cannot take this
-path (soft-capped logits, a head that is not a plain Linear) fall back to full logits, and say so.
+per-token negative log-likelihood computed in chunks instead of the [tokens x vocab] logits. While a
+value head is set (the rm stage), the head hands the final hidden states to it and returns its per-token
+values, computing no logits at all. With neither set (generation, plain use) it is the ordinary
+Linear. Models whose head cannot take the loss path (soft-capped logits, a head that is not a plain
+Linear) fall back to full logits, and say so.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     request = _TARGETS.get()
     if request is None:
         return F.linear(hidden, self.weight, self.bias)
+    if isinstance(request, nn.Module):  # a value head: its values come out as the model's "logits", [B, T, 1]
+        return request(hidden)
     targets, chunk_size, liger = request
     flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if liger:  # Liger's Triton kernel: the same per-token loss, fused on CUDA
@@ -43,7 +47,13 @@ def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _targets(targets: torch.Tensor | None, chunk_size: int, liger: bool = False):
-    token = _TARGETS.set(None if targets is None else (targets, chunk_size, liger))
+    with _request(None if targets is None else (targets, chunk_size, liger)):
+        yield
+
+
+@contextlib.contextmanager
+def _request(request):
+    token = _TARGETS.set(request)
     try:
         yield
     finally:
@@ -70,10 +80,13 @@ class ModelWrapper:
         self.chunk_size = chunk_size
         base = _base_model(model)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        self.chunked = chunked and type(head) is nn.Linear and not _post_processes_logits(base.config)
+        self.patched = type(head) is nn.Linear
+        self.post_processes = _post_processes_logits(base.config)
+        self.chunked = chunked and self.patched and not self.post_processes
         self.liger = liger and self.chunked
-        if self.chunked:
+        if self.patched:  # the loss and value modes; the plain Linear otherwise
             head.forward = types.MethodType(_loss_head_forward, head)
+        if self.chunked:
             if self.liger:
                 logger.info("Loss: Liger fused linear cross-entropy, no full logits.")
             else:
@@ -96,7 +109,16 @@ class ModelWrapper:
                                   reduction="none").view(targets.shape)
         return nll, targets.ne(IGNORE_INDEX)
 
-    def token_logps(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probabilities of the labels (the preference stages sum these per sequence)."""
-        nll, mask = self.token_nll(model, batch)
-        return -nll, mask
+    def token_values(self, model: nn.Module, batch: dict, value_head: nn.Module) -> torch.Tensor:
+        """value_head(final hidden state) at every token, [B, T]: the rm stage's scores, with no logits computed."""
+        inputs = model_inputs(batch)
+        inputs["use_cache"] = False
+        if self.patched and not self.post_processes:
+            # The head's output must be what the model returns (not a side channel): ZeRO-3 fetches and releases
+            # the head's weights for backward on hooks around its output and input.
+            with _request(value_head):
+                return model(**inputs).logits.squeeze(-1)
+        # A model that soft-caps or scales its logits would do that to the values too: the final hidden states
+        # instead (the full logits are computed and dropped).
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        return value_head(hidden).squeeze(-1)

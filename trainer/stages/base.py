@@ -68,8 +68,21 @@ class Stage:
         """Items of the loss in this micro-batch (a tensor), counted from the batch before the forward pass."""
         raise NotImplementedError
 
+    def extend_model(self, model):
+        """Called right after the adapters are in place and before sharding: add what the stage trains beside the
+        language model (the rm stage's value head). Returns the model."""
+        return model
+
     def prepare(self, model, wrapper) -> None:
         """Called once the model is ready (adapters in place, loss head patched) and before the engine wraps it."""
+
+    def save_extra(self, folder: str, state_dict: dict | None) -> None:
+        """Called on the main process whenever the model is saved (checkpoints and output_dir), with the gathered
+        state dict when the weights are sharded: write what the model's own files leave out."""
+
+    def load_extra(self, folder: str) -> None:
+        """Called when a checkpoint's weights are loaded back (resume) outside DeepSpeed and FSDP, whose own
+        checkpoints restore every parameter."""
 
     # ---- loss ------------------------------------------------------------------------------------
     def compute(self, wrapper, model, batch: dict) -> StageOutput:

@@ -67,11 +67,18 @@ def _peft_model(model):
         model = inner
 
 
-@register
-class DPO(Stage):
-    name = "dpo"
+class Pairwise(Stage):
+    """A stage whose item is one preference pair: its chosen and rejected sequences, end to end."""
     data_kind = "pairwise"
     item_name = "pairs"
+
+    def count_items(self, batch: dict):
+        return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))
+
+
+@register
+class DPO(Pairwise):
+    name = "dpo"
     options = PreferenceOptions
 
     def __init__(self, config=None, options=None):
@@ -103,9 +110,6 @@ class DPO(Stage):
         self.reference = copy.deepcopy(model).requires_grad_(False).eval()
         if dtype is not None:
             self.reference.to(dtype)
-
-    def count_items(self, batch: dict):
-        return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))
 
     def _sequence_logps(self, wrapper, model, batch):
         from trainer.data.collators import segment_sums

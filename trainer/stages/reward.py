@@ -1,0 +1,62 @@
+"""rm: a reward model trained on preference pairs (LLaMA-Factory's stage rm).
+
+The causal LM gets a value head (trainer/model/value_head.py); a sequence's score is the head's value at its last
+token (the answer's stop token), and a pair's loss is -log sigma(r_chosen - r_rejected) (Ouyang et al. 2022). The
+pair's two sequences go through the model in the same padding-free forward as every other pair, and the head
+computes no logits. Logged: accuracy (r_chosen > r_rejected) and margin (r_chosen - r_rejected), plus each side's
+mean score; eval gives eval_accuracy over the whole eval set, as LLaMA-Factory's rm does.
+"""
+
+from __future__ import annotations
+
+from trainer.stages.base import StageOutput, register
+from trainer.stages.preference import Pairwise
+
+
+@register
+class RM(Pairwise):
+    name = "rm"
+
+    def __init__(self, config=None, options=None):
+        super().__init__(config, options)
+        self.head = None
+
+    def extend_model(self, model):
+        from trainer.model import value_head
+
+        m = self.config.model if self.config is not None else None
+        saved_in = [m.adapter_name_or_path, m.model_name_or_path] if m is not None else []
+        self.head = value_head.attach(model, [p for p in saved_in if p])
+        self.head.requires_grad_(self.config is None or self.config.training.do_train)
+        return model
+
+    def compute(self, wrapper, model, batch: dict) -> StageOutput:
+        import torch
+
+        from trainer.model.preference_losses import reward_model
+
+        values = wrapper.token_values(model, batch, self.head)
+        last = batch["cu_seq_lens_q"][1:].to(values.device, torch.long) - 1  # each sequence's last token
+        scores = values[0, last].float()
+        chosen, rejected = scores[0::2], scores[1::2]
+        losses = reward_model(chosen, rejected)
+        one = torch.ones_like(losses)
+        stats = {"loss": (losses.detach(), one),
+                 "accuracy": ((chosen > rejected).to(losses.dtype), one),
+                 "margin": ((chosen - rejected).detach(), one),
+                 "scores/chosen": (chosen.detach(), one), "scores/rejected": (rejected.detach(), one)}
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=one.new_zeros(()))
+
+    def save_extra(self, folder: str, state_dict: dict | None) -> None:
+        from trainer.model import value_head
+
+        value_head.save(self.head, folder, state_dict)
+
+    def load_extra(self, folder: str) -> None:
+        import os
+
+        from trainer.model import value_head
+
+        path = os.path.join(folder, value_head.FILE)
+        if os.path.isfile(path):
+            value_head.load_into(self.head, path)
