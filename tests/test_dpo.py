@@ -83,6 +83,96 @@ def test_packed_pairs_logps_equal_separate_forwards(tiny_model_dir, pairs_dir, t
     torch.testing.assert_close(packed.double(), torch.tensor(alone, dtype=torch.float64), rtol=1e-5, atol=1e-4)
 
 
+def _synthetic_pairs(seed: int = 0):
+    """Pairs of random tokens with prompts of 1, 2, 5 and 11 tokens (labels on the answers only): one pair an item,
+    and one packed item of three pairs filled to exactly 64 tokens."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = lambda n: torch.randint(3, 300, (n,), generator=g).tolist()  # noqa: E731
+
+    def pair(prompt_len, chosen_len, rejected_len):
+        prompt = tokens(prompt_len)
+        seqs = [prompt + tokens(chosen_len), prompt + tokens(rejected_len)]
+        labels = [[-100] * prompt_len + s[prompt_len:] for s in seqs]
+        return {"input_ids": seqs[0] + seqs[1], "labels": labels[0] + labels[1], "lengths": [len(x) for x in seqs]}
+
+    singles = [pair(1, 4, 6), pair(2, 3, 1), pair(5, 7, 2), pair(11, 2, 9)]
+    parts = [pair(9, 5, 4), pair(1, 8, 3), pair(6, 7, 5)]
+    packed = {k: [x for p in parts for x in p[k]] for k in ("input_ids", "labels", "lengths")}
+    assert len(packed["input_ids"]) == 64
+    return singles + [packed]
+
+
+def _alone_logps(model, items):
+    """Each sequence's summed answer log-prob from a forward of that sequence alone (the independent reference)."""
+    out = []
+    with torch.no_grad():
+        for item in items:
+            start = 0
+            for n in item["lengths"]:
+                ids = torch.tensor([item["input_ids"][start:start + n]])
+                labels = torch.tensor([item["labels"][start:start + n]])
+                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
+                picked = torch.log_softmax(logits, -1).gather(1, labels[0, 1:].clamp(min=0)[:, None])[:, 0]
+                out.append(float((picked * labels[0, 1:].ne(-100)).sum()))
+                start += n
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("path", ["segments", "flash varlen"])
+def test_prefix_shared_pairs_logps_equal_separate_forwards(path, tiny_model_dir, monkeypatch):
+    """The prompt computed once a pair (the rejected answer attending to the chosen sequence's prompt, positions
+    continuing from it) gives every sequence the log-prob of a forward of that sequence alone, on zerotune_segments'
+    SDPA and on its FlashAttention-2 varlen call (a pure-torch flash_attn_varlen_func with flash-attn's bottom-right
+    causal alignment, put where the kernel looks for it). Without the shared-prefix layout the same row is wrong."""
+    from transformers import AutoModelForCausalLM
+
+    import flash_standin
+    from trainer.model import kernels
+    from trainer.model.wrapper import ModelWrapper
+    from trainer.stages.preference import DPO
+
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=kernels.SEGMENTS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    if path == "flash varlen":
+        monkeypatch.setattr(kernels, "_flash_fits", lambda q: True)
+        monkeypatch.setattr(kernels, "_flash_varlen", lambda: flash_standin.flash_attn_varlen_func)
+        flash_standin.CALLS.clear()
+    items = _synthetic_pairs()
+    expected = _alone_logps(model, items)
+    batch = Collator(0, share_prefix=True)(items)
+    full = sum(len(it["input_ids"]) for it in items)
+    assert batch["input_ids"].shape[1] == full - (0 + 1 + 4 + 10) - (8 + 0 + 5)  # each prompt but one token, once
+    wrapper = ModelWrapper(model)
+    with torch.no_grad():
+        shared, _ = DPO()._sequence_logps(wrapper, model, batch)
+        torch.testing.assert_close(shared.double(), expected, rtol=1e-5, atol=1e-5)
+        if path == "flash varlen":
+            call = flash_standin.CALLS[-1]
+            assert not torch.equal(call["cu_seqlens_q"], call["cu_seqlens_k"])  # the shared keys went in
+        del batch["shared_prefix"]
+        wrong, _ = DPO()._sequence_logps(wrapper, model, batch)
+    assert (wrong.double() - expected).abs().max() > 1e-2
+
+
+def test_prefix_sharing_trains_exactly_like_separate_prompts(tiny_model_dir, pairs_dir, tmp_path, caplog):
+    """pref_prefix_sharing (on by default) changes what is computed, not the result: the same losses and rewards
+    as pref_prefix_sharing: false; an attention path that cannot read shared prompts turns it off and says so."""
+    runs = {}
+    for share in (True, False):
+        _, state = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / str(share), max_steps=4, learning_rate=1e-2,
+                                   per_device_train_batch_size=4, pref_prefix_sharing=share))
+        runs[share] = [v for e in state["log_history"] if "loss" in e for v in (e["loss"], e["rewards/margins"])]
+    assert len(runs[True]) == 8 and runs[True][-1] > 0
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-7)
+    with caplog.at_level("INFO"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "sdpa", max_steps=1, flash_attn="sdpa"))
+    assert "pref_prefix_sharing: off with sdpa attention" in caplog.text
+
+
 @pytest.mark.parametrize("loss,first", [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 1 / (4 * 0.1 ** 2))])
 def test_first_lora_step_is_at_policy_equal_to_reference(loss, first, tiny_model_dir, pairs_dir, tmp_path):
     """LoRA's B starts at zero, so at step 1 the policy is the reference: the loss is the formula's value there,

@@ -30,7 +30,7 @@ def test_the_messages_users_meet_most(tmp_path):
         build_config({**base, "finetuning_type": "oft"})
     with pytest.raises(ConfigError) as err:  # several at once: each on its own line
         build_config({**base, "use_galore": True, "kto_chosen_weight": 1.0})
-    assert "GaLore" in str(err.value) and "kto_chosen_weight: this version trains sft, pt, dpo and orpo" in \
+    assert "GaLore" in str(err.value) and "kto_chosen_weight: this version trains sft, pt, rm, dpo and orpo" in \
         str(err.value)
 
 

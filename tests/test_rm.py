@@ -35,21 +35,22 @@ def _sequences(items):
             start += n
 
 
-def _stage_scores(model_dir, items, adapter=None):
+def _stage_scores(model_dir, items, share_prefix, adapter=None):
     """Scores of every sequence of the items, through the rm stage on one padding-free batch."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.model import value_head
+    from trainer.model import kernels, value_head
     from trainer.model.wrapper import ModelWrapper
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=kernels.SEGMENTS)
     if adapter:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
     head = value_head.attach(model, [adapter or model_dir])
     wrapper = ModelWrapper(model)
-    batch = Collator(0)(items)
+    batch = Collator(0, share_prefix=share_prefix)(items)
     with torch.no_grad():
         values = wrapper.token_values(model, batch, head)
     return values[0, batch["cu_seq_lens_q"][1:].long() - 1]
@@ -59,7 +60,8 @@ def test_scores_equal_sequence_classification_from_the_saved_files(tiny_model_di
                                                                    tmp_path):
     """A full rm run saves the causal LM without the head and value_head.safetensors beside it; transformers'
     AutoModelForSequenceClassification over those files (score = v_head.summary.weight, README "Reward models")
-    gives every sequence the score the stage computes for it inside a padding-free batch of 6 pairs."""
+    gives every sequence the score the stage computes for it inside a padding-free batch of 6 pairs, with each
+    pair's prompt computed once or twice."""
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
@@ -71,14 +73,15 @@ def test_scores_equal_sequence_classification_from_the_saved_files(tiny_model_di
     assert not any("v_head" in k for k in load_file(out / "model.safetensors"))
 
     items = _pair_items(pairs_dir, tiny_tokenizer, 6)
-    ours = _stage_scores(out, items)
+    ours = {share: _stage_scores(out, items, share) for share in (True, False)}
     classifier = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1, dtype=torch.float32)
     classifier.config.pad_token_id = tiny_tokenizer.pad_token_id
     with torch.no_grad():
         classifier.score.weight.copy_(head["v_head.summary.weight"])
         theirs = torch.stack([classifier(input_ids=torch.tensor([ids])).logits[0, 0] for ids in _sequences(items)])
     assert len(theirs) == 12 and theirs.std() > 0
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for share in (True, False):
+        torch.testing.assert_close(ours[share], theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_rm_learns_an_obvious_preference_and_loads_back(tiny_model_dir, pairs_dir, tmp_path):

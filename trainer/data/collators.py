@@ -12,6 +12,11 @@ padding at all, and the batch carries its segment layout, computed here once:
 `padding_free=False` gives the classic layout instead: one example a row, right-padded, with an
 attention_mask (the reference the padding-free layout is tested against, and the benchmark's padded row).
 
+Preference pairs can share their prompt (`share_prefix`): a pair's rejected sequence then holds only the
+prompt's last token and its answer, attends to the prompt tokens at the start of the chosen sequence before it
+(`shared_prefix`: how many, per segment) and continues its positions from there, so the prompt is computed once
+a pair. The last prompt token is computed twice: its hidden state predicts each answer's first token.
+
 Both carry `item_lengths` (tokens of each dataset item: per-item statistics are summed from it, and it is
 the first key so that the Trainer reads the batch size from it) and the bookkeeping the engine pops before
 the forward pass: the real (non-pad) token count and the sum of squared example lengths (attention FLOPs).
@@ -29,7 +34,7 @@ from trainer.data.processing import IGNORE_INDEX
 BOOKKEEPING = ("real_tokens", "attn_square")
 # What the model's forward receives; every other key is for the stage (labels, item_lengths, ...).
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                "max_length_k")
+                "max_length_k", "shared_prefix")
 
 
 def segment_layout(lengths: list[int]) -> dict:
@@ -63,14 +68,48 @@ def segment_sums(values: torch.Tensor, batch: dict) -> torch.Tensor:
     return _sums_by_length(values, batch["cu_seq_lens_q"].diff())
 
 
+def shared_prompt(item: dict) -> dict:
+    """A dataset item of pairs (its segments come as chosen, rejected, chosen, rejected, ...) with each rejected
+    sequence cut down to the prompt's last token and its answer; `prefixes` says how many tokens at the start of
+    the segment before it each segment also attends to. The shared part is the two sequences' common prefix up to
+    the first trained token (the prompt: identical tokens, no labels), so nothing trained is ever shared."""
+    ids, labels = item["input_ids"], item["labels"]
+    out_ids, out_labels, lengths, prefixes = [], [], [], []
+    start = 0
+    segments = item["lengths"]
+    for a, b in zip(segments[0::2], segments[1::2]):
+        first, second = start, start + a
+        shared = 0
+        limit = min(a, b)
+        while shared < limit and ids[first + shared] == ids[second + shared] \
+                and labels[first + shared] == IGNORE_INDEX and labels[second + shared] == IGNORE_INDEX:
+            shared += 1
+        keep = max(shared - 1, 0)  # the last shared token stays: its hidden state predicts the answer's first token
+        out_ids += ids[first:second] + ids[second + keep:second + b]
+        out_labels += labels[first:second] + labels[second + keep:second + b]
+        lengths += [a, b - keep]
+        prefixes += [0, keep]
+        start += a + b
+    return {"input_ids": out_ids, "labels": out_labels, "lengths": lengths, "prefixes": prefixes}
+
+
+def _prefixes(item: dict) -> list[int]:
+    return item.get("prefixes") or [0] * len(item["lengths"])
+
+
 @dataclass
 class Collator:
     pad_token_id: int
     padding_free: bool = True
+    share_prefix: bool = False  # pairs: the rejected sequence reuses the chosen one's prompt (shared_prompt)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        if self.share_prefix:
+            items = [shared_prompt(it) for it in items]
         batch = self._flat(items) if self.padding_free else self._padded(items)
-        batch["attn_square"] = torch.tensor([sum(n * n for n in it["lengths"]) for it in items], dtype=torch.float64)
+        # Attention pairs: n^2 per causal sequence, plus 2 n k for a sequence that also sees k shared tokens.
+        batch["attn_square"] = torch.tensor([sum(n * n + 2 * n * k for n, k in zip(it["lengths"], _prefixes(it)))
+                                             for it in items], dtype=torch.float64)
         return batch
 
     @staticmethod
@@ -82,17 +121,20 @@ class Collator:
         return labels
 
     def _flat(self, items: list[dict]) -> dict:
-        ids, labels, positions, segments = [], [], [], []
+        ids, labels, positions, segments, prefixes = [], [], [], [], []
         for it in items:
             ids += it["input_ids"]
             labels += self._labels(it)
-            for n in it["lengths"]:
-                positions += range(n)
+            for n, k in zip(it["lengths"], _prefixes(it)):
+                positions += range(k, k + n)  # a sequence after a shared prompt continues its positions
             segments += it["lengths"]
+            prefixes += _prefixes(it)
         batch = {"item_lengths": torch.tensor([len(it["input_ids"]) for it in items]),
                  "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                  "position_ids": torch.tensor([positions])}
         batch.update(segment_layout(segments))
+        if self.share_prefix:
+            batch["shared_prefix"] = torch.tensor(prefixes, dtype=torch.int32)
         batch["real_tokens"] = torch.tensor([len(ids)])
         return batch
 

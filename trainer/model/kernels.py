@@ -8,6 +8,13 @@ collator computes them once per batch: the same layout FlashAttention-2 varlen r
 integers once per forward pass, not once per layer. It is the pure-torch counterpart of FlashAttention-2
 varlen, for CPUs and GPUs without flash-attn.
 
+A preference pair's rejected sequence can share the chosen one's prompt (the collator's `shared_prefix`: per
+segment, how many tokens at the start of the segment before it it also attends to). Its queries then see those
+prompt keys and its own, causally aligned bottom-right (query i of n sees the k shared keys and its own first
+i + 1): exactly what it would see after the prompt in a sequence of its own. On a CUDA GPU with flash-attn the
+whole row is one FlashAttention-2 varlen call over keys gathered per segment (the shared prompt keys copied in
+front of each sequence that uses them); elsewhere it is SDPA per segment with that mask.
+
 It is registered with a mask function too, so a padded batch (batched, left-padded generation; the padded
 layout) gets its attention mask and runs plain SDPA with it; a batch without padding gets no mask built.
 """
@@ -51,6 +58,7 @@ class _PerForward:
 
 
 _layout_lengths = _PerForward(lambda cu: cu.diff().tolist())  # one host sync a forward pass, not a layer
+_layout_prefixes = _PerForward(lambda shared: shared.tolist())
 _position_lengths = _PerForward(lambda pos: [[e - s for s, e in row] for row in segment_bounds(pos)])
 
 
@@ -68,8 +76,19 @@ def _row_lengths(batch: int, q_len: int, position_ids, cu_seq_lens) -> list[list
     return _position_lengths(position_ids)
 
 
+def _flash_fits(query: torch.Tensor) -> bool:
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and has_flash_attn()
+
+
+def _flash_varlen():
+    """flash-attn's varlen function, where this machine has it for these tensors (None: SDPA per segment)."""
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
+
+
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      position_ids=None, cu_seq_lens_q=None, **kwargs):
+                      position_ids=None, cu_seq_lens_q=None, shared_prefix=None, **kwargs):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None or q_len != kv_len:
@@ -78,19 +97,58 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+    row_lengths = _row_lengths(query.shape[0], q_len, position_ids, cu_seq_lens_q)
+    prefixes = _layout_prefixes(shared_prefix) if shared_prefix is not None else None
+    if _flash_fits(query):
+        return _flash_rows(query, key, value, row_lengths, prefixes, p, scaling), None
+    gqa = query.shape[1] != key.shape[1]
     # unbind/split/cat rather than slice assignment: their backward is one stack/cat per row, where
     # every sliced read or write would allocate and zero a full-size gradient in backward (measured: ~15%
     # of a packed SmolLM2 step went to those zero fills and copies).
     rows = []
-    for q_row, k_row, v_row, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0),
-                                            _row_lengths(query.shape[0], q_len, position_ids, cu_seq_lens_q)):
-        pieces = [F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), dropout_p=p,
-                                                 is_causal=True, scale=scaling, enable_gqa=gqa)[0].transpose(0, 1)
-                  for q, k, v in zip(q_row.split(lengths, 1), k_row.split(lengths, 1), v_row.split(lengths, 1))]
+    for q_row, k_row, v_row, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), row_lengths):
+        shares = prefixes or [0] * len(lengths)
+        ks, vs = k_row.split(lengths, 1), v_row.split(lengths, 1)
+        pieces = []
+        for i, q in enumerate(q_row.split(lengths, 1)):
+            k, v, shared, mask = ks[i], vs[i], shares[i], None
+            if shared:  # the prompt keys at the start of the segment before, then its own: bottom-right causal
+                k, v = torch.cat([ks[i - 1][:, :shared], k], 1), torch.cat([vs[i - 1][:, :shared], v], 1)
+                mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool, device=q.device).tril(diagonal=shared)
+            pieces.append(F.scaled_dot_product_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), attn_mask=mask,
+                                                         dropout_p=p, is_causal=mask is None, scale=scaling,
+                                                         enable_gqa=gqa)[0].transpose(0, 1))
         rows.append(torch.cat(pieces) if len(pieces) > 1 else pieces[0].contiguous())
     return torch.stack(rows), None
+
+
+def _flash_rows(query, key, value, row_lengths, prefixes, dropout: float, scaling):
+    """All rows' segments as one FlashAttention-2 varlen call: [B, T, H, D]. A segment that shares a prompt gets
+    the prompt's keys and values copied in front of its own; flash-attn's causal mask is aligned bottom-right when
+    a segment has more keys than queries, which is exactly the attention that segment needs."""
+    q = query.transpose(1, 2).reshape(-1, query.shape[1], query.shape[3])  # [B*T, H, D]
+    k_rows, v_rows, cu_q, cu_k = [], [], [0], [0]
+    for b, lengths in enumerate(row_lengths):
+        shares = prefixes or [0] * len(lengths)
+        ks, vs = key[b].transpose(0, 1).split(lengths), value[b].transpose(0, 1).split(lengths)  # [n, Hkv, D] each
+        for i, n in enumerate(lengths):
+            if shares[i]:
+                k_rows += [ks[i - 1][:shares[i]], ks[i]]
+                v_rows += [vs[i - 1][:shares[i]], vs[i]]
+            else:
+                k_rows.append(ks[i])
+                v_rows.append(vs[i])
+            cu_q.append(cu_q[-1] + n)
+            cu_k.append(cu_k[-1] + n + shares[i])
+    device = query.device
+    cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=device)
+    cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=device)
+    max_q = max(n for lengths in row_lengths for n in lengths)
+    max_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    out = _flash_varlen()(q, torch.cat(k_rows), torch.cat(v_rows), cu_q_t, cu_k_t, max_q, max_k, dropout_p=dropout,
+                          softmax_scale=scaling, causal=True)
+    return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def segment_mask(*args, attention_mask=None, **kwargs):

@@ -79,23 +79,25 @@ def load_tokenizer(model_args):
     return tok
 
 
-def attention_implementation(choice: str, config=None) -> str:
+def attention_implementation(choice: str, config=None, segments_wanted: bool = False) -> str:
     """flash_attn: auto picks FlashAttention-2 (varlen over packed rows) on a CUDA GPU that has it, else
-    zerotune's per-example SDPA (kernels.py), else plain SDPA for models it does not cover."""
+    zerotune's per-example SDPA (kernels.py), else plain SDPA for models it does not cover. A stage whose batches
+    share prompts between sequences (segments_wanted) gets zerotune_segments, which runs FlashAttention-2 varlen
+    itself where flash-attn is installed."""
     from trainer.model import kernels
 
-    if choice == "fa2" or (choice == "auto" and kernels.has_flash_attn()):
+    uncovered = config is not None and bool(
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
+        or getattr(config, "attn_logit_softcapping", None))
+    if choice == "fa2" or (choice == "auto" and kernels.has_flash_attn() and (uncovered or not segments_wanted)):
         if not kernels.has_flash_attn():
             raise ConfigError("flash_attn: fa2 needs a CUDA GPU and the flash-attn package "
                               "(pip install 'zerotune[gpu]'); flash_attn: auto picks the best available path.")
         return "flash_attention_2"
     if choice == "auto":
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and not kernels.has_flash_attn():
             logger.warning("flash-attn is not installed: packed rows use per-example SDPA instead of "
                            "FlashAttention-2 varlen (pip install 'zerotune[gpu]').")
-        uncovered = config is not None and (
-            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)
-            or getattr(config, "attn_logit_softcapping", None))
         if uncovered:
             return "sdpa"
         kernels.register()
@@ -121,7 +123,7 @@ def weights_dtype(training_args, finetuning_type: str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(model_args, training_args, finetuning_type: str):
+def load_model(model_args, training_args, finetuning_type: str, segments_wanted: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = model_args.model_name_or_path
@@ -132,7 +134,7 @@ def load_model(model_args, training_args, finetuning_type: str):
         config = AutoConfig.from_pretrained(path, **common)
     except OSError as err:
         raise _hub_error(path, err) from None
-    impl = attention_implementation(model_args.flash_attn, config)
+    impl = attention_implementation(model_args.flash_attn, config, segments_wanted)
     dtype = weights_dtype(training_args, finetuning_type)
     from trainer.model.kernels import apply_liger
     from trainer.model.lean_ops import apply_lean_ops

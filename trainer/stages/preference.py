@@ -1,31 +1,41 @@
 """dpo and orpo: preference training on pairs (LLaMA-Factory's stage dpo with pref_loss, and stage orpo).
 
 One item of the loss is one pair. A pair's chosen and rejected sequences (each prompt + answer) go through the
-model in the same padding-free forward as the other pairs of the micro-batch, kept apart by the segment layout;
-their log-probabilities come from the chunked loss head (never full logits) and are summed per sequence. The
-reference model of a LoRA run is the same weights with the adapters switched off (no second copy); a full or
-freeze run keeps a frozen copy of its starting weights, in the compute dtype (not yet sharded: refused under ZeRO-3
-and FSDP). The losses
-are the pure functions of trainer/model/preference_losses.py.
+model in the same padding-free forward as the other pairs of the micro-batch, kept apart by the segment layout,
+and with pref_prefix_sharing (the default where the attention path reads it) the prompt is computed once: the
+rejected answer attends to the chosen sequence's prompt (collators.shared_prompt, kernels.segment_attention).
+Log-probabilities come from the chunked loss head (never full logits), summed per sequence. The reference model
+of a LoRA run is the same weights with the adapters switched off (no second copy); a full or freeze run keeps a
+frozen copy of its starting weights, in the compute dtype (not yet sharded: refused under ZeRO-3 and FSDP). The
+losses are the pure functions of trainer/model/preference_losses.py.
 
-Not yet here (the issue "Preference stages on pairs" lists them): prefix sharing (the prompt is computed with each
-answer, twice a pair), a sharded reference copy for full/freeze runs under ZeRO-3/FSDP, ref_model, precomputed
-reference log-probs, the rm stage.
+Not yet here (the issue "Preference stages on pairs" lists them): a sharded reference copy for full/freeze runs
+under ZeRO-3/FSDP, ref_model, precomputed reference log-probs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
 from trainer.stages.base import Stage, StageOutput, register
 
+logger = logging.getLogger(__name__)
+
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 
 
 @dataclass
-class PreferenceOptions:
+class PairOptions:
+    # The prompt computed once a pair (the rejected sequence attends to the chosen one's prompt): exact, on by
+    # default wherever the attention path supports it (zerotune_segments, flash_attn: auto).
+    pref_prefix_sharing: bool = True
+
+
+@dataclass
+class PreferenceOptions(PairOptions):
     pref_beta: float = 0.1
     pref_loss: str = field(default="sigmoid", metadata={"choices": PREF_LOSSES})
     pref_ftx: float = 0.0
@@ -68,9 +78,38 @@ def _peft_model(model):
 
 
 class Pairwise(Stage):
-    """A stage whose item is one preference pair: its chosen and rejected sequences, end to end."""
+    """A stage whose item is one preference pair: its chosen and rejected sequences, end to end, the rejected one
+    sharing the chosen one's prompt where the attention path allows (pref_prefix_sharing)."""
     data_kind = "pairwise"
     item_name = "pairs"
+    options = PairOptions
+
+    def __init__(self, config=None, options=None):
+        super().__init__(config, options)
+        self.shares_prefix = self.opts.pref_prefix_sharing
+
+    @property
+    def wants_segments(self) -> bool:
+        """Ask the loader for zerotune_segments: the one attention path that reads shared prompts."""
+        return self.opts.pref_prefix_sharing
+
+    def extend_model(self, model):
+        from trainer.model.kernels import SEGMENTS
+
+        attention = getattr(model.config, "_attn_implementation", None)
+        if self.shares_prefix and attention != SEGMENTS:
+            logger.info("pref_prefix_sharing: off with %s attention (it needs flash_attn: auto and a model that "
+                        "zerotune_segments covers); each pair's prompt is computed twice.", attention)
+            self.shares_prefix = False
+        elif self.shares_prefix:
+            logger.info("pref_prefix_sharing: each pair's prompt is computed once, the rejected answer attending "
+                        "to the chosen sequence's prompt.")
+        return model
+
+    def collator(self, pad_token_id: int, padding_free: bool = True):
+        from trainer.data.collators import Collator
+
+        return Collator(pad_token_id, padding_free=padding_free, share_prefix=self.shares_prefix)
 
     def count_items(self, batch: dict):
         return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))

@@ -10,12 +10,13 @@ mean score; eval gives eval_accuracy over the whole eval set, as LLaMA-Factory's
 from __future__ import annotations
 
 from trainer.stages.base import StageOutput, register
-from trainer.stages.preference import Pairwise
+from trainer.stages.preference import PairOptions, Pairwise
 
 
 @register
 class RM(Pairwise):
     name = "rm"
+    options = PairOptions
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)
@@ -24,6 +25,7 @@ class RM(Pairwise):
     def extend_model(self, model):
         from trainer.model import value_head
 
+        model = super().extend_model(model)
         m = self.config.model if self.config is not None else None
         saved_in = [m.adapter_name_or_path, m.model_name_or_path] if m is not None else []
         self.head = value_head.attach(model, [p for p in saved_in if p])
