@@ -326,12 +326,14 @@ if self.state.global_step == 2 and os.environ.get("RANK") == "0":
 
 
 @pytest.mark.parametrize("stage,kind,layout", [("dpo", "lora", "zero3"), ("rm", "full", "zero3"),
-                                               ("dpo", "lora", "fsdp"), ("rm", "full", "fsdp")])
+                                               ("dpo", "full", "zero3"), ("dpo", "lora", "fsdp"),
+                                               ("rm", "full", "fsdp"), ("dpo", "full", "fsdp")])
 def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir, tmp_path):
     """The pair stages on the same engine: dpo's reference (LoRA adapters switched off), rm's value head (added
     after ZeRO-3 partitioned the model at load, or sharded with the root under FSDP) and the pair layout hold under
     sharded weights; 1 process and 2 give the same losses and metrics, and rm's value_head.safetensors is the same
-    tensor."""
+    tensor. A full dpo run precomputes its reference log-probs (its sharded weights before the first step are the
+    reference: no copy), the pass split over the processes."""
     metric = "rewards/margins" if stage == "dpo" else "margin"
     launch, extra = (_deepspeed, {"deepspeed": str(ROOT / "ds_configs/ds_z3_config.json")}) if layout == "zero3" \
         else (_torchrun, {"fsdp": "full_shard auto_wrap"})
@@ -342,7 +344,9 @@ def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir
     (data / "p.json").write_text(json.dumps(pairs))
     (data / "dataset_info.json").write_text(json.dumps({"p": {"file_name": "p.json", "ranking": True}}))
     common = dict(stage=stage, finetuning_type=kind, dataset="p", max_steps=3, learning_rate=1e-2,
-                  gradient_accumulation_steps=1)
+                  gradient_accumulation_steps=1, per_device_eval_batch_size=7)  # 3 chunks over 2 processes
+    if stage == "dpo" and kind == "full":
+        common["precompute_ref_log_probs"] = True
     single = tmp_path / "one"
     train_with(base_config(tiny_model_dir, data, single, per_device_train_batch_size=4, **common))
     double = tmp_path / "two"

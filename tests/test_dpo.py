@@ -173,6 +173,50 @@ def test_prefix_sharing_trains_exactly_like_separate_prompts(tiny_model_dir, pai
     assert "pref_prefix_sharing: off with sdpa attention" in caplog.text
 
 
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_precomputed_reference_trains_like_the_reference_on_the_fly(kind, tiny_model_dir, pairs_dir, tmp_path, caplog):
+    """precompute_ref_log_probs: one pass before training (LoRA: the base with adapters off; full: the starting
+    weights themselves, no copy) gives the same losses and rewards as the reference forward every step; eval uses
+    the precomputed eval pairs; a rerun reads the table back from the cache."""
+    common = dict(finetuning_type=kind, max_steps=4, learning_rate=1e-2, per_device_train_batch_size=4, val_size=4,
+                  eval_strategy="steps", eval_steps=2, overwrite_cache=False)
+    runs = {}
+    for precompute in (False, True):
+        with caplog.at_level("INFO"):
+            results, state = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / str(precompute),
+                                             precompute_ref_log_probs=precompute, **common))
+        runs[precompute] = [v for e in state["log_history"] for k in ("loss", "rewards/margins", "eval_loss")
+                            if k in e for v in [e[k]]] + [results["eval_rewards/margins"]]
+    assert "Reference log-probs of 20 train pairs computed before training" in caplog.text
+    assert "Reference log-probs of 4 eval pairs computed before training" in caplog.text
+    assert len(runs[True]) == 11 and runs[True][-1] != 0
+    assert runs[True] == pytest.approx(runs[False], rel=1e-5, abs=1e-6)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "again", precompute_ref_log_probs=True, **common))
+    assert "Reference log-probs of the train pairs read from" in caplog.text
+
+
+def test_a_resumed_full_run_needs_its_cached_reference(tiny_model_dir, pairs_dir, tmp_path):
+    """A full run's precomputed reference came from its starting weights; resumed, it reads the table back, and
+    refuses to recompute it from weights that have moved."""
+    import os
+    import shutil
+
+    from trainer.errors import ConfigError
+
+    common = dict(finetuning_type="full", max_steps=2, learning_rate=1e-2, per_device_train_batch_size=4,
+                  save_steps=1, precompute_ref_log_probs=True)
+    out = tmp_path / "run"
+    train_with(_dpo(tiny_model_dir, pairs_dir, out, **common))
+    _, state = train_with(_dpo(tiny_model_dir, pairs_dir, out, resume_from_checkpoint=str(out / "checkpoint-1"),
+                               **common))
+    assert state["global_step"] == 2
+    shutil.rmtree(os.path.join(os.environ["ZEROTUNE_CACHE"], "tokenized", "reference"))
+    with pytest.raises(ConfigError, match=r"weights are no longer the reference"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, out, resume_from_checkpoint=str(out / "checkpoint-1"), **common))
+
+
 @pytest.mark.parametrize("loss,first", [("sigmoid", math.log(2)), ("hinge", 1.0), ("ipo", 1 / (4 * 0.1 ** 2))])
 def test_first_lora_step_is_at_policy_equal_to_reference(loss, first, tiny_model_dir, pairs_dir, tmp_path):
     """LoRA's B starts at zero, so at step 1 the policy is the reference: the loss is the formula's value there,

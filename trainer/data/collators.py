@@ -90,7 +90,7 @@ def shared_prompt(item: dict) -> dict:
         lengths += [a, b - keep]
         prefixes += [0, keep]
         start += a + b
-    return {"input_ids": out_ids, "labels": out_labels, "lengths": lengths, "prefixes": prefixes}
+    return {**item, "input_ids": out_ids, "labels": out_labels, "lengths": lengths, "prefixes": prefixes}
 
 
 def _prefixes(item: dict) -> list[int]:
@@ -107,6 +107,8 @@ class Collator:
         if self.share_prefix:
             items = [shared_prompt(it) for it in items]
         batch = self._flat(items) if self.padding_free else self._padded(items)
+        if "ref_logps" in items[0]:  # precomputed reference log-probs, one per sequence, in segment order
+            batch["ref_logps"] = torch.tensor([v for it in items for v in it["ref_logps"]], dtype=torch.float32)
         # Attention pairs: n^2 per causal sequence, plus 2 n k for a sequence that also sees k shared tokens.
         batch["attn_square"] = torch.tensor([sum(n * n + 2 * n * k for n, k in zip(it["lengths"], _prefixes(it)))
                                              for it in items], dtype=torch.float64)

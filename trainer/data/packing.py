@@ -44,7 +44,9 @@ def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
 class Items(torch.utils.data.Dataset):
     """Dataset items over tokenized examples: one example each, or the rows of a packing plan.
 
-    Each item is {input_ids, labels, lengths}: the examples' tokens end to end and each example's length.
+    Each item is {input_ids, labels, lengths}: the examples' tokens end to end and each example's length, plus,
+    for each table in `extra` (name -> array with one row per example, filled in later: the preference stages'
+    precomputed reference log-probs), the rows of its examples, flattened.
     """
 
     def __init__(self, data, bins: list[list[int]] | None = None):
@@ -52,6 +54,7 @@ class Items(torch.utils.data.Dataset):
         self.data = data.select_columns([c for c in ("input_ids", "labels", "segments") if c in data.column_names])
         self.segmented = "segments" in self.data.column_names
         self.members = self.offsets = None
+        self.extra: dict[str, np.ndarray] = {}
         if bins is not None:
             self.members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
             self.offsets = np.cumsum([0] + [len(b) for b in bins], dtype=np.int64)
@@ -62,13 +65,19 @@ class Items(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if self.offsets is None:
             ex = self.data[int(i)]
-            return {"input_ids": ex["input_ids"], "labels": ex["labels"],
+            item = {"input_ids": ex["input_ids"], "labels": ex["labels"],
                     "lengths": ex["segments"] if self.segmented else [len(ex["input_ids"])]}
-        rows = self.data[self.members[self.offsets[i]:self.offsets[i + 1]].tolist()]
-        lengths = [n for seg in rows["segments"] for n in seg] if self.segmented else \
-            [len(ids) for ids in rows["input_ids"]]
-        return {"input_ids": [t for ids in rows["input_ids"] for t in ids],
-                "labels": [t for lab in rows["labels"] for t in lab], "lengths": lengths}
+            members = [int(i)]
+        else:
+            members = self.members[self.offsets[i]:self.offsets[i + 1]].tolist()
+            rows = self.data[members]
+            lengths = [n for seg in rows["segments"] for n in seg] if self.segmented else \
+                [len(ids) for ids in rows["input_ids"]]
+            item = {"input_ids": [t for ids in rows["input_ids"] for t in ids],
+                    "labels": [t for lab in rows["labels"] for t in lab], "lengths": lengths}
+        for name, table in self.extra.items():
+            item[name] = table[members].reshape(-1).tolist()
+        return item
 
 
 def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:

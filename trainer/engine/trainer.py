@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 
 from trainer.data.collators import BOOKKEEPING
@@ -98,6 +98,7 @@ class ZeroTrainer(Trainer):
         self._slots = {"real": 0.0, "capacity": 0.0}  # for the run's padding fraction
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
+        self.add_callback(_StageHooks(self))
 
     # ---- loss -----------------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
@@ -345,6 +346,16 @@ class ZeroTrainer(Trainer):
         if self._window_start is None:
             self._window_start, self._excluded = time.perf_counter(), 0.0
         return super().training_step(model, inputs, num_items_in_batch)
+
+
+class _StageHooks(TrainerCallback):
+    """Hands the stage the engine once the model is wrapped and restored, before the first step."""
+
+    def __init__(self, trainer: "ZeroTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.stage.before_training(self.trainer)
 
 
 def _unwrapped(optimizer):

@@ -76,6 +76,10 @@ class Stage:
     def prepare(self, model, wrapper) -> None:
         """Called once the model is ready (adapters in place, loss head patched) and before the engine wraps it."""
 
+    def before_training(self, trainer) -> None:
+        """Called once the engine has wrapped the model (and restored a checkpoint), before the first step: the
+        place for a pass over the data that training then reads (precomputed reference log-probs)."""
+
     def save_extra(self, folder: str, state_dict: dict | None) -> None:
         """Called on the main process whenever the model is saved (checkpoints and output_dir), with the gathered
         state dict when the weights are sharded: write what the model's own files leave out."""

@@ -9,8 +9,9 @@ of a LoRA run is the same weights with the adapters switched off (no second copy
 frozen copy of its starting weights, in the compute dtype (not yet sharded: refused under ZeRO-3 and FSDP). The
 losses are the pure functions of trainer/model/preference_losses.py.
 
-Not yet here (the issue "Preference stages on pairs" lists them): a sharded reference copy for full/freeze runs
-under ZeRO-3/FSDP, ref_model, precomputed reference log-probs.
+precompute_ref_log_probs (reference_logps.py) computes the reference's log-probs in one pass before training,
+so training runs the policy alone, and full/freeze runs need no copy (which makes them possible under ZeRO-3 and
+FSDP). Not yet here (the issue "Preference stages on pairs" lists them): a sharded reference copy, ref_model.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class PreferenceOptions(PairOptions):
     pref_ftx: float = 0.0
     dpo_label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
+    # TRL's key (LLaMA-Factory has none): the reference's log-probs computed once before training, then read.
+    precompute_ref_log_probs: bool = False
 
     def __post_init__(self):
         if self.pref_beta <= 0:
@@ -127,13 +130,21 @@ class DPO(Pairwise):
         self.loss_fn = LOSSES[self.opts.pref_loss]
         self.needs_reference = self.opts.pref_loss in NEEDS_REFERENCE
         self.reference = None  # full/freeze runs: a frozen copy of the starting weights (prepare)
-        self.copies_reference = self.needs_reference and config is not None and \
-            config.finetuning.finetuning_type != "lora"
+        self.precomputes = self.needs_reference and self.opts.precompute_ref_log_probs
+        # Full and freeze runs: the reference is the starting weights, as a copy, or (precomputed) the policy itself
+        # before its first step.
+        self.reference_is_policy = config is not None and config.finetuning.finetuning_type != "lora"
+        self.copies_reference = self.needs_reference and self.reference_is_policy and not self.precomputes
         if self.copies_reference and _shards(config):
             raise ConfigError(f"pref_loss: {self.opts.pref_loss} with finetuning_type: "
                               f"{config.finetuning.finetuning_type} needs a reference copy of the model, which this "
-                              "version does not shard under ZeRO-3 or FSDP yet. Use ZeRO-0/2, finetuning_type: lora "
-                              "(its reference is the base, no copy), or a reference-free pref_loss (simpo, orpo).")
+                              "version does not shard under ZeRO-3 or FSDP yet. Set precompute_ref_log_probs: true "
+                              "(no copy: the reference log-probs come from the starting weights before training), "
+                              "use ZeRO-0/2, finetuning_type: lora (its reference is the base, no copy), or a "
+                              "reference-free pref_loss (simpo, orpo).")
+        if self.opts.precompute_ref_log_probs and config is not None and config.data.streaming:
+            raise ConfigError("precompute_ref_log_probs needs the whole dataset before training; it cannot run "
+                              "over a stream (streaming: true).")
 
     def prepare(self, model, wrapper) -> None:
         """Full and freeze runs: keep the starting weights as the reference, frozen, in the compute dtype (a 16-bit
@@ -150,6 +161,31 @@ class DPO(Pairwise):
         if dtype is not None:
             self.reference.to(dtype)
 
+    def before_training(self, trainer) -> None:
+        if not self.precomputes:
+            return
+        from trainer.data.packing import Items
+        from trainer.stages.reference_logps import reference_table
+
+        for name, items in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+            if isinstance(items, Items):
+                items.extra["ref_logps"] = reference_table(self, trainer, items, name)
+
+    def reference_logps(self, wrapper, model, batch):
+        """Each sequence's summed log-prob under the reference: the frozen copy, the LoRA base (adapters off), or
+        for a full/freeze run without a copy the model itself (before training, or in an eval-only run)."""
+        import torch
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._sequence_logps(wrapper, self._placed_reference(batch), batch)[0]
+            if _peft_model(model) is not None:
+                with self._reference(model):
+                    return self._sequence_logps(wrapper, model, batch)[0]
+            if model.training:  # a training step of a run whose reference was precomputed: never the moved policy
+                raise RuntimeError("precomputed reference log-probs are missing from a training batch")
+            return self._sequence_logps(wrapper, model, batch)[0]
+
     def _sequence_logps(self, wrapper, model, batch):
         from trainer.data.collators import segment_sums
 
@@ -163,13 +199,12 @@ class DPO(Pairwise):
         labelled = tokens.sum()
         chosen, rejected, n_chosen, n_rejected = logps[0::2], logps[1::2], tokens[0::2], tokens[1::2]
         ref_chosen = ref_rejected = None
+        reference_passes = 0
         if self.needs_reference:
-            with torch.no_grad():
-                if self.reference is not None:
-                    ref, _ = self._sequence_logps(wrapper, self._placed_reference(batch), batch)
-                else:
-                    with self._reference(model):
-                        ref, _ = self._sequence_logps(wrapper, model, batch)
+            if "ref_logps" in batch:  # precomputed before training
+                ref = batch["ref_logps"].to(logps.device, logps.dtype)
+            else:
+                ref, reference_passes = self.reference_logps(wrapper, model, batch), 1
             ref_chosen, ref_rejected = ref[0::2], ref[1::2]
         o = self.opts
         losses, reward_chosen, reward_rejected = self.loss_fn(
@@ -191,7 +226,7 @@ class DPO(Pairwise):
                                        n_rejected.clamp(min=1))
             stats.update({"nll_loss": (nll, one), "log_odds_ratio": (log_odds, one)})
         return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=labelled,
-                           reference_passes=int(self.needs_reference))
+                           reference_passes=reference_passes)
 
     def _placed_reference(self, batch):
         device = batch["input_ids"].device
