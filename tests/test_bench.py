@@ -33,3 +33,16 @@ def test_gpu_check_script_runs_its_cpu_smoke_mode(capsys):
     assert gpu_check(["--size", "tiny", "--steps", "2", "--cutoff", "256", "--vocab", "512"]) == 0
     out = capsys.readouterr().out
     assert "real tokens/s" in out and "MFU" in out and "zerotune_segments attention" in out
+
+
+def test_quick_dpo_benchmark_writes_its_rows(tmp_path):
+    from benchmarks.dpo import main as dpo_bench
+
+    assert dpo_bench(["--quick", "--pairs", "4", "--only", "defaults,sharing off", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "dpo.json").read_text())
+    rows = {r["name"]: r for r in data["results"]}
+    assert list(rows) == ["zerotune dpo (defaults: prefix sharing, padding-free)", "zerotune dpo, prefix sharing off"]
+    slots = data["token_slots"]
+    assert slots["shared"] < slots["real"] < slots["padded"]  # each prompt once < both sequences < padded batches
+    assert all(r["pairs_per_second"] > 0 and abs(r["first_loss"] - 0.6931) < 1e-3 for r in rows.values())
+    assert "| zerotune dpo, prefix sharing off |" in (tmp_path / "dpo.md").read_text()

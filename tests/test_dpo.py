@@ -228,6 +228,15 @@ def test_first_lora_step_is_at_policy_equal_to_reference(loss, first, tiny_model
         pytest.approx(0.0, abs=1e-6)
 
 
+def test_packed_pairs_count_pairs_not_rows(tiny_model_dir, pairs_dir, tmp_path):
+    """packing: true puts several pairs in a row (rows of two cutoff_lens); the loss still averages over pairs, so
+    the first LoRA step is exactly ln 2, and the logged statistics are per pair."""
+    _, state = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "packed", packing=True, max_steps=1,
+                               per_device_train_batch_size=2))
+    logged = [e for e in state["log_history"] if "loss" in e][0]
+    assert logged["loss"] == pytest.approx(math.log(2), rel=1e-4)
+
+
 def test_full_and_freeze_runs_keep_a_frozen_reference_copy(tiny_model_dir, pairs_dir, tmp_path):
     """At step 1 the policy is the reference copy: ln 2; then the policy moves away from the copy, which stays."""
     for kind in ("full", "freeze"):

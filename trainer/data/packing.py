@@ -81,15 +81,18 @@ class Items(torch.utils.data.Dataset):
 
 
 def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:
-    """Tokenized examples (input_ids, labels, length) -> packed rows of at most cutoff_len tokens, as a plan."""
-    from trainer.data.processing import column_values
+    """Tokenized examples (input_ids, labels, length) -> packed rows of at most cutoff_len tokens, as a plan.
+    An example of several sequences (a preference pair: each sequence within cutoff_len) packs into rows of that
+    many cutoff_lens, so every example fits a row."""
+    from trainer.data.processing import column_values, row_capacity
 
     lengths = column_values(data, "length")
-    bins = best_fit_bins(lengths, cutoff_len)
+    capacity = row_capacity(cutoff_len, "segments" in data.column_names)
+    bins = best_fit_bins(lengths, capacity)
     used = sum(lengths)
-    efficiency = used / (len(bins) * cutoff_len) if bins else 0.0
+    efficiency = used / (len(bins) * capacity) if bins else 0.0
     logger.info("Packed %d examples into %d rows of %d tokens: packing efficiency %.1f%% (real tokens / capacity).",
-                len(lengths), len(bins), cutoff_len, 100 * efficiency)
+                len(lengths), len(bins), capacity, 100 * efficiency)
     return Items(data, bins), efficiency
 
 

@@ -150,6 +150,12 @@ DOCUMENT_KINDS = ("pretrain",)  # examples are pieces of documents: val_size spl
 SEGMENTED_KINDS = ("pairwise",)  # an example is several sequences (its `segments` column says how long each is)
 
 
+def row_capacity(cutoff_len: int, segmented: bool) -> int:
+    """Tokens a packed row holds: cutoff_len, or for preference pairs (each of the two sequences within cutoff_len)
+    two cutoff_lens, so that every pair fits a row."""
+    return cutoff_len * (2 if segmented else 1)
+
+
 def check_kind(data_kind: str) -> None:
     if data_kind not in ENCODERS:
         raise ConfigError(f"data kind {data_kind!r} has no tokenizer yet; known: {', '.join(ENCODERS)}.")

@@ -100,11 +100,14 @@ def endless(names: list[str], data_args, data_kind: str, tokenizer, template) ->
 
 def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, template, pack: bool) -> Iterator[dict]:
     """Dataset items for the collator: one example each, or (pack) examples filling a row until the next one does
-    not fit in cutoff_len."""
+    not fit in a row (cutoff_len; two for preference pairs)."""
+    from trainer.data.processing import row_capacity
+
+    capacity = row_capacity(data_args.cutoff_len, data_kind in SEGMENTED_KINDS)
     row: dict = {"input_ids": [], "labels": [], "lengths": []}
     for ex in endless(names, data_args, data_kind, tokenizer, template):
         n = len(ex["input_ids"])
-        if row["lengths"] and (not pack or len(row["input_ids"]) + n > data_args.cutoff_len):
+        if row["lengths"] and (not pack or len(row["input_ids"]) + n > capacity):
             yield row
             row = {"input_ids": [], "labels": [], "lengths": []}
         row["input_ids"] += ex["input_ids"]

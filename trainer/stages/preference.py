@@ -115,7 +115,8 @@ class Pairwise(Stage):
         return Collator(pad_token_id, padding_free=padding_free, share_prefix=self.shares_prefix)
 
     def count_items(self, batch: dict):
-        return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))
+        # Pairs, not dataset items: a packed item holds several pairs (two sequences each).
+        return batch["item_lengths"].new_tensor((len(batch["cu_seq_lens_q"]) - 1) // 2)
 
 
 @register
