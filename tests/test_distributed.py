@@ -326,14 +326,16 @@ if self.state.global_step == 2 and os.environ.get("RANK") == "0":
 
 
 @pytest.mark.parametrize("stage,kind,layout", [("dpo", "lora", "zero3"), ("rm", "full", "zero3"),
-                                               ("dpo", "full", "zero3"), ("dpo", "lora", "fsdp"),
-                                               ("rm", "full", "fsdp"), ("dpo", "full", "fsdp")])
+                                               ("dpo", "full", "zero3"), ("dpo", "freeze", "zero3"),
+                                               ("dpo", "lora", "fsdp"), ("rm", "full", "fsdp"),
+                                               ("dpo", "full", "fsdp"), ("dpo", "freeze", "fsdp")])
 def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir, tmp_path):
     """The pair stages on the same engine: dpo's reference (LoRA adapters switched off), rm's value head (added
     after ZeRO-3 partitioned the model at load, or sharded with the root under FSDP) and the pair layout hold under
     sharded weights; 1 process and 2 give the same losses and metrics, and rm's value_head.safetensors is the same
     tensor. A full dpo run precomputes its reference log-probs (its sharded weights before the first step are the
-    reference: no copy), the pass split over the processes."""
+    reference: no copy), the pass split over the processes; a freeze run keeps a reference copy, partitioned by
+    ZeRO-3 or sharded by FSDP like the policy."""
     metric = "rewards/margins" if stage == "dpo" else "margin"
     launch, extra = (_deepspeed, {"deepspeed": str(ROOT / "ds_configs/ds_z3_config.json")}) if layout == "zero3" \
         else (_torchrun, {"fsdp": "full_shard auto_wrap"})
@@ -357,6 +359,9 @@ def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir
     assert _history(double, metric) == pytest.approx(_history(single, metric), rel=1e-3, abs=1e-6)
     if stage == "dpo":
         assert _history(single, "loss")[0] == pytest.approx(0.693147, rel=1e-4)
+    if kind == "freeze":
+        placed = "partitioned by ZeRO-3" if layout == "zero3" else "sharded with FSDP"
+        assert f"Reference model {placed} like the policy" in proc.stdout + proc.stderr
     else:
         from safetensors.torch import load_file
 

@@ -237,6 +237,28 @@ def test_packed_pairs_count_pairs_not_rows(tiny_model_dir, pairs_dir, tmp_path):
     assert logged["loss"] == pytest.approx(math.log(2), rel=1e-4)
 
 
+def test_ref_model_and_its_adapters(tiny_model_dir, pairs_dir, tmp_path):
+    """ref_model (LLaMA-Factory's key) loads a separate frozen reference: the base model as ref_model trains exactly
+    like the default LoRA reference (the base with adapters off); with ref_model_adapters a trained preference
+    adapter is merged into it, so a fresh policy (the base) starts with negative margins against it."""
+    common = dict(max_steps=3, learning_rate=2e-2, per_device_train_batch_size=4)
+    _, default = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "default", **common))
+    _, separate = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "separate", ref_model=str(tiny_model_dir),
+                                  **common))
+    losses = lambda s: [e["loss"] for e in s["log_history"] if "loss" in e]  # noqa: E731
+    assert losses(separate) == pytest.approx(losses(default), rel=1e-5)
+    trained = tmp_path / "trained"
+    train_with(_dpo(tiny_model_dir, pairs_dir, trained, max_steps=12, learning_rate=2e-2, per_device_train_batch_size=4))
+    _, against = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "against", ref_model=str(tiny_model_dir),
+                                 ref_model_adapters=str(trained), max_steps=1, per_device_train_batch_size=8))
+    first = [e for e in against["log_history"] if "loss" in e][0]
+    assert first["rewards/margins"] < 0 and first["loss"] > math.log(2)
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ref_model '/nowhere': no such folder"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "bad", ref_model="/nowhere", max_steps=1))
+
+
 def test_full_and_freeze_runs_keep_a_frozen_reference_copy(tiny_model_dir, pairs_dir, tmp_path):
     """At step 1 the policy is the reference copy: ln 2; then the policy moves away from the copy, which stays."""
     for kind in ("full", "freeze"):
@@ -271,9 +293,8 @@ def test_dpo_keys_belong_to_the_preference_stages(tiny_model_dir, pairs_dir, dat
         build_config(base_config(tiny_model_dir, pairs_dir, tmp_path / "o", pref_beta=0.2))
     with pytest.raises(ConfigError, match=r"dpo_label_smoothing applies to pref_loss: sigmoid only"):
         build_config(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", pref_loss="hinge", dpo_label_smoothing=0.1))
-    with pytest.raises(ConfigError, match=r"needs a reference copy of the model, which this version does not shard"):
-        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", finetuning_type="full", max_steps=1,
-                        fsdp="full_shard"))
+    with pytest.raises(ConfigError, match=r"ref_model_adapters are merged into ref_model: set ref_model too"):
+        train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "o", max_steps=1, ref_model_adapters="x"))
     with pytest.raises(ConfigError, match=r"is not pairwise"):
         train_with(_dpo(tiny_model_dir, data_dir, tmp_path / "o2", max_steps=1, dataset="alpaca"))
 

@@ -68,24 +68,23 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
                             "profiler_wait_steps", "profiler_warmup_steps", "profiler_with_stack"),
                            "LLaMA-Factory's profiler keys are not supported"),
     "preference and RL stages": (
-        ("pref_bco_weight", "ld_alpha", "ref_model", "ref_model_adapters", "ref_model_quantization_bit", "kto_chosen_weight", "kto_rejected_weight",
+        ("pref_bco_weight", "ld_alpha", "ref_model_quantization_bit", "kto_chosen_weight", "kto_rejected_weight",
          "reward_model", "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type",
          "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards"),
         "this version trains sft, pt, rm, dpo and orpo (LoRA reference or reference-free losses); the kto and ppo "
-        "stages, BCO, LD-DPO and a separate ref_model are not implemented yet"),
-    "export": (("export_dir", "export_size", "export_device", "export_legacy_format", "export_hub_model_id",
-                "export_quantization_bit", "export_quantization_dataset", "export_quantization_maxlen",
-                "export_quantization_nsamples"),
-               "export is not implemented yet; a LoRA run's adapter loads with peft's PeftModel.from_pretrained"),
-    "predict and generation": (
-        ("predict_with_generate", "do_sample", "temperature", "top_p", "top_k", "num_beams", "max_new_tokens",
-         "max_length", "repetition_penalty", "length_penalty", "skip_special_tokens", "eval_num_beams",
-         "compute_accuracy"),
-        "predict and generation settings are not implemented yet; do_eval computes eval_loss"),
-    "inference backends": (("infer_backend", "infer_dtype", "vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager",
-                            "vllm_max_lora_rank", "vllm_config", "sglang_maxlen", "sglang_mem_fraction",
-                            "sglang_tp_size", "sglang_config", "sglang_lora_backend", "use_kv_cache"),
-                           "chat and inference are not implemented yet"),
+        "stages, BCO, LD-DPO and a quantized ref_model are not implemented yet"),
+    "export to the hub and quantized export": (
+        ("export_hub_model_id", "export_quantization_bit", "export_quantization_dataset", "export_quantization_maxlen",
+         "export_quantization_nsamples"),
+        "zerotune export writes export_dir (16-bit or fp32 safetensors); push it with `huggingface-cli upload`, "
+        "and quantize it with your serving tool"),
+    "generation metrics": (("eval_num_beams", "compute_accuracy"),
+                           "do_eval computes eval_loss; do_predict with predict_with_generate generates and scores"),
+    "vLLM and SGLang backends": (("vllm_maxlen", "vllm_gpu_util", "vllm_enforce_eager", "vllm_max_lora_rank",
+                                  "vllm_config", "sglang_maxlen", "sglang_mem_fraction", "sglang_tp_size",
+                                  "sglang_config", "sglang_lora_backend"),
+                                 "zerotune generates with transformers (infer_backend: huggingface); to serve with "
+                                 "vLLM or SGLang, export the model (zerotune export) and point them at export_dir"),
     "the evaluation harness": (("task", "task_dir", "n_shot", "lang", "save_dir", "download_mode"),
                                "llamafactory-cli eval's benchmark harness is not supported"),
     "dataset mixing and sharing": (("mix_strategy", "interleave_probs", "buffer_size", "data_shared_file_system"),
@@ -105,6 +104,8 @@ IGNORED: dict[str, str] = {
     "include_effective_tokens_per_second": "real (non-pad) tokens/s is always logged",
     "ignore_pad_token_for_loss": "padding never carries a label",
     "enable_thinking": "the templates render what the data holds",
+    "use_kv_cache": "generation always uses the KV cache",
+    "max_length": "max_new_tokens bounds each answer",
 }
 
 _KEY_TO_FEATURE = {key: feature for feature, (keys, _) in REFUSED.items() for key in keys}

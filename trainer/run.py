@@ -215,8 +215,7 @@ def run(config: RunConfig) -> dict:
     from trainer.model.kernels import liger_available
 
     wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())
-    if t.do_train:
-        stage.prepare(model, wrapper)
+    stage.prepare(model, wrapper)
     collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
     if t.do_train:
         log_layout(config, train, stage.item_name)
@@ -265,4 +264,8 @@ def run(config: RunConfig) -> dict:
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
         results.update(metrics)
+    if t.do_predict and evaluation is not None:
+        from trainer.predict import predict
+
+        results.update(predict(trainer, config, evaluation.data, tokenizer, template))
     return results

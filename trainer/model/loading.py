@@ -43,14 +43,14 @@ def _hub_reachable(timeout: float = 5.0) -> bool:
     return bool(ok)
 
 
-def _check_local(path: str) -> None:
+def _check_local(path: str, key: str = "model_name_or_path") -> None:
     p = Path(path)
     looks_local = p.is_absolute() or path.startswith((".", "~")) or path.count("/") != 1 or p.exists()
     if looks_local and not p.is_dir():
-        raise ConfigError(f"model_name_or_path {path!r}: no such folder.")
+        raise ConfigError(f"{key} {path!r}: no such folder.")
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise ConfigError(f"model_name_or_path {path!r} has no config.json; is it a Hugging Face model folder?")
+            raise ConfigError(f"{key} {path!r} has no config.json; is it a Hugging Face model folder?")
         return
     # A hub id. Without a network, transformers retries for about a minute before failing: fail fast instead.
     from huggingface_hub import try_to_load_from_cache

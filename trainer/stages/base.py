@@ -74,7 +74,8 @@ class Stage:
         return model
 
     def prepare(self, model, wrapper) -> None:
-        """Called once the model is ready (adapters in place, loss head patched) and before the engine wraps it."""
+        """Called once the model is ready (adapters in place, loss head patched) and before the engine wraps it, in
+        training and eval-only runs alike."""
 
     def before_training(self, trainer) -> None:
         """Called once the engine has wrapped the model (and restored a checkpoint), before the first step: the

@@ -6,12 +6,12 @@ and with pref_prefix_sharing (the default where the attention path reads it) the
 rejected answer attends to the chosen sequence's prompt (collators.shared_prompt, kernels.segment_attention).
 Log-probabilities come from the chunked loss head (never full logits), summed per sequence. The reference model
 of a LoRA run is the same weights with the adapters switched off (no second copy); a full or freeze run keeps a
-frozen copy of its starting weights, in the compute dtype (not yet sharded: refused under ZeRO-3 and FSDP). The
-losses are the pure functions of trainer/model/preference_losses.py.
+frozen copy of its starting weights in the compute dtype, placed like the policy (partitioned by ZeRO-3 or sharded
+by FSDP over several processes). The losses are the pure functions of trainer/model/preference_losses.py.
 
 precompute_ref_log_probs (reference_logps.py) computes the reference's log-probs in one pass before training,
-so training runs the policy alone, and full/freeze runs need no copy (which makes them possible under ZeRO-3 and
-FSDP). Not yet here (the issue "Preference stages on pairs" lists them): a sharded reference copy, ref_model.
+so training runs the policy alone, and full/freeze runs need no copy at all. ref_model (+ ref_model_adapters)
+loads a separate frozen reference, placed the same way.
 """
 
 from __future__ import annotations
@@ -44,6 +44,9 @@ class PreferenceOptions(PairOptions):
     simpo_gamma: float = 0.5
     # TRL's key (LLaMA-Factory has none): the reference's log-probs computed once before training, then read.
     precompute_ref_log_probs: bool = False
+    # LLaMA-Factory's: a separate reference model (a folder), with adapters merged into it (a comma list).
+    ref_model: str | None = None
+    ref_model_adapters: str | None = None
 
     def __post_init__(self):
         if self.pref_beta <= 0:
@@ -67,6 +70,19 @@ def _shards(config) -> bool:
 
     t = config.training
     return config.fsdp is not None or bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
+
+
+def _zero3(config) -> bool:
+    from trainer.config import _zero_stage
+
+    t = config.training
+    return bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
+
+
+def _sharded_module(module) -> bool:
+    from trainer.engine.fsdp import is_sharded
+
+    return is_sharded(module) or hasattr(module, "zero_optimization_partition_weights")
 
 
 def _peft_model(model):
@@ -130,37 +146,93 @@ class DPO(Pairwise):
 
         self.loss_fn = LOSSES[self.opts.pref_loss]
         self.needs_reference = self.opts.pref_loss in NEEDS_REFERENCE
-        self.reference = None  # full/freeze runs: a frozen copy of the starting weights (prepare)
+        self.reference = None  # a frozen copy of the starting weights, or ref_model (prepare)
+        self.reference_wrapper = None  # ref_model's own loss head
         self.precomputes = self.needs_reference and self.opts.precompute_ref_log_probs
-        # Full and freeze runs: the reference is the starting weights, as a copy, or (precomputed) the policy itself
-        # before its first step.
-        self.reference_is_policy = config is not None and config.finetuning.finetuning_type != "lora"
+        self.separate_reference = self.needs_reference and bool(self.opts.ref_model)
+        if self.opts.ref_model and not self.needs_reference:
+            logger.warning("ref_model is not used: pref_loss %s has no reference model.", self.opts.pref_loss)
+        if self.opts.ref_model_adapters and not self.opts.ref_model:
+            raise ConfigError("ref_model_adapters are merged into ref_model: set ref_model too.")
+        if self.opts.ref_model_adapters and config is not None and _zero3(config):
+            raise ConfigError("ref_model_adapters cannot be merged into a ref_model that ZeRO-3 partitions as it "
+                              "loads: merge them first (zerotune export) and give the merged folder as ref_model.")
+        # Full and freeze runs without ref_model: the reference is the starting weights, as a copy, or (precomputed)
+        # the policy itself before its first step.
+        self.reference_is_policy = config is not None and config.finetuning.finetuning_type != "lora" and \
+            not self.separate_reference
         self.copies_reference = self.needs_reference and self.reference_is_policy and not self.precomputes
-        if self.copies_reference and _shards(config):
-            raise ConfigError(f"pref_loss: {self.opts.pref_loss} with finetuning_type: "
-                              f"{config.finetuning.finetuning_type} needs a reference copy of the model, which this "
-                              "version does not shard under ZeRO-3 or FSDP yet. Set precompute_ref_log_probs: true "
-                              "(no copy: the reference log-probs come from the starting weights before training), "
-                              "use ZeRO-0/2, finetuning_type: lora (its reference is the base, no copy), or a "
-                              "reference-free pref_loss (simpo, orpo).")
         if self.opts.precompute_ref_log_probs and config is not None and config.data.streaming:
             raise ConfigError("precompute_ref_log_probs needs the whole dataset before training; it cannot run "
                               "over a stream (streaming: true).")
 
     def prepare(self, model, wrapper) -> None:
-        """Full and freeze runs: keep the starting weights as the reference, frozen, in the compute dtype (a 16-bit
-        copy under bf16/fp16). LoRA runs need no copy: the reference is the base with the adapters off."""
-        if not self.copies_reference:
-            return
-        import copy
-
+        """The reference, frozen, in the compute dtype, placed like the policy: ref_model (adapters merged), or for a
+        full/freeze run its starting weights (a copy in one process or under ZeRO-0/2; loaded again and partitioned
+        by ZeRO-3 or sharded by FSDP like the policy over several). LoRA runs need none: the reference is the base
+        with the adapters off."""
         import torch
 
         t = self.config.training
         dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
-        self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-        if dtype is not None:
-            self.reference.to(dtype)
+        sharded = _shards(self.config) and t.world_size > 1
+        copy_wanted = self.copies_reference and t.do_train  # an eval-only run's reference is the model it loaded
+        if not (self.separate_reference or copy_wanted):
+            return
+        if not self.separate_reference and not sharded:
+            import copy
+
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+            if dtype is not None:
+                self.reference.to(dtype)
+            return
+        from trainer.model.wrapper import ModelWrapper
+
+        o = self.opts
+        path = o.ref_model if self.separate_reference else self.config.model.model_name_or_path
+        reference = self._load_reference(path, o.ref_model_adapters if self.separate_reference else None, model,
+                                         dtype or torch.float32)
+        self.reference_wrapper = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked,
+                                              liger=wrapper.liger)
+        self.reference = self._shard_like_policy(reference, dtype) if sharded else reference
+
+    def _load_reference(self, path: str, adapters: str | None, model, dtype):
+        from transformers import AutoModelForCausalLM
+
+        from trainer.model.loading import _check_local
+
+        m = self.config.model
+        _check_local(path, key="ref_model" if self.separate_reference else "model_name_or_path")
+        # Under ZeRO-3 this load partitions the weights as they arrive (zero.Init), as it did the policy's.
+        reference = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=m.trust_remote_code,
+            attn_implementation=getattr(model.config, "_attn_implementation", None))
+        reference.config.use_cache = False
+        for adapter in [a.strip() for a in (adapters or "").split(",") if a.strip()]:
+            from peft import PeftModel
+
+            reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
+        logger.info("Reference model: %s%s, frozen, weights in %s.", path, f" + {adapters}" if adapters else "", dtype)
+        return reference.requires_grad_(False).eval()
+
+    def _shard_like_policy(self, reference, dtype):
+        """FSDP: fully_shard like the policy. ZeRO-3: an inference engine over the partitioned weights, whose hooks
+        gather each layer's weights for its forward (as TRL does for its reference)."""
+        import torch
+
+        if self.config.fsdp is not None:
+            from trainer.engine import fsdp
+
+            logger.info("Reference model sharded with FSDP like the policy.")
+            return fsdp.shard(reference, self.config.fsdp, dtype or torch.float32)
+        import deepspeed
+
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+        engine, *_ = deepspeed.initialize(model=reference, config=ds)
+        engine.eval()
+        logger.info("Reference model partitioned by ZeRO-3 like the policy.")
+        return engine
 
     def before_training(self, trainer) -> None:
         if not self.precomputes:
@@ -179,7 +251,7 @@ class DPO(Pairwise):
 
         with torch.no_grad():
             if self.reference is not None:
-                return self._sequence_logps(wrapper, self._placed_reference(batch), batch)[0]
+                return self._sequence_logps(self.reference_wrapper or wrapper, self._placed_reference(batch), batch)[0]
             if _peft_model(model) is not None:
                 with self._reference(model):
                     return self._sequence_logps(wrapper, model, batch)[0]
@@ -231,6 +303,8 @@ class DPO(Pairwise):
 
     def _placed_reference(self, batch):
         device = batch["input_ids"].device
+        if _sharded_module(self.reference):  # placed by FSDP or DeepSpeed
+            return self.reference
         if next(self.reference.parameters()).device != device:  # the engine moved the policy after prepare()
             self.reference.to(device)
         return self.reference

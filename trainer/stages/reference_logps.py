@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 
@@ -39,6 +38,8 @@ def cache_path(config, items, stage) -> Path:
     payload = {"data": items.data._fingerprint, "examples": len(items.data), "model": m.model_name_or_path,
                "model_files": _model_files(m.model_name_or_path), "adapter": m.adapter_name_or_path,
                "adapter_files": _model_files(m.adapter_name_or_path), "finetuning": config.finetuning.finetuning_type,
+               "ref_model": [(p, _model_files(p)) for p in (stage.opts.ref_model, *(
+                   (stage.opts.ref_model_adapters or "").split(",")))] if stage.opts.ref_model else None,
                "dtype": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32", "attention": m.flash_attn,
                "prefix_sharing": stage.shares_prefix, "chunked_loss": m.chunked_loss}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
@@ -75,34 +76,25 @@ def reference_table(stage, trainer, items, name: str) -> np.ndarray:
 def _one_pass(stage, trainer, items) -> np.ndarray:
     from trainer.data.collators import BOOKKEEPING
     from trainer.data.packing import Items
+    from trainer.engine.shards import gathered, my_rounds
 
     one_each = Items(items.data)  # one pair an item, whatever the training rows are
-    size = trainer.args.per_device_eval_batch_size
-    chunks = [list(range(s, min(s + size, len(one_each)))) for s in range(0, len(one_each), size)]
-    world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
-    mine = chunks[rank::world]
-    rounds = math.ceil(len(chunks) / world)
+    world = trainer.accelerator.num_processes
     model = trainer.model
     was_training = model.training
     model.eval()
     rows: dict[int, np.ndarray] = {}
     try:
         with torch.no_grad(), trainer.accelerator.autocast():
-            for r in range(rounds):
-                # Every process runs the same number of forwards: a process out of chunks repeats the last one.
-                indices = mine[r] if r < len(mine) else chunks[-1]
+            for indices, counts in my_rounds(len(one_each), trainer.args.per_device_eval_batch_size, world,
+                                             trainer.accelerator.process_index):
                 batch = trainer.data_collator([one_each[i] for i in indices])
                 for key in BOOKKEEPING:
                     batch.pop(key, None)
                 logps = stage.reference_logps(trainer.wrapper, model, trainer._prepare_inputs(batch))
-                if r < len(mine):
+                if counts:
                     rows.update(zip(indices, logps.float().view(-1, 2).cpu().numpy()))
     finally:
         model.train(was_training)
-    if world > 1:
-        import torch.distributed as dist
-
-        shared: list = [None] * world
-        dist.all_gather_object(shared, rows)
-        rows = {i: v for part in shared for i, v in part.items()}
+    rows = gathered(rows, world)
     return np.stack([rows[i] for i in range(len(one_each))]).astype(np.float32)
