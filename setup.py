@@ -23,7 +23,8 @@ setup(
     ],
     extras_require={
         "gpu": ["flash-attn", "liger-kernel>=0.8.5"],
-        "dev": ["pytest", "pytest-timeout", "gguf"],
+        "metrics": ["jieba", "nltk", "rouge-chinese"],  # predict's BLEU-4 and ROUGE, as LLaMA-Factory computes them
+        "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese"],
     },
     entry_points={"console_scripts": ["zerotune=trainer.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""zerotune train CFG [key=value ...] | zerotune version
+"""zerotune train | check | chat | export CFG [key=value ...] | zerotune version
 
 `zerotune train` uses every visible device: with more than one CUDA device it starts one process per
 device under torchrun (CUDA_VISIBLE_DEVICES narrows the set; NNODES, NODE_RANK, MASTER_ADDR and
@@ -19,6 +19,8 @@ USAGE = """zerotune: fast, exact fine-tuning from one LLaMA-Factory style YAML.
 commands:
   zerotune train CONFIG.yaml [key=value ...]   train (or, with do_train=false, evaluate)
   zerotune check CONFIG.yaml [key=value ...]   the resolved plan: world size, batch, packing, ZeRO memory
+  zerotune chat CONFIG.yaml [--message TEXT]   talk to the model (+ adapter) through its template
+  zerotune export CONFIG.yaml [key=value ...]  merge the adapter and write a model other tools serve (export_dir)
   zerotune version                             print the version
 
 Any key of the YAML can be overridden on the command line, e.g.
@@ -139,6 +141,20 @@ def check(config: str, overrides: list[str]) -> int:
     return 0
 
 
+def inference(command: str, config: str, overrides: list[str], message: str | None = None) -> int:
+    from trainer.config import load_inference_config
+    from trainer.run import setup_logging
+
+    cfg = load_inference_config(config, overrides)
+    setup_logging(True)
+    from trainer import inference as serve
+
+    if command == "chat":
+        return serve.chat(cfg, message)
+    print(serve.export(cfg))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="zerotune", description=USAGE,
@@ -150,12 +166,19 @@ def main(argv: list[str] | None = None) -> int:
     p_check = sub.add_parser("check", help="print the resolved plan without training")
     p_check.add_argument("config")
     p_check.add_argument("overrides", nargs="*")
+    p_chat = sub.add_parser("chat", help="talk to the model in the terminal (/clear, /exit)")
+    p_chat.add_argument("config")
+    p_chat.add_argument("overrides", nargs="*")
+    p_chat.add_argument("--message", help="answer this one message and exit")
+    p_export = sub.add_parser("export", help="merge adapters and write the model to export_dir")
+    p_export.add_argument("config")
+    p_export.add_argument("overrides", nargs="*")
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
     if args.command == "version":
         print(f"zerotune {__version__}")
         return 0
-    if args.command not in ("train", "check"):
+    if args.command not in ("train", "check", "chat", "export"):
         parser.print_help()
         return 2
     from trainer.engine.signals import Preempted
@@ -164,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "check":
             return check(args.config, args.overrides)
+        if args.command in ("chat", "export"):
+            return inference(args.command, args.config, args.overrides, getattr(args, "message", None))
         return train(args.config, args.overrides)
     except ConfigError as err:
         print(f"zerotune: error: {err}", file=sys.stderr)

@@ -103,6 +103,27 @@ class FinetuningArguments:
         default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run."})
 
 
+INFER_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass
+class InferenceArguments:
+    """Predict, chat and export (LLaMA-Factory's keys). Generation settings are trainer.generation's."""
+    predict_with_generate: bool = field(default=False, metadata={
+        "help": "do_predict: generate an answer for every eval example and score it (BLEU-4, ROUGE)."})
+    infer_backend: str = field(default="huggingface", metadata={"choices": ("huggingface", "vllm", "sglang")})
+    infer_dtype: str = field(default="auto", metadata={"choices": INFER_DTYPES})
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class ExportArguments:
+    export_dir: str | None = None
+    export_size: int = field(default=5, metadata={"help": "GB per weights shard."})
+    export_device: str = field(default="cpu", metadata={"choices": ("cpu", "auto")})
+    export_legacy_format: bool = field(default=False, metadata={"help": "true: .bin files instead of safetensors."})
+
+
 @dataclass
 class FSDPOptions:
     """torch FSDP2 as zerotune applies it (engine/fsdp.py), read from `fsdp` and `fsdp_config`."""
@@ -208,6 +229,9 @@ class RunConfig:
     raw: dict = field(default_factory=dict)  # the merged YAML + overrides, as the user wrote them
     passes: int = 1  # forward/backward passes each per-device batch is split into (forward_batch_size)
     stage_options: Any = None  # the stage's own keys (its `options` dataclass, trainer/stages)
+    generation: Any = None  # trainer.generation.GenerationSettings
+    inference: InferenceArguments = field(default_factory=InferenceArguments)
+    export: ExportArguments = field(default_factory=ExportArguments)
 
     @property
     def checkpointing_auto(self) -> bool:
@@ -232,11 +256,16 @@ def _fields(cls) -> dict[str, tuple[Any, dataclasses.Field]]:
 
 
 def _owners() -> dict[str, tuple[str, Any, dataclasses.Field]]:
+    from trainer.generation import GenerationSettings
+
     owners: dict[str, tuple[str, Any, dataclasses.Field]] = {}
     for group, cls in (
         ("model", ModelArguments),
         ("data", DataArguments),
         ("finetuning", FinetuningArguments),
+        ("generation", GenerationSettings),
+        ("inference", InferenceArguments),
+        ("export", ExportArguments),
         ("training", _training_arguments_class()),
     ):
         for name, (tp, f) in _fields(cls).items():
@@ -397,7 +426,8 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     from trainer.stages import stage_keys
 
     lf_compat.check_values(raw)
-    groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "finetuning": {}, "training": {}}
+    groups: dict[str, dict[str, Any]] = {"model": {}, "data": {}, "finetuning": {}, "generation": {}, "inference": {},
+                                         "export": {}, "training": {}}
     staged = stage_keys()
     unknown, refused, stage_given = [], [], {}
     for key, value in raw.items():
@@ -417,13 +447,7 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     if refused:
         raise ConfigError("\n".join(lf_compat.refusal(k) for k in refused))
     if unknown:
-        valid = list(owners) + list(RENAMED_KEYS) + list(staged)
-        lines = []
-        for key in unknown:
-            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            lines.append(f"Unknown key {key!r}{' in ' + source if source else ''}.{hint}")
-        raise ConfigError("\n".join(lines))
+        _refuse_unknown(unknown, list(owners) + list(RENAMED_KEYS) + list(staged), source)
 
     fsdp = parse_fsdp(raw.get("fsdp"), raw.get("fsdp_config"))
     if fsdp and groups["training"].get("deepspeed"):
@@ -441,9 +465,86 @@ def build_config(raw: dict, source: str = "") -> RunConfig:
     one_row = packed or not data.padding_free
     training = _training_arguments(groups["training"], finetuning, streaming=data.streaming, split_rows=one_row)
     passes = int(groups["training"].get("per_device_train_batch_size", 8)) // training.per_device_train_batch_size
+    from trainer.generation import GenerationSettings
+
     config = RunConfig(model=model, data=data, finetuning=finetuning, training=training, fsdp=fsdp, source=source,
-                       raw=original, passes=passes, stage_options=stage_options)
+                       raw=original, passes=passes, stage_options=stage_options,
+                       generation=GenerationSettings(**groups["generation"]),
+                       inference=InferenceArguments(**groups["inference"]), export=ExportArguments(**groups["export"]))
     _validate(config, groups)
+    return config
+
+
+def _refuse_unknown(unknown: list[str], valid: list[str], source: str) -> None:
+    lines = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        lines.append(f"Unknown key {key!r}{' in ' + source if source else ''}.{hint}")
+    raise ConfigError("\n".join(lines))
+
+
+@dataclass
+class InferenceConfig:
+    """What zerotune chat and zerotune export read: the model (+ adapters), template and generation or export
+    settings. A training YAML works too: its training keys simply do not apply."""
+    model: ModelArguments
+    finetuning_type: str
+    template: str | None
+    default_system: str | None
+    generation: Any
+    inference: InferenceArguments
+    export: ExportArguments
+    source: str = ""
+
+
+INFERENCE_GROUPS = ("model", "generation", "inference", "export")
+INFERENCE_KEYS = ("template", "default_system", "finetuning_type")
+
+
+def load_inference_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> InferenceConfig:
+    from trainer.generation import GenerationSettings
+    from trainer.stages import stage_keys
+
+    raw: dict = read_yaml(path) if path else {}
+    for item in overrides or []:
+        key, value = parse_override(item)
+        raw[key] = value
+    source = str(path or "")
+    owners, staged = _owners(), stage_keys()
+    lf_compat.check_values(raw)
+    groups: dict[str, dict[str, Any]] = {g: {} for g in INFERENCE_GROUPS}
+    chosen: dict[str, Any] = {}
+    unknown, refused = [], []
+    for key, value in raw.items():
+        if key in owners:
+            group, tp, f = owners[key]
+            if group in INFERENCE_GROUPS:
+                groups[group][key] = _coerce(key, value, tp, f.metadata.get("choices"))
+            elif key in INFERENCE_KEYS:
+                chosen[key] = _coerce(key, value, tp, f.metadata.get("choices"))
+            # Any other training key: a training YAML reused here; it does not apply.
+        elif key in staged or key in lf_compat.IGNORED or key in RENAMED_KEYS or key in ("fsdp", "fsdp_config"):
+            continue
+        elif lf_compat.refusal(key):
+            refused.append(key)
+        else:
+            unknown.append(key)
+    if refused:
+        raise ConfigError("\n".join(lf_compat.refusal(k) for k in refused))
+    if unknown:
+        _refuse_unknown(unknown, list(owners) + list(RENAMED_KEYS) + list(staged), source)
+    model = ModelArguments(**groups["model"])
+    if not model.model_name_or_path:
+        raise ConfigError("model_name_or_path is required (a local model folder or a hub id).")
+    config = InferenceConfig(model=model, finetuning_type=chosen.get("finetuning_type", "lora"),
+                             template=chosen.get("template"), default_system=chosen.get("default_system"),
+                             generation=GenerationSettings(**groups["generation"]),
+                             inference=InferenceArguments(**groups["inference"]),
+                             export=ExportArguments(**groups["export"]), source=source)
+    check_backend(config.inference)
+    if model.adapter_name_or_path and config.finetuning_type != "lora":
+        raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
     return config
 
 
@@ -671,8 +772,17 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
                           "the forward pass); leave it off to stop on a non-finite loss.")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
-    if not t.do_train and not t.do_eval:
-        raise ConfigError("Nothing to do: set do_train: true, or do_train: false with do_eval: true.")
+    check_backend(config.inference)
+    if t.do_predict:
+        if f.stage != "sft":
+            raise ConfigError(f"do_predict generates answers for stage sft (as in LLaMA-Factory); this run's stage is "
+                              f"{f.stage}. Use do_eval for its metrics.")
+        if not config.inference.predict_with_generate:
+            raise ConfigError("do_predict needs predict_with_generate: true (answers are generated, then scored).")
+        if not (d.eval_dataset or d.val_size or (not t.do_train and d.dataset)):
+            raise ConfigError("do_predict needs eval_dataset or val_size (the examples to answer).")
+    if not t.do_train and not t.do_eval and not t.do_predict:
+        raise ConfigError("Nothing to do: set do_train: true, or do_train: false with do_eval or do_predict: true.")
     if t.do_train and not d.dataset:
         raise ConfigError("do_train: true needs dataset (a comma list of names in dataset_info.json).")
     if not t.do_train and t.do_eval and not (d.eval_dataset or d.dataset):
@@ -680,6 +790,14 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
     if t.do_train:
         check_output_dir(t.output_dir, f.overwrite_output_dir, t.resume_from_checkpoint)
         check_resume_folder(t.resume_from_checkpoint)
+
+
+def check_backend(inference: InferenceArguments) -> None:
+    if inference.infer_backend != "huggingface":
+        raise ConfigError(f"infer_backend: {inference.infer_backend} is not supported: zerotune generates with "
+                          "transformers (infer_backend: huggingface, the default). To serve with "
+                          f"{inference.infer_backend}, export the model (zerotune export) and point "
+                          f"{inference.infer_backend} at export_dir.")
 
 
 RUN_MARKERS = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",

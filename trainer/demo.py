@@ -59,29 +59,17 @@ def prepare(dest: Path = DEMO_DIR) -> Path:
     return dest
 
 
-def reply(model, tokenizer, template, question: str, max_new_tokens: int = 64) -> str:
-    """Greedy answer to one user message, formatted with our template (the same one training used)."""
-    from trainer.generation import GenerationSettings, generate
-
-    ids = template.encode_prompt(tokenizer, [{"role": "user", "content": question}])
-    [answer] = generate(model, [ids], template.stop_token_ids(tokenizer), tokenizer.pad_token_id,
-                        GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False))
-    return tokenizer.decode(answer, skip_special_tokens=True).strip()
-
-
 def ask(model_dir: str, template_name: str, question: str, adapter: str | None = None) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """A greedy answer through zerotune chat's path (trainer/inference.py): the template training used, the one
+    generation function."""
+    from trainer import inference
+    from trainer.config import load_inference_config
 
-    from trainer.data.templates import get_template
-
-    tokenizer = AutoTokenizer.from_pretrained(adapter or model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
-    model.eval()
-    return reply(model, tokenizer, get_template(template_name, tokenizer), question)
+    overrides = [f"model_name_or_path={model_dir}", f"template={template_name}", "do_sample=false",
+                 "max_new_tokens=64"] + ([f"adapter_name_or_path={adapter}"] if adapter else [])
+    config = load_inference_config(None, overrides)
+    model, tokenizer, template = inference.load(config)
+    return inference.answer(model, tokenizer, template, [{"role": "user", "content": question}], config.generation)
 
 
 def run_demo(config: str, overrides: list[str]) -> int:

@@ -1,6 +1,6 @@
 """The one generation function: batched, left-padded prompts, the KV cache on, the template's stop tokens.
 
-The demo calls it now; predict, chat and ppo rollouts call it too. Prompts of different lengths are
+The demo, predict (trainer/predict.py) and chat (trainer/inference.py) call it; ppo rollouts will too. Prompts of different lengths are
 left-padded into one batch with an attention mask, which every attention path honours (zerotune_segments
 registers a mask function for exactly this; FlashAttention-2 unpads), so each prompt's answer is the one it
 would get alone. Defaults are LLaMA-Factory's generation defaults.
@@ -24,8 +24,9 @@ class GenerationSettings:
 
 
 def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
-             settings: GenerationSettings | None = None, batch_size: int = 16) -> list[list[int]]:
-    """Token ids of each prompt's continuation, cut after its first stop token (which is kept)."""
+             settings: GenerationSettings | None = None, batch_size: int = 16, streamer=None) -> list[list[int]]:
+    """Token ids of each prompt's continuation, cut after its first stop token (which is kept). A transformers
+    streamer (one prompt at a time) receives the tokens as they come (zerotune chat)."""
     import torch
 
     settings = settings or GenerationSettings()
@@ -48,7 +49,7 @@ def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
                 mask[b, width - len(prompt):] = 1
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
-                                     eos_token_id=list(stop_ids), pad_token_id=pad_id, **kwargs)
+                                     eos_token_id=list(stop_ids), pad_token_id=pad_id, streamer=streamer, **kwargs)
             for row in out[:, width:].tolist():
                 outputs.append(_until_stop(row, set(stop_ids)))
     finally:

@@ -129,6 +129,61 @@ class Template:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _literal(text: str) -> str:
+    """A Jinja string literal of text (Jinja unescapes literals the way Python's unicode-escape does)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n").replace("\r", "\\r") + "'"
+
+
+def _expression(fmt: str, slots: dict[str, str]) -> str:
+    """A Jinja expression that fills a format's {content}/{system} slots with the named variables."""
+    parts, last = [], 0
+    for m in _SLOT.finditer(fmt):
+        if m.start() > last:
+            parts.append(_literal(fmt[last:m.start()]))
+        parts.append(slots[m.group(1)])
+        last = m.end()
+    if last < len(fmt):
+        parts.append(_literal(fmt[last:]))
+    return " + ".join(parts) if parts else "''"
+
+
+def chat_template(t: Template) -> str:
+    """The template as a Jinja chat_template: tokenizer.apply_chat_template (and the servers that use it) render
+    exactly what `Template.render` renders. A leading system message is the system prompt (else default_system);
+    a user turn is followed by the assistant header when an assistant turn follows or add_generation_prompt is
+    set; "observation" and "tool" turns take the observation format."""
+    user_like = "['user', 'observation', 'tool']"
+    observation = t.observation or t.user
+    return "".join([
+        "{%- if messages and messages[0]['role'] == 'system' -%}",
+        "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+        "{%- else -%}",
+        f"{{%- set system = {_literal(t.default_system)} -%}}{{%- set loop_messages = messages -%}}",
+        "{%- endif -%}",
+        f"{{{{- {_literal(t.prefix)} -}}}}" if t.prefix else "",
+        f"{{%- if system -%}}{{{{- {_expression(t.system, {'content': 'system'})} -}}}}{{%- endif -%}}"
+        if t.system else "",
+        "{%- for message in loop_messages -%}",
+        f"{{%- if message['role'] in {user_like} -%}}",
+        "{%- set content = message['content'] -%}",
+        "" if t.system else (
+            "{%- if loop.first and system -%}"
+            f"{{%- set content = {_expression(t.system_in_user, {'system': 'system', 'content': 'content'})} -%}}"
+            "{%- endif -%}"),
+        "{%- if message['role'] == 'user' -%}",
+        f"{{{{- {_expression(t.user, {'content': 'content'})} -}}}}",
+        "{%- else -%}",
+        f"{{{{- {_expression(observation, {'content': 'content'})} -}}}}",
+        "{%- endif -%}",
+        f"{{%- if not loop.last or add_generation_prompt -%}}{{{{- {_literal(t.assistant_prefix)} -}}}}{{%- endif -%}}",
+        "{%- else -%}",
+        f"{{{{- {_expression(t.assistant, {'content': 'message.content'})} -}}}}",
+        f"{{{{- {_literal(t.assistant_suffix)} -}}}}" if t.assistant_suffix else "",
+        "{%- endif -%}",
+        "{%- endfor -%}",
+    ])
+
+
 def register(template: Template) -> Template:
     TEMPLATES[template.name] = template
     return template

@@ -1,0 +1,183 @@
+"""zerotune chat and zerotune export: the trained model out of zerotune, through the one template and the one
+generation function (trainer/generation.py).
+
+Both load the base model with its adapters merged (adapter_name_or_path, a comma list merged in order), the
+tokenizer, and the template training used. chat talks to it in the terminal, streaming tokens as they come;
+export writes a model any tool loads: sharded weights, the tokenizer with the template as its chat_template (so
+apply_chat_template reproduces the training format token for token), and a generation_config that stops at the
+template's stop tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from typing import TextIO
+
+import torch
+
+from trainer.errors import ConfigError
+
+logger = logging.getLogger("trainer")
+
+
+def inference_dtype(choice: str, model_dtype) -> torch.dtype:
+    """infer_dtype: auto keeps the checkpoint's 16-bit dtype where this machine computes in it (bf16 on a GPU or a
+    bf16 CPU, fp16 on a GPU), else fp32."""
+    if choice != "auto":
+        return getattr(torch, choice)
+    from trainer.config import cpu_supports_bf16
+
+    if model_dtype == torch.bfloat16 and (torch.cuda.is_available() or cpu_supports_bf16()):
+        return torch.bfloat16
+    if model_dtype == torch.float16 and torch.cuda.is_available():
+        return torch.float16
+    return torch.float32
+
+
+def adapters(config) -> list[str]:
+    return [a.strip() for a in (config.model.adapter_name_or_path or "").split(",") if a.strip()]
+
+
+def load(config, device: str | None = None):
+    """(model with adapters merged, tokenizer, template), ready to generate."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.data.templates import get_template
+    from trainer.model.loading import _check_local, attention_implementation, load_tokenizer
+
+    m = config.model
+    _check_local(m.model_name_or_path)
+    tokenizer = load_tokenizer(m)
+    template = get_template(config.template, tokenizer)
+    if config.default_system is not None:
+        import dataclasses
+
+        template = dataclasses.replace(template, default_system=config.default_system)
+    common = dict(trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir, revision=m.model_revision,
+                  token=m.hf_hub_token)
+    model_config = AutoConfig.from_pretrained(m.model_name_or_path, **common)
+    dtype = inference_dtype(config.inference.infer_dtype, getattr(model_config, "dtype", None))
+    model = AutoModelForCausalLM.from_pretrained(
+        m.model_name_or_path, config=model_config, dtype=dtype,
+        attn_implementation=attention_implementation(m.flash_attn, model_config), **common)
+    for path in adapters(config):
+        from peft import PeftModel
+
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ConfigError(f"adapter_name_or_path {path!r} holds no adapter_config.json (a LoRA run's output_dir "
+                              "or checkpoint holds one).")
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+        logger.info("Merged the adapter %s.", path)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    stops = template.stop_token_ids(tokenizer)
+    model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    logger.info("Loaded %s%s in %s on %s.", m.model_name_or_path,
+                f" + {m.adapter_name_or_path}" if m.adapter_name_or_path else "", dtype, device)
+    return model, tokenizer, template
+
+
+# ---- chat -------------------------------------------------------------------------------------------------------
+class _Printer:
+    """Streams the answer's text to `out` as tokens arrive (transformers' streamer protocol: put, end)."""
+
+    def __init__(self, tokenizer, out: TextIO, skip_special_tokens: bool):
+        from transformers import TextStreamer
+
+        printer = self
+
+        class Streamer(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False):
+                printer.out.write(text + ("\n" if stream_end else ""))
+                printer.out.flush()
+
+        self.out = out
+        self.streamer = Streamer(tokenizer, skip_prompt=True, skip_special_tokens=skip_special_tokens)
+
+
+def answer(model, tokenizer, template, messages: list[dict], settings, out: TextIO | None = None,
+           skip_special_tokens: bool = True) -> str:
+    """The model's reply to a conversation ending with a user turn (streamed to `out` when given)."""
+    from trainer.generation import generate
+
+    prompt = template.encode_prompt(tokenizer, messages)
+    streamer = _Printer(tokenizer, out, skip_special_tokens).streamer if out is not None else None
+    [ids] = generate(model, [prompt], template.stop_token_ids(tokenizer), tokenizer.pad_token_id, settings,
+                     batch_size=1, streamer=streamer)
+    return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens).strip()
+
+
+HELP = "Type a message; /clear starts a new conversation, /exit quits."
+
+
+def chat(config, message: str | None = None, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
+    model, tokenizer, template = load(config)
+    skip = config.inference.skip_special_tokens
+    if message is not None:  # one answer, for scripts
+        stdout.write(answer(model, tokenizer, template, [{"role": "user", "content": message}], config.generation,
+                            skip_special_tokens=skip) + "\n")
+        return 0
+    stdout.write(HELP + "\n")
+    history: list[dict] = []
+    while True:
+        stdout.write("\nUser: ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line:  # end of input
+            stdout.write("\n")
+            return 0
+        text = line.strip()
+        if text == "/exit":
+            return 0
+        if text == "/clear":
+            history = []
+            stdout.write("History cleared.\n")
+            continue
+        if not text:
+            continue
+        history.append({"role": "user", "content": text})
+        stdout.write("Assistant: ")
+        reply = answer(model, tokenizer, template, history, config.generation, out=stdout, skip_special_tokens=skip)
+        history.append({"role": "assistant", "content": reply})
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def export(config) -> str:
+    from trainer.data.templates import chat_template
+    from trainer.model import value_head
+    from trainer.model.adapters import untrained_token_rows
+
+    e = config.export
+    if not e.export_dir:
+        raise ConfigError("export_dir is required: the folder the merged model is written to.")
+    if e.export_size <= 0:
+        raise ConfigError(f"export_size: {e.export_size} must be a positive number of GB per shard.")
+    device = "cpu" if e.export_device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, template = load(config, device=device)
+    stops = template.stop_token_ids(tokenizer)
+    untrained = untrained_token_rows(model, stops)
+    if untrained:
+        names = ", ".join(tokenizer.convert_ids_to_tokens(untrained))
+        raise ConfigError(
+            f"template {template.name!r} stops at {names}, whose embedding rows in this model look never trained (new "
+            "tokens): an exported model would not stop. Train them (LoRA: additional_target: embed_tokens,lm_head; "
+            "or finetuning_type: full), or use the template the model was trained with.")
+    out = e.export_dir
+    os.makedirs(out, exist_ok=True)
+    model.config.use_cache = True  # a served model generates with its cache
+    model.save_pretrained(out, max_shard_size=f"{e.export_size}GB", safe_serialization=not e.export_legacy_format)
+    tokenizer.chat_template = chat_template(template)
+    tokenizer.save_pretrained(out)
+    for folder in [*reversed(adapters(config)), config.model.model_name_or_path]:  # a reward model's value head
+        head = os.path.join(folder, value_head.FILE)
+        if os.path.isfile(head):
+            shutil.copyfile(head, os.path.join(out, value_head.FILE))
+            break
+    logger.info("Exported to %s: weights in %s (shards of at most %d GB), the tokenizer with template %r as its "
+                "chat_template, generation stopping at %s.", out, next(model.parameters()).dtype, e.export_size,
+                template.name, tokenizer.convert_ids_to_tokens(model.generation_config.eos_token_id))
+    return out
