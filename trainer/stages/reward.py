@@ -10,7 +10,7 @@ mean score; eval gives eval_accuracy over the whole eval set, as LLaMA-Factory's
 from __future__ import annotations
 
 from trainer.stages.base import StageOutput, register
-from trainer.stages.preference import PairOptions, Pairwise
+from trainer.stages.pairs import PairOptions, Pairwise
 
 
 @register

@@ -1,0 +1,255 @@
+"""What the stages on pairs share: the pair layout (Pairwise) and the reference model (ReferenceStage).
+
+Pairwise: one item of the loss is two sequences end to end (a preference pair's chosen and rejected answers, or a
+kto example and its mismatched pair), laid padding-free with the other items of the micro-batch; with
+pref_prefix_sharing (the default where the attention path reads it) the second sequence attends to the first
+one's prompt instead of computing it again (collators.shared_prompt, kernels.segment_attention).
+
+ReferenceStage: the reference model of dpo and kto. A LoRA run's is the same weights with the adapters switched off
+(no second copy); a full or freeze run keeps a frozen copy of its starting weights in the compute dtype, placed
+like the policy (partitioned by ZeRO-3 or sharded by FSDP over several processes); ref_model (+ ref_model_adapters)
+loads a separate one, placed the same way. precompute_ref_log_probs (reference_logps.py) computes the reference's
+log-probs in one pass before training, so training runs the policy alone and full/freeze runs need no copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from trainer.errors import ConfigError
+from trainer.stages.base import Stage
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PairOptions:
+    # The prompt computed once a pair (the rejected sequence attends to the chosen one's prompt): exact, on by
+    # default wherever the attention path supports it (zerotune_segments, flash_attn: auto).
+    pref_prefix_sharing: bool = True
+
+
+@dataclass
+class ReferenceOptions(PairOptions):
+    # TRL's key (LLaMA-Factory has none): the reference's log-probs computed once before training, then read.
+    precompute_ref_log_probs: bool = False
+    # LLaMA-Factory's: a separate reference model (a folder), with adapters merged into it (a comma list).
+    ref_model: str | None = None
+    ref_model_adapters: str | None = None
+
+
+def _shards(config) -> bool:
+    from trainer.config import _zero_stage
+
+    t = config.training
+    return config.fsdp is not None or bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
+
+
+def _zero3(config) -> bool:
+    from trainer.config import _zero_stage
+
+    t = config.training
+    return bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
+
+
+def _sharded_module(module) -> bool:
+    from trainer.engine.fsdp import is_sharded
+
+    return is_sharded(module) or hasattr(module, "zero_optimization_partition_weights")
+
+
+def _peft_model(model):
+    """The PeftModel inside DDP / DeepSpeed / FSDP wrappers (None: no adapters)."""
+    while True:
+        if hasattr(model, "disable_adapter"):
+            return model
+        inner = getattr(model, "module", None)
+        if inner is None:
+            return None
+        model = inner
+
+
+class Pairwise(Stage):
+    """A stage whose item is one preference pair: its chosen and rejected sequences, end to end, the rejected one
+    sharing the chosen one's prompt where the attention path allows (pref_prefix_sharing)."""
+    data_kind = "pairwise"
+    item_name = "pairs"
+    options = PairOptions
+
+    def __init__(self, config=None, options=None):
+        super().__init__(config, options)
+        self.shares_prefix = self.opts.pref_prefix_sharing
+
+    @property
+    def wants_segments(self) -> bool:
+        """Ask the loader for zerotune_segments: the one attention path that reads shared prompts."""
+        return self.opts.pref_prefix_sharing
+
+    def extend_model(self, model):
+        from trainer.model.kernels import SEGMENTS
+
+        attention = getattr(model.config, "_attn_implementation", None)
+        if self.shares_prefix and attention != SEGMENTS:
+            logger.info("pref_prefix_sharing: off with %s attention (it needs flash_attn: auto and a model that "
+                        "zerotune_segments covers); each pair's prompt is computed twice.", attention)
+            self.shares_prefix = False
+        elif self.shares_prefix:
+            logger.info("pref_prefix_sharing: each pair's prompt is computed once, the rejected answer attending "
+                        "to the chosen sequence's prompt.")
+        return model
+
+    def collator(self, pad_token_id: int, padding_free: bool = True):
+        from trainer.data.collators import Collator
+
+        return Collator(pad_token_id, padding_free=padding_free, share_prefix=self.shares_prefix)
+
+    def count_items(self, batch: dict):
+        # Pairs, not dataset items: a packed item holds several pairs (two sequences each).
+        return batch["item_lengths"].new_tensor((len(batch["cu_seq_lens_q"]) - 1) // 2)
+
+
+class ReferenceStage(Pairwise):
+    """A pair stage whose loss compares the policy with a reference model."""
+    options = ReferenceOptions
+
+    def __init__(self, config=None, options=None):
+        super().__init__(config, options)
+        self.needs_reference = self.reference_needed()
+        self.reference = None  # a frozen copy of the starting weights, or ref_model (prepare)
+        self.reference_wrapper = None  # ref_model's own loss head
+        self.precomputes = self.needs_reference and self.opts.precompute_ref_log_probs
+        self.separate_reference = self.needs_reference and bool(self.opts.ref_model)
+        if self.opts.ref_model and not self.needs_reference:
+            logger.warning("ref_model is not used: this run's loss has no reference model.")
+        if self.opts.ref_model_adapters and not self.opts.ref_model:
+            raise ConfigError("ref_model_adapters are merged into ref_model: set ref_model too.")
+        if self.opts.ref_model_adapters and config is not None and _zero3(config):
+            raise ConfigError("ref_model_adapters cannot be merged into a ref_model that ZeRO-3 partitions as it "
+                              "loads: merge them first (zerotune export) and give the merged folder as ref_model.")
+        # Full and freeze runs without ref_model: the reference is the starting weights, as a copy, or (precomputed)
+        # the policy itself before its first step.
+        self.reference_is_policy = config is not None and config.finetuning.finetuning_type != "lora" and \
+            not self.separate_reference
+        self.copies_reference = self.needs_reference and self.reference_is_policy and not self.precomputes
+        if self.opts.precompute_ref_log_probs and config is not None and config.data.streaming:
+            raise ConfigError("precompute_ref_log_probs needs the whole dataset before training; it cannot run "
+                              "over a stream (streaming: true).")
+
+    def reference_needed(self) -> bool:
+        return True
+
+    def prepare(self, model, wrapper) -> None:
+        """The reference, frozen, in the compute dtype, placed like the policy: ref_model (adapters merged), or for a
+        full/freeze run its starting weights (a copy in one process or under ZeRO-0/2; loaded again and partitioned
+        by ZeRO-3 or sharded by FSDP like the policy over several). LoRA runs need none: the reference is the base
+        with the adapters off."""
+        import torch
+
+        t = self.config.training
+        dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
+        sharded = _shards(self.config) and t.world_size > 1
+        copy_wanted = self.copies_reference and t.do_train  # an eval-only run's reference is the model it loaded
+        if not (self.separate_reference or copy_wanted):
+            return
+        if not self.separate_reference and not sharded:
+            import copy
+
+            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
+            if dtype is not None:
+                self.reference.to(dtype)
+            return
+        from trainer.model.wrapper import ModelWrapper
+
+        o = self.opts
+        path = o.ref_model if self.separate_reference else self.config.model.model_name_or_path
+        reference = self._load_reference(path, o.ref_model_adapters if self.separate_reference else None, model,
+                                         dtype or torch.float32)
+        self.reference_wrapper = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked,
+                                              liger=wrapper.liger)
+        self.reference = self._shard_like_policy(reference, dtype) if sharded else reference
+
+    def _load_reference(self, path: str, adapters: str | None, model, dtype):
+        from transformers import AutoModelForCausalLM
+
+        from trainer.model.loading import _check_local
+
+        m = self.config.model
+        _check_local(path, key="ref_model" if self.separate_reference else "model_name_or_path")
+        # Under ZeRO-3 this load partitions the weights as they arrive (zero.Init), as it did the policy's.
+        reference = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=m.trust_remote_code,
+            attn_implementation=getattr(model.config, "_attn_implementation", None))
+        reference.config.use_cache = False
+        for adapter in [a.strip() for a in (adapters or "").split(",") if a.strip()]:
+            from peft import PeftModel
+
+            reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
+        logger.info("Reference model: %s%s, frozen, weights in %s.", path, f" + {adapters}" if adapters else "", dtype)
+        return reference.requires_grad_(False).eval()
+
+    def _shard_like_policy(self, reference, dtype):
+        """FSDP: fully_shard like the policy. ZeRO-3: an inference engine over the partitioned weights, whose hooks
+        gather each layer's weights for its forward (as TRL does for its reference)."""
+        import torch
+
+        if self.config.fsdp is not None:
+            from trainer.engine import fsdp
+
+            logger.info("Reference model sharded with FSDP like the policy.")
+            return fsdp.shard(reference, self.config.fsdp, dtype or torch.float32)
+        import deepspeed
+
+        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+        engine, *_ = deepspeed.initialize(model=reference, config=ds)
+        engine.eval()
+        logger.info("Reference model partitioned by ZeRO-3 like the policy.")
+        return engine
+
+    def before_training(self, trainer) -> None:
+        if not self.precomputes:
+            return
+        from trainer.data.packing import Items
+        from trainer.stages.reference_logps import reference_table
+
+        for name, items in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
+            if isinstance(items, Items):
+                items.extra["ref_logps"] = reference_table(self, trainer, items, name)
+
+    def reference_logps(self, wrapper, model, batch):
+        """Each sequence's summed log-prob under the reference: the frozen copy, the LoRA base (adapters off), or
+        for a full/freeze run without a copy the model itself (before training, or in an eval-only run)."""
+        import torch
+
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._sequence_logps(self.reference_wrapper or wrapper, self._placed_reference(batch), batch)[0]
+            if _peft_model(model) is not None:
+                with self._reference(model):
+                    return self._sequence_logps(wrapper, model, batch)[0]
+            if model.training:  # a training step of a run whose reference was precomputed: never the moved policy
+                raise RuntimeError("precomputed reference log-probs are missing from a training batch")
+            return self._sequence_logps(wrapper, model, batch)[0]
+
+    def _sequence_logps(self, wrapper, model, batch):
+        from trainer.data.collators import segment_sums
+
+        nll, mask = wrapper.token_nll(model, batch)
+        return segment_sums(-(nll * mask), batch), segment_sums(mask.to(nll.dtype), batch)
+
+    def _placed_reference(self, batch):
+        device = batch["input_ids"].device
+        if _sharded_module(self.reference):  # placed by FSDP or DeepSpeed
+            return self.reference
+        if next(self.reference.parameters()).device != device:  # the engine moved the policy after prepare()
+            self.reference.to(device)
+        return self.reference
+
+    @staticmethod
+    def _reference(model):
+        peft = _peft_model(model)
+        if peft is None:
+            raise ConfigError("the reference model of this pref_loss is the LoRA base; the model has no adapters.")
+        return peft.disable_adapter() if hasattr(peft, "disable_adapter") else contextlib.nullcontext()
