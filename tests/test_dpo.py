@@ -248,7 +248,8 @@ def test_ref_model_and_its_adapters(tiny_model_dir, pairs_dir, tmp_path):
     losses = lambda s: [e["loss"] for e in s["log_history"] if "loss" in e]  # noqa: E731
     assert losses(separate) == pytest.approx(losses(default), rel=1e-5)
     trained = tmp_path / "trained"
-    train_with(_dpo(tiny_model_dir, pairs_dir, trained, max_steps=12, learning_rate=2e-2, per_device_train_batch_size=4))
+    train_with(_dpo(tiny_model_dir, pairs_dir, trained, max_steps=12, learning_rate=2e-2,
+                    per_device_train_batch_size=4))
     _, against = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "against", ref_model=str(tiny_model_dir),
                                  ref_model_adapters=str(trained), max_steps=1, per_device_train_batch_size=8))
     first = [e for e in against["log_history"] if "loss" in e][0]
@@ -269,7 +270,8 @@ def test_full_and_freeze_runs_keep_a_frozen_reference_copy(tiny_model_dir, pairs
         assert logged[-1]["loss"] < logged[0]["loss"] and logged[-1]["rewards/margins"] > 0, kind
 
 
-@pytest.mark.parametrize("extra", [{"pref_loss": "sigmoid"}, {"pref_loss": "simpo"}, {"stage": "orpo"}])
+@pytest.mark.parametrize("extra", [{"pref_loss": "sigmoid"}, {"pref_loss": "hinge"}, {"pref_loss": "ipo"},
+                                   {"pref_loss": "simpo"}, {"stage": "orpo"}])
 def test_training_on_an_obvious_preference_learns_it(extra, tiny_model_dir, pairs_dir, tmp_path):
     cfg = _dpo(tiny_model_dir, pairs_dir, tmp_path / "run", max_steps=20, learning_rate=2e-2, logging_steps=5,
                per_device_train_batch_size=4, val_size=4, eval_strategy="no", do_eval=True, **extra)

@@ -29,8 +29,8 @@ def test_the_messages_users_meet_most(tmp_path):
     with pytest.raises(ConfigError, match=r"finetuning_type: oft: OFT is not supported"):
         build_config({**base, "finetuning_type": "oft"})
     with pytest.raises(ConfigError) as err:  # several at once: each on its own line
-        build_config({**base, "use_galore": True, "kto_chosen_weight": 1.0})
-    assert "GaLore" in str(err.value) and "kto_chosen_weight: this version trains sft, pt, rm, dpo and orpo" in \
+        build_config({**base, "use_galore": True, "ppo_epochs": 4})
+    assert "GaLore" in str(err.value) and "ppo_epochs: this version trains sft, pt, rm, dpo, orpo and kto" in \
         str(err.value)
 
 

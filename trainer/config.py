@@ -790,6 +790,9 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
     if t.do_train:
         check_output_dir(t.output_dir, f.overwrite_output_dir, t.resume_from_checkpoint)
         check_resume_folder(t.resume_from_checkpoint)
+    from trainer.stages import build_stage
+
+    build_stage(config)  # the stage's own checks of the whole config, before anything loads
 
 
 def check_backend(inference: InferenceArguments) -> None:

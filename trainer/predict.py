@@ -15,22 +15,16 @@ import logging
 import os
 import time
 
-import numpy as np
-
-from trainer.data.processing import IGNORE_INDEX
+from trainer.data.collators import last_trained_span
 
 logger = logging.getLogger("trainer")
 
 
 def prompt_and_label(input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
     """(prompt ids, label ids): the label is the last run of trained tokens (the last reply and its stop token)."""
-    trained = np.asarray(labels) != IGNORE_INDEX
-    if not trained.any():
+    start, end = last_trained_span(list(labels))
+    if start == end:
         return list(input_ids), []
-    end = len(trained) - int(np.argmax(trained[::-1]))
-    start = end
-    while start > 0 and trained[start - 1]:
-        start -= 1
     return list(input_ids[:start]), list(input_ids[start:end])
 
 

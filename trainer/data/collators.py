@@ -93,6 +93,46 @@ def shared_prompt(item: dict) -> dict:
     return {**item, "input_ids": out_ids, "labels": out_labels, "lengths": lengths, "prefixes": prefixes}
 
 
+def last_trained_span(labels: list[int]) -> tuple[int, int]:
+    """[start, end) of the last run of trained tokens: an example's last answer (and its stop token)."""
+    end = len(labels)
+    while end > 0 and labels[end - 1] == IGNORE_INDEX:
+        end -= 1
+    start = end
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return start, end
+
+
+@dataclass
+class KtoPairs:
+    """kto's batches: each example followed by its mismatched pair, its own prompt with a neighbour's answer
+    (examples 0 and 1 swap answers, 2 and 3, ...; an odd last one takes the one before), so that the pair shares the
+    example's prompt like a preference pair. Pairing within neighbours keeps a batch split over processes pairing
+    exactly as it does whole. `kl_valid` is 0 for a batch of one, whose only pair would be the example itself;
+    `kto_tag` carries each example's tag."""
+    collate: "Collator"
+    cutoff_len: int | None = None
+
+    def __call__(self, items: list[dict]) -> dict:
+        spans = [last_trained_span(it["labels"]) for it in items]
+        pairs = []
+        for i, item in enumerate(items):
+            j = i ^ 1 if (i ^ 1) < len(items) else max(i - 1, 0)
+            other, (start, end) = items[j], spans[j]
+            prompt = spans[i][0]
+            ids = item["input_ids"][:prompt] + other["input_ids"][start:end]
+            labels = [IGNORE_INDEX] * prompt + other["labels"][start:end]
+            if self.cutoff_len:
+                ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
+            pairs.append({"input_ids": item["input_ids"] + ids, "labels": item["labels"] + labels,
+                          "lengths": [len(item["input_ids"]), len(ids)]})
+        batch = self.collate(pairs)
+        batch["kto_tag"] = torch.tensor([it["kto_tag"][0] for it in items], dtype=torch.bool)
+        batch["kl_valid"] = torch.full((len(items),), float(len(items) > 1))
+        return batch
+
+
 def _prefixes(item: dict) -> list[int]:
     return item.get("prefixes") or [0] * len(item["lengths"])
 

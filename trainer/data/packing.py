@@ -51,8 +51,10 @@ class Items(torch.utils.data.Dataset):
 
     def __init__(self, data, bins: list[list[int]] | None = None):
         # `segments`: an example made of several sequences (a preference pair) lists their lengths.
-        self.data = data.select_columns([c for c in ("input_ids", "labels", "segments") if c in data.column_names])
+        self.data = data.select_columns([c for c in ("input_ids", "labels", "segments", "kto_tag")
+                                         if c in data.column_names])
         self.segmented = "segments" in self.data.column_names
+        self.tagged = "kto_tag" in self.data.column_names
         self.members = self.offsets = None
         self.extra: dict[str, np.ndarray] = {}
         if bins is not None:
@@ -67,6 +69,8 @@ class Items(torch.utils.data.Dataset):
             ex = self.data[int(i)]
             item = {"input_ids": ex["input_ids"], "labels": ex["labels"],
                     "lengths": ex["segments"] if self.segmented else [len(ex["input_ids"])]}
+            if self.tagged:
+                item["kto_tag"] = [ex["kto_tag"]]
             members = [int(i)]
         else:
             members = self.members[self.offsets[i]:self.offsets[i + 1]].tolist()
@@ -75,6 +79,8 @@ class Items(torch.utils.data.Dataset):
                 [len(ids) for ids in rows["input_ids"]]
             item = {"input_ids": [t for ids in rows["input_ids"] for t in ids],
                     "labels": [t for lab in rows["labels"] for t in lab], "lengths": lengths}
+            if self.tagged:
+                item["kto_tag"] = rows["kto_tag"]
         for name, table in self.extra.items():
             item[name] = table[members].reshape(-1).tolist()
         return item

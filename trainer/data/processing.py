@@ -143,11 +143,23 @@ def encode_pairwise(examples: list[dict], tokenizer, template: Template, data_ar
     return out
 
 
-ENCODERS = {"supervised": encode_supervised, "pretrain": encode_pretrain, "pairwise": encode_pairwise}
-CONVERTERS_OF_KIND = {"pairwise": formats.pairwise}  # otherwise the dataset's formatting converts a row
+def encode_kto(examples: list[dict], tokenizer, template: Template, data_args) -> list[list[dict]]:
+    """Tagged conversations -> one example each, labels on the last answer only (the tagged completion), and the
+    tag (1 desirable, 0 undesirable)."""
+    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
+                                    train_on_prompt=False, mask_history=True)
+    return [[{**_labelled(ids, trained, data_args.cutoff_len), "kto_tag": int(e["kto_tag"])}]
+            for e, (ids, trained) in zip(examples, encoded)]
+
+
+ENCODERS = {"supervised": encode_supervised, "pretrain": encode_pretrain, "pairwise": encode_pairwise,
+            "kto": encode_kto}
+CONVERTERS_OF_KIND = {"pairwise": formats.pairwise, "kto": formats.kto}  # else the dataset's formatting converts
 FORMATTING_OF_KIND = {"pretrain": "text"}  # pt reads plain documents: the 'text' column (or columns.prompt)
 DOCUMENT_KINDS = ("pretrain",)  # examples are pieces of documents: val_size splits whole documents
 SEGMENTED_KINDS = ("pairwise",)  # an example is several sequences (its `segments` column says how long each is)
+# Columns a kind's examples carry besides input_ids and labels, with their type and a bad row's value.
+EXTRA_COLUMNS = {"pairwise": {"segments": ("int32 list", [])}, "kto": {"kto_tag": ("int8", 0)}}
 
 
 def row_capacity(cutoff_len: int, segmented: bool) -> int:
@@ -165,24 +177,25 @@ def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: 
                  data_args, doc_offset: int = 0) -> dict[str, list]:
     """A batch of raw rows (with their `_row` numbers) -> one output row per example, and one per bad row."""
     convert = CONVERTERS_OF_KIND.get(data_kind, formats.FORMATTERS[spec.formatting])(spec)
-    with_segments = data_kind in SEGMENTED_KINDS
-    out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS
-                            + (("segments",) if with_segments else ())}
+    extra = EXTRA_COLUMNS.get(data_kind, {})
+    out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS + tuple(extra)}
     names = list(batch)
     good, good_rows = [], []
     for i, number in enumerate(batch["_row"]):
         example = convert({k: batch[k][i] for k in names})
         if example["_error"]:
-            for k, v in zip(out, ([], [], 0, 0, number, number + doc_offset, example["_error"], False, False, [])):
-                out[k].append(v)
+            bad = {"input_ids": [], "labels": [], "length": 0, "trained": 0, "_row": number,
+                   "_doc": number + doc_offset, "_error": example["_error"], "_truncated": False, "_no_labels": False,
+                   **{k: default for k, (_, default) in extra.items()}}
+            for k in out:
+                out[k].append(bad[k])
         else:
             good.append(example)
             good_rows.append(number)
     if good:
         for number, pieces in zip(good_rows, ENCODERS[data_kind](good, tokenizer, template, data_args)):
             for piece in pieces:
-                for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels") + \
-                        (("segments",) if with_segments else ()):
+                for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels") + tuple(extra):
                     out[k].append(piece[k])
                 out["length"].append(len(piece["input_ids"]))
                 out["_row"].append(number)
@@ -259,8 +272,9 @@ def _features(data_kind: str):
     """Fixed column types: a batch of only bad rows still has int token lists, and int32 halves the cache."""
     from datasets import Features, Sequence, Value
 
-    segments = {"segments": Sequence(Value("int32"))} if data_kind in SEGMENTED_KINDS else {}
-    return Features({**segments, "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
+    types = {"int32 list": Sequence(Value("int32")), "int8": Value("int8")}
+    extra = {k: types[kind] for k, (kind, _) in EXTRA_COLUMNS.get(data_kind, {}).items()}
+    return Features({**extra, "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                      "length": Value("int32"), "trained": Value("int32"), "_row": Value("int64"),
                      "_doc": Value("int64"), "_error": Value("string"), "_truncated": Value("bool"),
                      "_no_labels": Value("bool")})
@@ -273,7 +287,8 @@ def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template
         rows = rows.select(range(min(data_args.max_samples, len(rows))))
     report.read = len(rows)
     spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
-    formats.check_rows(spec, rows.column_names, pairwise_kind=data_kind in SEGMENTED_KINDS)
+    formats.check_rows(spec, rows.column_names, pairwise_kind=data_kind in SEGMENTED_KINDS,
+                       kto_kind=data_kind == "kto")
     tokenized = rows.map(process_rows, batched=True, batch_size=data_args.preprocessing_batch_size,
                          remove_columns=rows.column_names, features=_features(data_kind), num_proc=_num_proc(data_args.preprocessing_num_workers,
                                                                               len(rows)),

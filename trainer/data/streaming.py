@@ -29,14 +29,14 @@ def _raw_rows(spec: registry.DatasetSpec):
     return datasets.load_dataset(spec.path, name=spec.subset, split=spec.split, streaming=True)
 
 
-def _batches(spec, data_args, pairwise_kind: bool) -> Iterator[dict[str, list]]:
+def _batches(spec, data_args, data_kind: str) -> Iterator[dict[str, list]]:
     """Columnar batches of raw rows with their 1-based `_row` numbers, max_samples applied."""
     buffer: list[dict] = []
     for number, row in enumerate(_raw_rows(spec), start=1):
         if data_args.max_samples is not None and number > data_args.max_samples:
             break
         if number == 1:
-            formats.check_rows(spec, list(row), pairwise_kind)
+            formats.check_rows(spec, list(row), data_kind in SEGMENTED_KINDS, data_kind == "kto")
         buffer.append({**row, "_row": number})
         if len(buffer) == BATCH:
             yield _columns(buffer)
@@ -60,7 +60,7 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
         spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
         counts = {"bad": 0, "dropped_long": 0, "no_labels": 0, "": 0}
         read = 0
-        for batch in _batches(spec, data_args, data_kind in SEGMENTED_KINDS):
+        for batch in _batches(spec, data_args, data_kind):
             read += len(batch["_row"])
             out = process_rows(batch, spec, data_kind, tokenizer, template, data_args)
             for i, ids in enumerate(out["input_ids"]):
@@ -71,7 +71,8 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
                     logger.warning("%s (%s) row %d skipped: %s", name, spec.path, out["_row"][i], out["_error"][i])
                 if not reason:
                     yield {"input_ids": ids, "labels": out["labels"][i],
-                           "lengths": out["segments"][i] if "segments" in out else [len(ids)]}
+                           "lengths": out["segments"][i] if "segments" in out else [len(ids)],
+                           **({"kto_tag": [out["kto_tag"][i]]} if "kto_tag" in out else {})}
             limit = data_args.max_bad_rows if data_args.max_bad_rows >= 1 else data_args.max_bad_rows * read
             if counts["bad"] > limit and (data_args.max_bad_rows >= 1 or read >= 100):
                 raise ConfigError(f"dataset {name!r} ({spec.path}): {counts['bad']} of the first {read} rows are "
@@ -110,9 +111,9 @@ def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, templa
         if row["lengths"] and (not pack or len(row["input_ids"]) + n > capacity):
             yield row
             row = {"input_ids": [], "labels": [], "lengths": []}
-        row["input_ids"] += ex["input_ids"]
-        row["labels"] += ex["labels"]
-        row["lengths"] += ex["lengths"]
+        for key, values in ex.items():  # input_ids, labels, lengths, and per-example columns such as kto_tag
+            row.setdefault(key, [])
+            row[key] += values
     if row["lengths"]:
         yield row
 

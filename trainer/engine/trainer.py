@@ -12,6 +12,7 @@ What it adds to transformers.Trainer:
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -134,7 +135,8 @@ class ZeroTrainer(Trainer):
         for name, (sums, counts) in out.stats.items():
             if name == "loss":  # the Trainer logs the loss itself (exactly: each step is normalised globally)
                 continue
-            pair = torch.stack([sums.detach().sum().double(), counts.detach().sum().double()])
+            counted = sums.new_full((), float("nan")) if counts is None else counts.detach().sum()
+            pair = torch.stack([sums.detach().sum().double(), counted.double()])
             self._window_stats[name] = self._window_stats[name] + pair if name in self._window_stats else pair
         if not book:
             return
@@ -162,7 +164,8 @@ class ZeroTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             out = self.stage.compute(self.wrapper, model, inputs)
         self._stat_names = list(out.stats)
-        columns = [t.double() for name in self._stat_names for t in out.stats[name]]
+        columns = [(sums.new_full(sums.shape, float("nan")) if t is None else t).double()
+                   for name in self._stat_names for sums in [out.stats[name][0]] for t in out.stats[name]]
         stats = torch.stack(columns, dim=-1)
         return (out.loss_sum / out.items.clamp(min=1)).detach(), stats, out.stats["loss"][1]
 
@@ -174,7 +177,7 @@ class ZeroTrainer(Trainer):
             self._excluded += time.perf_counter() - start
 
     def evaluation_loop(self, *args, **kwargs):
-        self.compute_metrics = lambda pred: _summed_statistics(pred, self._stat_names)
+        self.compute_metrics = lambda pred: _summed_statistics(pred, self._stat_names, self.stage.summarize)
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         exact = output.metrics.pop(f"{prefix}_stat_loss", None)
@@ -331,7 +334,9 @@ class ZeroTrainer(Trainer):
         totals = torch.stack([self._window_stats[n] for n in names]).to(self.args.device)
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        return {n: round(float(s / max(c, 1e-12)), 6) for n, (s, c) in zip(names, totals.tolist())}
+        figures = self.stage.summarize({n: (s, None if math.isnan(c) else c)
+                                        for n, (s, c) in zip(names, totals.tolist())})
+        return {n: round(float(v), 6) for n, v in figures.items()}
 
     def padding_fraction(self) -> float | None:
         """Share of the batch slots this process trained on that held padding (0 for perfectly packed rows)."""
@@ -363,13 +368,17 @@ def _unwrapped(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _summed_statistics(eval_pred, names: list[str] | None = None) -> dict:
-    """[items, 2K] per-item (sum, count) columns of K statistics -> each statistic's sum / count, and the count."""
+def _summed_statistics(eval_pred, names: list[str] | None = None, summarize=None) -> dict:
+    """[items, 2K] per-item (sum, count) columns of K statistics -> the figures `summarize` makes of each one's
+    totals (the stage's; by default sum / count), and each count. A count column of NaN marks a statistic that is a
+    count itself (logged as its sum)."""
     names = names or ["loss"]
     stats = np.asarray(eval_pred.predictions, dtype=np.float64).reshape(-1, 2 * len(names)).sum(axis=0)
-    out = {}
-    for i, name in enumerate(names):
-        total, count = stats[2 * i], stats[2 * i + 1]
-        out[f"stat_{name}"] = float(total / max(count, 1e-12))
-        out[f"stat_{name}_count"] = int(round(count))
+    totals = {name: (float(stats[2 * i]), None if np.isnan(stats[2 * i + 1]) else float(stats[2 * i + 1]))
+              for i, name in enumerate(names)}
+    figures = summarize(totals) if summarize else {n: s / max(c, 1e-12) for n, (s, c) in totals.items()}
+    out = {f"stat_{name}": float(value) for name, value in figures.items()}
+    for name, (_, count) in totals.items():
+        if count is not None:
+            out[f"stat_{name}_count"] = int(round(count))
     return out

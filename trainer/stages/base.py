@@ -32,7 +32,8 @@ class StageOutput:
     items: how many items this micro-batch holds (the same number count_items gives).
     stats: name -> (sums, counts), tensors of one entry per dataset item of the batch. The engine logs
     sum(sums) / sum(counts) over a logging window, and in eval over the whole eval set, so the figures never
-    depend on the batch size, the accumulation or the number of processes. "loss" is always among them.
+    depend on the batch size, the accumulation or the number of processes. "loss" is always among them. counts
+    None: a count, logged as the window's sum (Stage.summarize turns the totals into the logged figures).
     """
     loss_sum: Any
     items: Any
@@ -92,6 +93,11 @@ class Stage:
     # ---- loss ------------------------------------------------------------------------------------
     def compute(self, wrapper, model, batch: dict) -> StageOutput:
         raise NotImplementedError
+
+    def summarize(self, totals: dict[str, tuple[float, float | None]]) -> dict[str, float]:
+        """The logged figures from each statistic's (sum, count) over a window or the eval set: the mean, or the
+        sum for a count (count None). A stage adds figures derived from them (kto's rewards/margins)."""
+        return {name: s if c is None else s / max(c, 1e-12) for name, (s, c) in totals.items()}
 
 
 def register(cls: type[Stage]) -> type[Stage]:

@@ -58,10 +58,11 @@ def reference_table(stage, trainer, items, name: str) -> np.ndarray:
             logger.info("Reference log-probs of the %s pairs read from %s.", name, path)
             return table
     if resumed and stage.reference_is_policy:
-        raise ConfigError(f"precompute_ref_log_probs: this resumed {config.finetuning.finetuning_type} run's weights are no "
-                          f"longer the reference, and its reference log-probs are not in the cache ({path}). Resume "
-                          "with the cache the run started with, or set precompute_ref_log_probs: false (the "
-                          "reference is then a copy of the starting weights).")
+        raise ConfigError(
+            f"precompute_ref_log_probs: this resumed {config.finetuning.finetuning_type} run's weights are no longer "
+            f"the reference, and its reference log-probs are not in the cache ({path}). Resume with the cache the run "
+            "started with, or set precompute_ref_log_probs: false (the reference is then a copy of the starting "
+            "weights).")
     table = _one_pass(stage, trainer, items)
     if trainer.is_world_process_zero():
         path.parent.mkdir(parents=True, exist_ok=True)
