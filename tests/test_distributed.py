@@ -373,9 +373,11 @@ def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir
         assert not any("v_head" in k for k in load_file(saved))
 
 
-def test_kto_two_processes_match_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("precompute", [False, True])
+def test_kto_two_processes_match_one(precompute, tiny_model_dir, tmp_path):
     """kto's reference point z is summed over every process's mismatched pairs, and neighbours pair within a batch,
-    so a batch split over 2 processes trains exactly like the whole batch in 1."""
+    so a batch split over 2 processes trains exactly like the whole batch in 1; with precomputed reference
+    log-probs (partners fixed ahead, the pass split over the processes) too."""
     data = tmp_path / "tagged"
     data.mkdir()
     rows = [{"instruction": f"Question {i}?", "kto_tag": bool(i % 2),
@@ -383,7 +385,8 @@ def test_kto_two_processes_match_one(tiny_model_dir, tmp_path):
     (data / "t.json").write_text(json.dumps(rows))
     info = {"t": {"file_name": "t.json", "columns": {"kto_tag": "kto_tag"}}}
     (data / "dataset_info.json").write_text(json.dumps(info))
-    common = dict(stage="kto", dataset="t", max_steps=3, learning_rate=1e-2, gradient_accumulation_steps=1)
+    common = dict(stage="kto", dataset="t", max_steps=3, learning_rate=1e-2, gradient_accumulation_steps=1,
+                  precompute_ref_log_probs=precompute)
     single = tmp_path / "one"
     train_with(base_config(tiny_model_dir, data, single, per_device_train_batch_size=4, **common))
     double = tmp_path / "two"

@@ -11,7 +11,7 @@ import torch
 from tiny import base_config, train_with
 from trainer.config import DataArguments
 from trainer.data import processing
-from trainer.data.collators import Collator, model_inputs
+from trainer.data.collators import Collator
 from trainer.data.packing import unpacked_dataset
 from trainer.data.templates import get_template
 

@@ -108,6 +108,22 @@ def test_step_zero_is_half_a_weight_per_example(tiny_model_dir, tagged_dir, tmp_
     assert first["count/desirable"] == 16 and first["count/undesirable"] == 16
 
 
+def test_precomputed_reference_pairs_are_the_pairs_training_uses(tiny_model_dir, tagged_dir, tmp_path, caplog):
+    """A full run's reference is its starting weights: with the reference log-probs of every example and of its
+    mismatched pair (fixed ahead) computed in the pass before training, step 1 sees Δ = 0 and z = 0 exactly as if
+    computed on the fly in the training batch; a different pairing would move z."""
+    with caplog.at_level("INFO"):
+        _, state = train_with(_kto(tiny_model_dir, tagged_dir, tmp_path / "run", finetuning_type="full", max_steps=3,
+                                   per_device_train_batch_size=4, precompute_ref_log_probs=True, learning_rate=1e-2,
+                                   per_device_eval_batch_size=3))
+    assert "Reference log-probs of 32 train pairs computed before training" in caplog.text
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert logged[0]["loss"] == pytest.approx(0.5, rel=1e-5)
+    assert logged[0]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert logged[0]["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+    assert logged[-1]["loss"] != pytest.approx(0.5, abs=1e-4)  # and then it trains
+
+
 def test_training_on_an_obvious_pattern_widens_the_margin(tiny_model_dir, tagged_dir, tmp_path):
     out = tmp_path / "run"
     results, state = train_with(_kto(tiny_model_dir, tagged_dir, out, max_steps=16, learning_rate=2e-2,
@@ -128,8 +144,6 @@ def test_guard_rails(tiny_model_dir, tagged_dir, tmp_path):
 
     with pytest.raises(ConfigError, match=r"per_device_train_batch_size: kto pairs each example's prompt"):
         build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", per_device_train_batch_size=1))
-    with pytest.raises(ConfigError, match=r"precompute_ref_log_probs is not supported for kto"):
-        build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", precompute_ref_log_probs=True))
     with pytest.raises(ConfigError, match=r"kto_chosen_weight is a key of stage kto; this run's stage is dpo"):
         build_config(base_config(tiny_model_dir, tagged_dir, tmp_path / "o", stage="dpo", kto_chosen_weight=1.0))
 

@@ -46,16 +46,19 @@ class Items(torch.utils.data.Dataset):
 
     Each item is {input_ids, labels, lengths}: the examples' tokens end to end and each example's length, plus,
     for each table in `extra` (name -> array with one row per example, filled in later: the preference stages'
-    precomputed reference log-probs), the rows of its examples, flattened.
+    precomputed reference log-probs), the rows of its examples, flattened. With `partners` (kto with precomputed
+    reference log-probs, whose mismatched pairs must be fixed ahead), an unpacked item also carries the answer of
+    its fixed partner, the neighbouring example in dataset order (partner_ids, partner_labels).
     """
 
-    def __init__(self, data, bins: list[list[int]] | None = None):
+    def __init__(self, data, bins: list[list[int]] | None = None, partners: bool = False):
         # `segments`: an example made of several sequences (a preference pair) lists their lengths.
         self.data = data.select_columns([c for c in ("input_ids", "labels", "segments", "kto_tag")
                                          if c in data.column_names])
         self.segmented = "segments" in self.data.column_names
         self.tagged = "kto_tag" in self.data.column_names
         self.members = self.offsets = None
+        self.partners = partners
         self.extra: dict[str, np.ndarray] = {}
         if bins is not None:
             self.members = np.fromiter((i for b in bins for i in b), dtype=np.int64)
@@ -71,6 +74,8 @@ class Items(torch.utils.data.Dataset):
                     "lengths": ex["segments"] if self.segmented else [len(ex["input_ids"])]}
             if self.tagged:
                 item["kto_tag"] = [ex["kto_tag"]]
+            if self.partners:
+                item.update(self._partner_answer(int(i)))
             members = [int(i)]
         else:
             members = self.members[self.offsets[i]:self.offsets[i + 1]].tolist()
@@ -84,6 +89,14 @@ class Items(torch.utils.data.Dataset):
         for name, table in self.extra.items():
             item[name] = table[members].reshape(-1).tolist()
         return item
+
+    def _partner_answer(self, i: int) -> dict:
+        from trainer.data.collators import last_trained_span
+
+        j = i ^ 1 if (i ^ 1) < len(self.data) else max(i - 1, 0)
+        other = self.data[j]
+        start, end = last_trained_span(other["labels"])
+        return {"partner_ids": other["input_ids"][start:end], "partner_labels": other["labels"][start:end]}
 
 
 def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:

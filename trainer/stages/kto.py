@@ -8,10 +8,11 @@ summed over every process and clamped at 0. As in the paper and TRL, a desirable
 w_d (1 − σ(β (Δ − z))) and an undesirable one's w_u (1 − σ(β (z − Δ))); rewards are β Δ.
 
 The mismatched pairs are built by the collator from the batch itself (collators.KtoPairs: each example's prompt
-with a neighbour's answer), so each example and its mismatched pair go through the model together, sharing the
-prompt like a preference pair (pref_prefix_sharing) in the same padding-free forward. The reference is the
-pairwise stages: the LoRA base with adapters off, a frozen copy placed like the
-policy, or ref_model.
+with a neighbour's answer; with precompute_ref_log_probs, with its neighbour's in dataset order, fixed ahead so
+that the pass before training computes the same pairs). Each example and its mismatched pair go through the model
+together, sharing the prompt like a preference pair (pref_prefix_sharing), in the same padding-free forward. The
+reference is the pair stages' (trainer/stages/pairs.py): the LoRA base with adapters off, a frozen copy placed
+like the policy, or ref_model.
 """
 
 from __future__ import annotations
@@ -39,9 +40,6 @@ class KTOOptions(ReferenceOptions):
         for key in ("kto_chosen_weight", "kto_rejected_weight", "pref_ftx"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be non-negative.")
-        if self.precompute_ref_log_probs:
-            raise ConfigError("precompute_ref_log_probs is not supported for kto yet: its mismatched pairs are formed "
-                              "in each batch, so their reference log-probs cannot be computed ahead. Leave it off.")
 
 
 def kto_losses(delta, kl, desirable, beta: float, chosen_weight: float, rejected_weight: float):
@@ -58,7 +56,12 @@ class KTO(ReferenceStage):
     data_kind = "kto"
     item_name = "examples"
     options = KTOOptions
-    needs_reference = True
+
+    @property
+    def fixed_partners(self) -> bool:
+        """With precomputed reference log-probs, each example's mismatched pair is fixed ahead (its neighbour in
+        dataset order, as TRL pairs them), so the pass before training computes exactly the pairs training uses."""
+        return self.precomputes
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)
@@ -102,7 +105,8 @@ class KTO(ReferenceStage):
         import torch
 
         logps, tokens = self._sequence_logps(wrapper, model, batch)
-        ref = self.reference_logps(wrapper, model, batch)
+        ref, reference_passes = self.reference_for(wrapper, model, batch)
+        ref = ref.to(logps.device, logps.dtype)
         delta, n_tokens = logps[0::2] - ref[0::2], tokens[0::2]
         mismatched = (logps[1::2] - ref[1::2]).detach()
         valid = batch["kl_valid"].to(delta.dtype)
@@ -130,7 +134,7 @@ class KTO(ReferenceStage):
                  "kl": (kl.detach().expand_as(delta), one),
                  "count/desirable": (good, None), "count/undesirable": (bad, None)}
         return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=tokens.sum(),
-                           reference_passes=1)
+                           reference_passes=reference_passes)
 
     def summarize(self, totals: dict) -> dict:
         out = super().summarize(totals)

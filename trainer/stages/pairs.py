@@ -216,7 +216,16 @@ class ReferenceStage(Pairwise):
 
         for name, items in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
             if isinstance(items, Items):
+                items.partners = self.fixed_partners
                 items.extra["ref_logps"] = reference_table(self, trainer, items, name)
+
+    fixed_partners = False  # kto: its mismatched pairs are fixed ahead when their reference log-probs are
+
+    def reference_for(self, wrapper, model, batch):
+        """(each sequence's reference log-prob, reference forwards run): precomputed when the batch carries them."""
+        if "ref_logps" in batch:
+            return batch["ref_logps"], 0
+        return self.reference_logps(wrapper, model, batch), 1
 
     def reference_logps(self, wrapper, model, batch):
         """Each sequence's summed log-prob under the reference: the frozen copy, the LoRA base (adapters off), or

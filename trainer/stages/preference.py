@@ -66,10 +66,8 @@ class DPO(ReferenceStage):
         ref_chosen = ref_rejected = None
         reference_passes = 0
         if self.needs_reference:
-            if "ref_logps" in batch:  # precomputed before training
-                ref = batch["ref_logps"].to(logps.device, logps.dtype)
-            else:
-                ref, reference_passes = self.reference_logps(wrapper, model, batch), 1
+            ref, reference_passes = self.reference_for(wrapper, model, batch)
+            ref = ref.to(logps.device, logps.dtype)
             ref_chosen, ref_rejected = ref[0::2], ref[1::2]
         o = self.opts
         losses, reward_chosen, reward_rejected = self.loss_fn(

@@ -1,4 +1,5 @@
-"""precompute_ref_log_probs: the reference model's log-probs of every pair, computed in one pass before training.
+"""precompute_ref_log_probs: the reference model's log-probs of every pair (a preference pair, or a kto example
+and its mismatched pair, fixed ahead), computed in one pass before training.
 
 Training then runs the policy alone (no reference forward a step, and for full/freeze runs no reference copy of
 the weights: the pass runs on the starting weights themselves, which is what makes those runs possible under
@@ -35,7 +36,8 @@ def cache_path(config, items, stage) -> Path:
     from trainer.data.processing import default_cache_dir
 
     m, t = config.model, config.training
-    payload = {"data": items.data._fingerprint, "examples": len(items.data), "model": m.model_name_or_path,
+    payload = {"stage": stage.name, "partners": items.partners, "data": items.data._fingerprint,
+               "examples": len(items.data), "model": m.model_name_or_path,
                "model_files": _model_files(m.model_name_or_path), "adapter": m.adapter_name_or_path,
                "adapter_files": _model_files(m.adapter_name_or_path), "finetuning": config.finetuning.finetuning_type,
                "ref_model": [(p, _model_files(p)) for p in (stage.opts.ref_model, *(
@@ -79,7 +81,7 @@ def _one_pass(stage, trainer, items) -> np.ndarray:
     from trainer.data.packing import Items
     from trainer.engine.shards import gathered, my_rounds
 
-    one_each = Items(items.data)  # one pair an item, whatever the training rows are
+    one_each = Items(items.data, partners=items.partners)  # one item an example, whatever the training rows are
     world = trainer.accelerator.num_processes
     model = trainer.model
     was_training = model.training
