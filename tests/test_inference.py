@@ -218,3 +218,19 @@ def test_other_backends_and_lf_inference_keys(tiny_model_dir, tmp_path):
     # A training YAML works for chat: its training keys do not apply.
     cfg = load_inference_config(ROOT / "examples/sft_lora.yaml", [f"model_name_or_path={tiny_model_dir}"])
     assert cfg.template == "chatml" and cfg.generation.temperature == 0.95 and cfg.generation.top_p == 0.7
+
+
+def test_a_reward_model_exports_with_its_value_head_in_the_chosen_dtype(tiny_model_dir, pairs_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    rm = tmp_path / "rm"
+    train_with(base_config(tiny_model_dir, pairs_dir, rm, stage="rm", dataset="pairs", max_steps=2))
+    export_dir = tmp_path / "export"
+    cfg = _write_yaml(tmp_path / "merge.yaml", {
+        "model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(rm), "template": "chatml",
+        "export_dir": str(export_dir), "export_dtype": "bfloat16"})
+    proc = _cli("export", cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head = load_file(export_dir / "value_head.safetensors")
+    torch.testing.assert_close(head, load_file(rm / "value_head.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in load_file(export_dir / "model.safetensors").values())

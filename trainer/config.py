@@ -122,6 +122,8 @@ class ExportArguments:
     export_size: int = field(default=5, metadata={"help": "GB per weights shard."})
     export_device: str = field(default="cpu", metadata={"choices": ("cpu", "auto")})
     export_legacy_format: bool = field(default=False, metadata={"help": "true: .bin files instead of safetensors."})
+    export_dtype: str | None = field(default=None, metadata={
+        "choices": INFER_DTYPES, "help": "The exported weights' dtype (default: infer_dtype's choice)."})
 
 
 @dataclass

@@ -41,7 +41,7 @@ def adapters(config) -> list[str]:
     return [a.strip() for a in (config.model.adapter_name_or_path or "").split(",") if a.strip()]
 
 
-def load(config, device: str | None = None):
+def load(config, device: str | None = None, dtype_choice: str | None = None):
     """(model with adapters merged, tokenizer, template), ready to generate."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,7 +59,7 @@ def load(config, device: str | None = None):
     common = dict(trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir, revision=m.model_revision,
                   token=m.hf_hub_token)
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, **common)
-    dtype = inference_dtype(config.inference.infer_dtype, getattr(model_config, "dtype", None))
+    dtype = inference_dtype(dtype_choice or config.inference.infer_dtype, getattr(model_config, "dtype", None))
     model = AutoModelForCausalLM.from_pretrained(
         m.model_name_or_path, config=model_config, dtype=dtype,
         attn_implementation=attention_implementation(m.flash_attn, model_config), **common)
@@ -157,7 +157,7 @@ def export(config) -> str:
     if e.export_size <= 0:
         raise ConfigError(f"export_size: {e.export_size} must be a positive number of GB per shard.")
     device = "cpu" if e.export_device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, template = load(config, device=device)
+    model, tokenizer, template = load(config, device=device, dtype_choice=e.export_dtype)
     stops = template.stop_token_ids(tokenizer)
     untrained = untrained_token_rows(model, stops)
     if untrained:
