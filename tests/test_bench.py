@@ -46,3 +46,15 @@ def test_quick_dpo_benchmark_writes_its_rows(tmp_path):
     assert slots["shared"] < slots["real"] < slots["padded"]  # each prompt once < both sequences < padded batches
     assert all(r["pairs_per_second"] > 0 and abs(r["first_loss"] - 0.6931) < 1e-3 for r in rows.values())
     assert "| zerotune dpo, prefix sharing off |" in (tmp_path / "dpo.md").read_text()
+
+
+def test_quick_step_profile_groups_the_ops(tmp_path):
+    import re
+
+    from benchmarks.profile_step import group_of, main as profile
+
+    assert profile(["--quick", "--warmup", "1", "--steps", "2", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "profile_step_quick.md").read_text()
+    shares = [float(s) for s in re.findall(r"\| [a-z ]+ \| [0-9.]+ \| ([0-9.]+)% \|", text.split("| op |")[0])]
+    assert "| matmul |" in text and abs(sum(shares) - 100) < 0.5
+    assert group_of("aten::mm") == "matmul" and group_of("aten::_to_copy") == "dtype casts and copies"
