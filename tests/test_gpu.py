@@ -4,7 +4,9 @@ benchmarks/gpu_check.sh runs these before it times anything: the first GPU run s
 - padding-free batches of several packed rows through the real flash-attn (transformers' FA2 varlen path):
   every example's logits equal the example alone;
 - Liger's fused linear cross-entropy (the loss head's GPU kernel) equals the chunked loss, values and gradients;
-- batched, left-padded generation equals each prompt alone on FA2 and zerotune_segments.
+- batched, left-padded generation equals each prompt alone on FA2 and zerotune_segments;
+- preference pairs with the prompt computed once (zerotune_segments' own FlashAttention-2 varlen call over gathered
+  keys) give each sequence the log-prob of a forward of that sequence alone.
 """
 
 import importlib.util
@@ -84,3 +86,30 @@ def test_batched_generation_on_gpu_equals_each_prompt_alone(path, tiny_model_dir
     together = generate(model, prompts, stops, tiny_tokenizer.pad_token_id, greedy)
     alone = [generate(model, [p], stops, tiny_tokenizer.pad_token_id, greedy)[0] for p in prompts]
     assert together == alone
+
+
+@needs_flash
+def test_prefix_shared_pairs_on_real_flash_attention(tiny_model_dir):
+    from test_dpo import _synthetic_pairs
+
+    from trainer.model.wrapper import ModelWrapper
+    from trainer.stages.preference import DPO
+
+    model = _gpu_model(tiny_model_dir, kernels.SEGMENTS)
+    items = _synthetic_pairs()
+    wrapper = ModelWrapper(model)
+    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in Collator(0, share_prefix=True)(items).items()}
+    assert kernels._flash_fits(torch.zeros(1, device="cuda", dtype=torch.bfloat16))
+    with torch.no_grad():
+        shared, _ = DPO()._sequence_logps(wrapper, model, batch)
+        alone = []
+        for item in items:
+            start = 0
+            for n in item["lengths"]:
+                one = Collator(0)([{"input_ids": item["input_ids"][start:start + n],
+                                    "labels": item["labels"][start:start + n], "lengths": [n]}])
+                one = {k: v.cuda() if torch.is_tensor(v) else v for k, v in one.items()}
+                logps, _ = DPO()._sequence_logps(wrapper, model, one)
+                alone.append(float(logps[0]))
+                start += n
+    torch.testing.assert_close(shared.float().cpu(), torch.tensor(alone), rtol=3e-2, atol=3e-1)
