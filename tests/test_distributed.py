@@ -396,3 +396,25 @@ def test_kto_two_processes_match_one(precompute, tiny_model_dir, tmp_path):
     assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
     assert _history(double, "kl") == pytest.approx(_history(single, "kl"), rel=1e-3, abs=1e-6)
     assert _history(single, "kl")[-1] > 0  # the reference point moved, and the same on both sides
+
+
+def test_packed_pair_eval_on_two_processes_matches_one(tiny_model_dir, tmp_path):
+    """Packed eval rows hold several pairs each, a different number on each process: the statistics are summed per
+    row, so the gathered eval is exact (and equal to one process's) instead of failing or dropping pairs."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    pairs = [{"instruction": f"Question {i}?" + " more" * (i % 5), "chosen": "Yes." + " yes" * (i % 3),
+              "rejected": "No." + " no" * (i % 4)} for i in range(20)]
+    (data / "p.json").write_text(json.dumps(pairs))
+    (data / "dataset_info.json").write_text(json.dumps({"p": {"file_name": "p.json", "ranking": True}}))
+    common = dict(stage="dpo", dataset="p", do_train=False, do_eval=True, eval_dataset="p", packing=True,
+                  cutoff_len=48, per_device_eval_batch_size=2, adapter_name_or_path=None)
+    single = tmp_path / "one"
+    results, _ = train_with(base_config(tiny_model_dir, data, single, **common))
+    double = tmp_path / "two"
+    proc = _torchrun(base_config(tiny_model_dir, data, double, **common), tmp_path, "packed-eval")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((double / "eval_results.json").read_text())
+    assert two["eval_tokens"] == results["eval_tokens"] == 20  # every pair counted once
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        assert two[key] == pytest.approx(results[key], rel=1e-5, abs=1e-7), key

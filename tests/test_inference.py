@@ -48,6 +48,25 @@ def test_chat_template_renders_what_training_encodes(name, tiny_tokenizer):
         assert list(prompt) == template.encode_prompt(tiny_tokenizer, messages[:-1], system)
 
 
+def test_an_empty_system_message_falls_back_to_the_default_system(tiny_tokenizer):
+    template = get_template("qwen", tiny_tokenizer)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    text = tiny_tokenizer.apply_chat_template([{"role": "system", "content": ""}] + messages,
+                                              chat_template=chat_template(template), tokenize=False)
+    assert text == template.render_text(messages, "") and "You are Qwen" in text
+
+
+def test_predict_refuses_train_on_prompt(tiny_model_dir, tmp_path):
+    from tiny import write_dataset_dir
+    from trainer.config import build_config
+    from trainer.errors import ConfigError
+
+    data = write_dataset_dir(tmp_path / "data", [{"instruction": "a", "input": "", "output": "b"}] * 4)
+    with pytest.raises(ConfigError, match=r"do_predict reads each example's prompt.*train_on_prompt: true"):
+        build_config(base_config(tiny_model_dir, data, tmp_path / "o", do_train=False, do_predict=True,
+                                 predict_with_generate=True, eval_dataset="alpaca", train_on_prompt=True))
+
+
 def _write_yaml(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path

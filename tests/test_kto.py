@@ -144,6 +144,12 @@ def test_guard_rails(tiny_model_dir, tagged_dir, tmp_path):
 
     with pytest.raises(ConfigError, match=r"per_device_train_batch_size: kto pairs each example's prompt"):
         build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", per_device_train_batch_size=1))
+    with pytest.raises(ConfigError, match=r"per_device_train_batch_size: kto pairs"):  # split into passes of 1
+        build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", forward_batch_size="1"))
+    with pytest.raises(ConfigError, match=r"padding_free: false lays one sequence a row; stage kto"):
+        build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", padding_free=False))
+    with pytest.raises(ConfigError, match=r"packing: kto keeps one example a row"):
+        build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", packing=True))
     with pytest.raises(ConfigError, match=r"kto_chosen_weight is a key of stage kto; this run's stage is dpo"):
         build_config(base_config(tiny_model_dir, tagged_dir, tmp_path / "o", stage="dpo", kto_chosen_weight=1.0))
 
@@ -160,3 +166,11 @@ def test_the_kto_example_runs_through_the_cli(tiny_model_dir, tmp_path):
     logged = [e for e in state["log_history"] if "kl" in e]
     assert len(logged) == 3 and logged[0]["loss"] == pytest.approx(0.5, rel=1e-4)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_kind_absent_from_a_window_is_left_out_not_logged_as_zero():
+    from trainer.stages.kto import KTO
+
+    figures = KTO().summarize({"rewards/chosen": (0.0, 0.0), "rewards/rejected": (-3.0, 2.0), "loss": (1.0, 2.0),
+                               "count/desirable": (0.0, None)})
+    assert figures == {"rewards/rejected": -1.5, "loss": 0.5, "count/desirable": 0.0}  # and no rewards/margins

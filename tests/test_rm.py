@@ -4,6 +4,7 @@ preference raises accuracy; value_head.safetensors is written (never into the mo
 evaluation, and survives a resume."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -137,3 +138,19 @@ def test_the_rm_example_runs_through_the_cli(tiny_model_dir, tmp_path):
     logged = [e for e in state["log_history"] if "accuracy" in e]
     assert len(logged) == 3 and all(0 <= e["accuracy"] <= 1 for e in logged)
     assert (out / "value_head.safetensors").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_the_best_checkpoint_brings_its_value_head_back(tiny_model_dir, pairs_dir, tmp_path):
+    """load_best_model_at_end restores the value head of the best checkpoint with its weights (the final save then
+    writes that pair), not the last step's head beside the best step's model."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "best"
+    _, state = train_with(_rm(tiny_model_dir, pairs_dir, out, finetuning_type="full", max_steps=6, learning_rate=5e-2,
+                              per_device_train_batch_size=4, val_size=4, eval_strategy="steps", eval_steps=2,
+                              save_steps=2, load_best_model_at_end=True, metric_for_best_model="eval_accuracy",
+                              greater_is_better=False))
+    best = state["best_model_checkpoint"]
+    assert best and not best.endswith("checkpoint-6")  # a worse accuracy was best: not the last step
+    final, kept = load_file(out / "value_head.safetensors"), load_file(Path(best) / "value_head.safetensors")
+    torch.testing.assert_close(final, kept)

@@ -756,9 +756,9 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
 
     if d.packing is None:
         d.packing = get_stage_class(f.stage).packing_default
-    if not d.padding_free and get_stage_class(f.stage).data_kind == "pairwise":
-        raise ConfigError(f"padding_free: false lays one sequence a row; stage {f.stage} keeps a pair's chosen and "
-                          "rejected together in the padding-free layout. Remove padding_free: false.")
+    if not d.padding_free and get_stage_class(f.stage).needs_padding_free:
+        raise ConfigError(f"padding_free: false lays one sequence a row; stage {f.stage} keeps each item's two "
+                          "sequences together in the padding-free layout. Remove padding_free: false.")
     if d.packing and not d.padding_free:
         raise ConfigError("padding_free: false lays one example a row, and packing: true puts several in one; "
                           "set packing: false for padded batches.")
@@ -781,6 +781,13 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
                               f"{f.stage}. Use do_eval for its metrics.")
         if not config.inference.predict_with_generate:
             raise ConfigError("do_predict needs predict_with_generate: true (answers are generated, then scored).")
+        if d.train_on_prompt:
+            raise ConfigError("do_predict reads each example's prompt as the tokens before its last trained answer; "
+                              "with train_on_prompt: true every token is trained. Predict in a run without it "
+                              "(do_train: false, adapter_name_or_path: the trained run).")
+        from trainer.engine.similarity import check_available
+
+        check_available()  # before any training: the metric libraries are an extra
         if not (d.eval_dataset or d.val_size or (not t.do_train and d.dataset)):
             raise ConfigError("do_predict needs eval_dataset or val_size (the examples to answer).")
     if not t.do_train and not t.do_eval and not t.do_predict:

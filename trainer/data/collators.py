@@ -179,6 +179,7 @@ class Collator:
             segments += it["lengths"]
             prefixes += _prefixes(it)
         batch = {"item_lengths": torch.tensor([len(it["input_ids"]) for it in items]),
+                 "item_segments": torch.tensor([len(it["lengths"]) for it in items]),
                  "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                  "position_ids": torch.tensor([positions])}
         batch.update(segment_layout(segments))

@@ -156,7 +156,8 @@ def chat_template(t: Template) -> str:
     observation = t.observation or t.user
     return "".join([
         "{%- if messages and messages[0]['role'] == 'system' -%}",
-        "{%- set system = messages[0]['content'] -%}{%- set loop_messages = messages[1:] -%}",
+        f"{{%- set system = messages[0]['content'] or {_literal(t.default_system)} -%}}"
+        "{%- set loop_messages = messages[1:] -%}",
         "{%- else -%}",
         f"{{%- set system = {_literal(t.default_system)} -%}}{{%- set loop_messages = messages -%}}",
         "{%- endif -%}",

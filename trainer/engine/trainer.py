@@ -270,7 +270,10 @@ class ZeroTrainer(Trainer):
 
     def _load_best_model(self):
         if not fsdp.is_sharded(self.model):
-            return super()._load_best_model()
+            super()._load_best_model()
+            if not self.is_deepspeed_enabled:  # DeepSpeed's checkpoint restores every parameter itself
+                self.stage.load_extra(self.state.best_model_checkpoint)
+            return
         fsdp.load_model_shards(self.model, self.state.best_model_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint):

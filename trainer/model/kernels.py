@@ -77,7 +77,18 @@ def _row_lengths(batch: int, q_len: int, position_ids, cu_seq_lens) -> list[list
 
 
 def _flash_fits(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and has_flash_attn()
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_bottom_right()
+
+
+def _flash_bottom_right() -> bool:
+    """flash-attn >= 2.1 aligns its causal mask bottom-right when a sequence has more keys than queries, which is
+    what a shared prompt needs; older releases align it top-left (then: SDPA per segment)."""
+    if not has_flash_attn():
+        return False
+    from importlib.metadata import version
+
+    parts = tuple(int(p) for p in re.findall(r"\d+", version("flash-attn"))[:2])
+    return parts >= (2, 1)
 
 
 def _flash_varlen():

@@ -50,6 +50,7 @@ class NoOptions:
 class Stage:
     name: str = ""
     data_kind: str = "supervised"  # what processing.tokenized_dataset builds
+    needs_padding_free: bool = False  # its items are several sequences end to end (the pair stages)
     needs_template: bool = True
     packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
     item_name: str = "examples"  # what one dataset item is, in the log
@@ -97,7 +98,9 @@ class Stage:
     def summarize(self, totals: dict[str, tuple[float, float | None]]) -> dict[str, float]:
         """The logged figures from each statistic's (sum, count) over a window or the eval set: the mean, or the
         sum for a count (count None). A stage adds figures derived from them (kto's rewards/margins)."""
-        return {name: s if c is None else s / max(c, 1e-12) for name, (s, c) in totals.items()}
+        # A statistic no item of the window had (kto's rewards/chosen in a window of undesirable examples only) is
+        # left out rather than logged as 0.
+        return {name: s if c is None else s / c for name, (s, c) in totals.items() if c is None or c > 0}
 
 
 def register(cls: type[Stage]) -> type[Stage]:

@@ -67,14 +67,15 @@ class KTO(ReferenceStage):
         super().__init__(config, options)
         if config is not None:
             t = config.training
-            for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-                if getattr(t, key) * (config.passes if key.endswith("train_batch_size") else 1) < 2:
-                    raise ConfigError(f"{key}: kto pairs each example's prompt with another example's answer of the "
-                                      "same batch (its KL reference point); a batch of 1 has none. Set it to 2 or "
-                                      "more (TRL refuses 1 too).")
             if config.data.packing:
                 raise ConfigError("packing: kto keeps one example a row with its mismatched pair; set packing: false "
                                   "(batches are padding-free anyway).")
+            for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+                if getattr(t, key) < 2:  # after forward_batch_size's split: what one forward (and collator) holds
+                    raise ConfigError(f"{key}: kto pairs each example's prompt with another example's answer of the "
+                                      "same forward pass (its KL reference point); a batch of 1 has none. Set it "
+                                      "to 2 or more (TRL refuses 1 too), and forward_batch_size to auto or 2 or "
+                                      "more.")
         self._warned_one_kind = False
 
     def collator(self, pad_token_id: int, padding_free: bool = True):
@@ -133,8 +134,8 @@ class KTO(ReferenceStage):
                  "logps/chosen": (policy * good, good), "logps/rejected": (policy * bad, bad),
                  "kl": (kl.detach().expand_as(delta), one),
                  "count/desirable": (good, None), "count/undesirable": (bad, None)}
-        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=tokens.sum(),
-                           reference_passes=reference_passes)
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=self.by_item(stats, batch),
+                           head_tokens=tokens.sum(), reference_passes=reference_passes)
 
     def summarize(self, totals: dict) -> dict:
         out = super().summarize(totals)

@@ -18,6 +18,8 @@ import contextlib
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from trainer.errors import ConfigError
 from trainer.stages.base import Stage
 
@@ -77,6 +79,7 @@ class Pairwise(Stage):
     data_kind = "pairwise"
     item_name = "pairs"
     options = PairOptions
+    needs_padding_free = True
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)
@@ -104,6 +107,20 @@ class Pairwise(Stage):
         from trainer.data.collators import Collator
 
         return Collator(pad_token_id, padding_free=padding_free, share_prefix=self.shares_prefix)
+
+    @staticmethod
+    def by_item(stats: dict, batch: dict) -> dict:
+        """Per-pair statistics -> per dataset item (a packed item holds several pairs): the engine's eval gathers
+        one row per item across processes, so every process must report one per item it holds."""
+        per_item = batch["item_segments"] // 2
+        index = torch.repeat_interleave(torch.arange(len(per_item), device=per_item.device), per_item)
+
+        def add(values):
+            if values is None:
+                return None
+            return values.new_zeros(len(per_item)).index_add_(0, index.to(values.device), values)
+
+        return {name: (add(sums), add(counts)) for name, (sums, counts) in stats.items()}
 
     def count_items(self, batch: dict):
         # Pairs, not dataset items: a packed item holds several pairs (two sequences each).

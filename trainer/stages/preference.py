@@ -88,8 +88,8 @@ class DPO(ReferenceStage):
             nll, log_odds = orpo_terms(chosen.detach(), rejected.detach(), n_chosen.clamp(min=1),
                                        n_rejected.clamp(min=1))
             stats.update({"nll_loss": (nll, one), "log_odds_ratio": (log_odds, one)})
-        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=labelled,
-                           reference_passes=reference_passes)
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=self.by_item(stats, batch),
+                           head_tokens=labelled, reference_passes=reference_passes)
 
 
 @register

@@ -27,7 +27,8 @@ class RM(Pairwise):
 
         model = super().extend_model(model)
         m = self.config.model if self.config is not None else None
-        saved_in = [m.adapter_name_or_path, m.model_name_or_path] if m is not None else []
+        adapters = [a.strip() for a in (m.adapter_name_or_path or "").split(",") if a.strip()] if m else []
+        saved_in = [*reversed(adapters), m.model_name_or_path] if m is not None else []  # the last adapter's first
         self.head = value_head.attach(model, [p for p in saved_in if p])
         self.head.requires_grad_(self.config is None or self.config.training.do_train)
         return model
@@ -47,7 +48,8 @@ class RM(Pairwise):
                  "accuracy": ((chosen > rejected).to(losses.dtype), one),
                  "margin": ((chosen - rejected).detach(), one),
                  "scores/chosen": (chosen.detach(), one), "scores/rejected": (rejected.detach(), one)}
-        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=one.new_zeros(()))
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=self.by_item(stats, batch),
+                           head_tokens=one.new_zeros(()))
 
     def save_extra(self, folder: str, state_dict: dict | None) -> None:
         from trainer.model import value_head
