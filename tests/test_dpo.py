@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tiny import base_config, train_with
+from tiny import base_config, run_example, train_with
 from trainer.config import DataArguments
 from trainer.data import processing
 from trainer.data.collators import Collator
@@ -70,17 +70,7 @@ def test_packed_pairs_logps_equal_separate_forwards(tiny_model_dir, pairs_dir, t
     wrapper = ModelWrapper(model)
     with torch.no_grad():
         packed, _ = DPO()._sequence_logps(wrapper, model, Collator(0)(items))
-        alone = []
-        for item in items:
-            start = 0
-            for n in item["lengths"]:
-                ids = torch.tensor([item["input_ids"][start:start + n]])
-                labels = torch.tensor([item["labels"][start:start + n]])
-                logits = model(input_ids=ids, use_cache=False).logits[0, :-1].double()
-                picked = torch.log_softmax(logits, -1).gather(1, labels[0, 1:].clamp(min=0)[:, None])[:, 0]
-                alone.append(float((picked * labels[0, 1:].ne(-100)).sum()))
-                start += n
-    torch.testing.assert_close(packed.double(), torch.tensor(alone, dtype=torch.float64), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(packed.double(), _alone_logps(model, items), rtol=1e-5, atol=1e-4)
 
 
 def _synthetic_pairs(seed: int = 0):
@@ -303,15 +293,8 @@ def test_dpo_keys_belong_to_the_preference_stages(tiny_model_dir, pairs_dir, dat
 
 def test_the_dpo_example_runs_through_the_cli(tiny_model_dir, tmp_path):
     """examples/dpo_lora.yaml and its demo pairs (examples/data/dpo_demo.json), on the tiny model for speed."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "dpo"
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "examples/dpo_lora.yaml",
-                           f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "bf16=false", "max_steps=3",
-                           "logging_steps=1"], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = run_example("dpo_lora.yaml", tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "rewards/accuracies" in e]

@@ -4,21 +4,16 @@ training on an obvious pattern widening the margin between desirable and undesir
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from tiny import base_config, train_with
+from tiny import base_config, run_example, train_with
 from trainer.config import DataArguments
 from trainer.data import processing
 from trainer.data.collators import Collator, KtoPairs, last_trained_span
 from trainer.data.packing import unpacked_dataset
 from trainer.data.templates import get_template
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture()
@@ -157,9 +152,7 @@ def test_guard_rails(tiny_model_dir, tagged_dir, tmp_path):
 def test_the_kto_example_runs_through_the_cli(tiny_model_dir, tmp_path):
     """examples/kto_lora.yaml on its demo set (examples/data/kto_demo.json), on the tiny model for speed."""
     out = tmp_path / "kto"
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "examples/kto_lora.yaml",
-                           f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "bf16=false", "max_steps=3",
-                           "logging_steps=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = run_example("kto_lora.yaml", tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "kto data: 16 desirable and 16 undesirable examples." in proc.stderr
     state = json.loads((out / "trainer_state.json").read_text())

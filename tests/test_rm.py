@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tiny import base_config, train_with
+from tiny import base_config, run_example, train_with
 from trainer.config import DataArguments
 from trainer.data import processing
 from trainer.data.collators import Collator
@@ -124,15 +124,8 @@ def test_a_resumed_rm_run_restores_its_value_head(tiny_model_dir, pairs_dir, tmp
 
 def test_the_rm_example_runs_through_the_cli(tiny_model_dir, tmp_path):
     """examples/rm_lora.yaml on the demo pairs, on the tiny model for speed."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "rm"
-    proc = subprocess.run([sys.executable, "-m", "trainer.cli", "train", "examples/rm_lora.yaml",
-                           f"model_name_or_path={tiny_model_dir}", f"output_dir={out}", "bf16=false", "max_steps=3",
-                           "logging_steps=1"], cwd=root, capture_output=True, text=True, timeout=600)
+    proc = run_example("rm_lora.yaml", tiny_model_dir, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [e for e in state["log_history"] if "accuracy" in e]

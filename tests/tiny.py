@@ -105,3 +105,15 @@ def train_with(cfg: dict) -> tuple[dict, dict]:
     state_file = Path(cfg["output_dir"]) / "trainer_state.json"
     state = json.loads(state_file.read_text()) if state_file.is_file() else {}
     return results, state
+
+
+def run_example(name: str, model_dir: Path, output_dir: Path, steps: int = 3):
+    """`zerotune train examples/<name>` on the tiny model for `steps` steps, logging each; the finished process."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-m", "trainer.cli", "train", f"examples/{name}",
+                           f"model_name_or_path={model_dir}", f"output_dir={output_dir}", "bf16=false",
+                           f"max_steps={steps}", "logging_steps=1"], cwd=root, capture_output=True, text=True,
+                          timeout=600)

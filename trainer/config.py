@@ -776,7 +776,7 @@ def _validate(config: RunConfig, given: dict[str, dict]) -> None:
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
     check_backend(config.inference)
     if t.do_predict:
-        if f.stage != "sft":
+        if not get_stage_class(f.stage).predicts:
             raise ConfigError(f"do_predict generates answers for stage sft (as in LLaMA-Factory); this run's stage is "
                               f"{f.stage}. Use do_eval for its metrics.")
         if not config.inference.predict_with_generate:

@@ -51,6 +51,7 @@ class Stage:
     name: str = ""
     data_kind: str = "supervised"  # what processing.tokenized_dataset builds
     needs_padding_free: bool = False  # its items are several sequences end to end (the pair stages)
+    predicts: bool = False  # do_predict generates its answers and scores them (sft, as in LLaMA-Factory)
     needs_template: bool = True
     packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
     item_name: str = "examples"  # what one dataset item is, in the log

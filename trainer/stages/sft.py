@@ -24,6 +24,7 @@ class _TokenLM(Stage):
 class SFT(_TokenLM):
     name = "sft"
     data_kind = "supervised"
+    predicts = True
 
 
 @register
