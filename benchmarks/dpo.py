@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.throughput import PEERS_VENV, ROOT, _run
+from benchmarks.throughput import PEERS_VENV, ROOT, _run, benchmark_model
 
 LF_ENV = {"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "FORCE_TORCHRUN": "0", "WANDB_DISABLED": "true"}
 
@@ -151,17 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-dpo-bench-"))
-    if args.quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import build_tiny
-
-        model_dir = str(build_tiny(work / "tiny-model"))
-        pairs = args.pairs or 8
-    else:
-        from trainer.demo import prepare
-
-        model_dir = str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
-        pairs = args.pairs or 64
+    model_dir = benchmark_model(args.quick, work)
+    pairs = args.pairs or (8 if args.quick else 64)
     data_dir = write_pairs(work / "data", pairs)
     bf16 = cpu_supports_bf16()
     slots = token_slots(model_dir, data_dir, args.cutoff, args.batch)

@@ -101,15 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-profile-"))
-    if args.quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import build_tiny
+    from benchmarks.throughput import benchmark_model
 
-        model = str(build_tiny(work / "tiny"))
-    else:
-        from trainer.demo import prepare
-
-        model = str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
+    model = benchmark_model(args.quick, work)
     bf16 = cpu_supports_bf16()
     if not bf16:
         print("This CPU has no native bf16: profiling fp32.", file=sys.stderr)

@@ -49,6 +49,18 @@ class Result:
     mfu: float | None = None  # zerotune's own per-step MFU (median over steps after the first)
 
 
+def benchmark_model(quick: bool, work: Path) -> str:
+    """The model every benchmark runs: the SmolLM2 demo model, or (quick) the tests' tiny random model."""
+    if quick:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from tiny import build_tiny
+
+        return str(build_tiny(work / "tiny-model"))
+    from trainer.demo import prepare
+
+    return str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
+
+
 def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, float, float, str]:
     """(exit code, wall seconds, peak RSS GB of the child, combined output)."""
     start = time.time()
@@ -214,17 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-bench-"))
-    if args.quick:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from tiny import build_tiny
-
-        model_dir = str(build_tiny(work / "tiny-model"))
-        samples = args.samples or 8
-    else:
-        from trainer.demo import prepare
-
-        model_dir = str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
-        samples = args.samples or 96
+    model_dir = benchmark_model(args.quick, work)
+    samples = args.samples or (8 if args.quick else 96)
     common = {"cutoff_len": args.cutoff, "max_samples": samples, "per_device_train_batch_size": args.batch,
               "gradient_accumulation_steps": 1, "learning_rate": 1e-4, "num_train_epochs": 1,
               "bf16": cpu_supports_bf16()}

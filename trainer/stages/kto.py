@@ -22,22 +22,19 @@ from dataclasses import dataclass
 
 from trainer.errors import ConfigError
 from trainer.stages.base import StageOutput, register
-from trainer.stages.pairs import ReferenceOptions, ReferenceStage
+from trainer.stages.pairs import PolicyOptions, ReferenceStage
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class KTOOptions(ReferenceOptions):
-    pref_beta: float = 0.1
-    pref_ftx: float = 0.0
+class KTOOptions(PolicyOptions):
     kto_chosen_weight: float = 1.0
     kto_rejected_weight: float = 1.0
 
     def __post_init__(self):
-        if self.pref_beta <= 0:
-            raise ConfigError(f"pref_beta: {self.pref_beta} must be positive.")
-        for key in ("kto_chosen_weight", "kto_rejected_weight", "pref_ftx"):
+        super().__post_init__()
+        for key in ("kto_chosen_weight", "kto_rejected_weight"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be non-negative.")
 

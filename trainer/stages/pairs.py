@@ -42,6 +42,19 @@ class ReferenceOptions(PairOptions):
     ref_model_adapters: str | None = None
 
 
+@dataclass
+class PolicyOptions(ReferenceOptions):
+    """The keys of every loss that weighs the policy against the reference (dpo's family, kto)."""
+    pref_beta: float = 0.1
+    pref_ftx: float = 0.0  # LLaMA-Factory's: the SFT loss of the preferred answers, added with this weight
+
+    def __post_init__(self):
+        if self.pref_beta <= 0:
+            raise ConfigError(f"pref_beta: {self.pref_beta} must be positive.")
+        if self.pref_ftx < 0:
+            raise ConfigError(f"pref_ftx: {self.pref_ftx} must be non-negative.")
+
+
 def _shards(config) -> bool:
     from trainer.config import _zero_stage
 

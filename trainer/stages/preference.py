@@ -11,29 +11,24 @@ from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
 from trainer.stages.base import StageOutput, register
-from trainer.stages.pairs import ReferenceOptions, ReferenceStage
+from trainer.stages.pairs import PolicyOptions, ReferenceStage
 
 PREF_LOSSES = ("sigmoid", "hinge", "ipo", "simpo", "orpo")
 
 
 @dataclass
-class PreferenceOptions(ReferenceOptions):
-    pref_beta: float = 0.1
+class PreferenceOptions(PolicyOptions):
     pref_loss: str = field(default="sigmoid", metadata={"choices": PREF_LOSSES})
-    pref_ftx: float = 0.0
     dpo_label_smoothing: float = 0.0
     simpo_gamma: float = 0.5
 
     def __post_init__(self):
-        if self.pref_beta <= 0:
-            raise ConfigError(f"pref_beta: {self.pref_beta} must be positive.")
+        super().__post_init__()
         if self.dpo_label_smoothing and self.pref_loss != "sigmoid":
             raise ConfigError(f"dpo_label_smoothing applies to pref_loss: sigmoid only (as in LLaMA-Factory), not "
                               f"{self.pref_loss}.")
         if not 0 <= self.dpo_label_smoothing < 0.5:
             raise ConfigError(f"dpo_label_smoothing: {self.dpo_label_smoothing} must be in [0, 0.5).")
-        if self.pref_ftx < 0:
-            raise ConfigError(f"pref_ftx: {self.pref_ftx} must be non-negative.")
 
 
 @dataclass
