@@ -75,3 +75,35 @@ def test_group_advantages_by_hand():
 def test_entropy_of_a_uniform_and_a_certain_distribution():
     logits = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
     torch.testing.assert_close(rl.entropy_from_logits(logits), torch.tensor([math.log(4), 0.0]), atol=1e-6, rtol=0)
+
+
+def test_kl_k3_is_zero_where_the_policies_agree_and_matches_its_formula():
+    logp = torch.tensor([-1.0, -2.0, -0.5])
+    ref = torch.tensor([-1.0, -1.0, -1.5])
+    out = rl.kl_k3(logp, ref)
+    assert out[0] == 0
+    assert out[1] == pytest.approx(math.exp(1.0) - 1.0 - 1)
+    assert out[2] == pytest.approx(math.exp(-1.0) + 1.0 - 1)
+    # Its mean over samples of pi estimates KL(pi || ref): two-outcome distributions, exact expectation.
+    p, q = torch.tensor([0.7, 0.3]), torch.tensor([0.4, 0.6])
+    expected = (p * (p / q).log()).sum()
+    assert (p * rl.kl_k3(p.log(), q.log())).sum() == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_running_moments_merge_batches_exactly():
+    values = torch.tensor([3.0, -1.0, 4.0, 1.5, 9.0, 2.0, 6.0])
+    moments = rl.RunningMoments()
+    for part in (values[:3], values[3:4], values[4:]):
+        moments.update(len(part), float(part.sum()), float((part ** 2).sum()))
+    assert moments.mean == pytest.approx(float(values.mean()))
+    assert moments.std == pytest.approx(float(values.std()), rel=1e-6)  # unbiased, as torch's
+    restored = rl.RunningMoments()
+    restored.load_state_dict(moments.state_dict())
+    assert restored.std == moments.std
+
+
+def test_whiten_from_given_moments_equals_whiten_over_the_tokens():
+    values = torch.tensor([[1.0, 2.0, 5.0], [3.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    moments = [float(mask.sum()), float((values * mask).sum()), float((values ** 2 * mask).sum())]
+    torch.testing.assert_close(rl.whiten(values, mask, moments=moments) * mask, rl.whiten(values, mask) * mask)

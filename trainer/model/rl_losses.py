@@ -24,9 +24,16 @@ def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) 
     return var
 
 
-def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / sqrt(var + 1e-8) over the masked tokens; shift_mean=False keeps the mean (rewards)."""
-    mean, var = masked_mean(values, mask), masked_var(values, mask)
+def whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, moments=None) -> torch.Tensor:
+    """(x - mean) / sqrt(var + 1e-8) over the masked tokens; shift_mean=False keeps the mean (rewards). `moments`:
+    (count, sum, sum of squares) to take the mean and unbiased variance from instead (every process's tokens)."""
+    if moments is None:
+        mean, var = masked_mean(values, mask), masked_var(values, mask)
+    else:
+        n, total, total_sq = moments
+        mean = total / max(n, 1)
+        var = max(total_sq - n * mean * mean, 0.0) / max(n - 1, 1)
+        mean, var = values.new_tensor(mean), values.new_tensor(var)
     out = (values - mean) * torch.rsqrt(var + 1e-8)
     return out if shift_mean else out + mean
 
@@ -43,10 +50,11 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float = 0.95, whitened: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(advantages, returns) by generalised advantage estimation over each response (Schulman et al. 2016):
     delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}, returns = A + V. Advantages are
-    whitened over the masked tokens, as TRL does."""
+    whitened over the masked tokens, as TRL does (whitened=False: left to the caller, who whitens over every
+    process)."""
     values, rewards = values * mask, rewards * mask
     advantages = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])
@@ -57,26 +65,48 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = delta + gamma * lam * running
         advantages[:, t] = running
     returns = advantages + values
+    if not whitened:
+        return advantages.detach() * mask, returns.detach()
     return whiten(advantages, mask).detach() * mask, returns.detach()
+
+
+def policy_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                 clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, clipped): the clipped surrogate max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old,
+    and whether the clipped side won."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
+    return torch.maximum(unclipped, clipped), (clipped > unclipped).to(logprobs.dtype)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, clip fraction): the clipped surrogate max(-A r, -A clip(r, 1 - eps, 1 + eps)), r = pi / pi_old,
-    averaged over the masked tokens."""
-    ratio = torch.exp(logprobs - old_logprobs)
-    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    return loss, masked_mean((clipped > unclipped).float(), mask)
+    """(loss, clip fraction): policy_terms averaged over the masked tokens."""
+    terms, clipped = policy_terms(logprobs, old_logprobs, advantages, clip)
+    return masked_mean(terms, mask), masked_mean(clipped, mask)
+
+
+def value_terms(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token loss, clipped): 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -eps,
+    eps), and whether the clipped side won."""
+    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    plain, bounded = (values - returns) ** 2, (clipped - returns) ** 2
+    return 0.5 * torch.maximum(plain, bounded), (bounded > plain).to(values.dtype)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, clip fraction): 0.5 max((V - R)^2, (V_clipped - R)^2), V_clipped = V_old + clip(V - V_old, -eps,
-    eps), averaged over the masked tokens."""
-    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    plain, bounded = (values - returns) ** 2, (clipped - returns) ** 2
-    return 0.5 * masked_mean(torch.maximum(plain, bounded), mask), masked_mean((bounded > plain).float(), mask)
+    """(loss, clip fraction): value_terms averaged over the masked tokens."""
+    terms, clipped = value_terms(values, old_values, returns, clip)
+    return masked_mean(terms, mask), masked_mean(clipped, mask)
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || pi_ref) estimate exp(d) - d - 1, d = log pi_ref - log pi (Schulman's k3, GRPO's KL term):
+    non-negative, 0 where the two agree, unbiased for tokens sampled from pi."""
+    d = ref_logprobs - logprobs
+    return torch.exp(d) - d - 1
 
 
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -102,3 +132,32 @@ def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     standard deviation); samples of one prompt are consecutive."""
     groups = rewards.view(-1, group_size)
     return ((groups - groups.mean(dim=1, keepdim=True)) / (groups.std(dim=1, keepdim=True) + 1e-4)).view(-1)
+
+
+class RunningMoments:
+    """Running mean and standard deviation of every score seen (ppo_score_norm, as TRL's use_score_norm): batches
+    merged exactly (Chan et al.), over every process when the caller sums its statistics first."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0.0, 0.0, 0.0
+
+    def update(self, count: float, total: float, total_sq: float) -> None:
+        """Add a batch given as (count, sum, sum of squares)."""
+        if count <= 0:
+            return
+        mean = total / count
+        m2 = max(total_sq - count * mean * mean, 0.0)
+        delta, merged = mean - self.mean, self.count + count
+        self.mean += delta * count / merged
+        self.m2 += m2 + delta * delta * self.count * count / merged
+        self.count = merged
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]
