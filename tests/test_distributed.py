@@ -418,3 +418,62 @@ def test_packed_pair_eval_on_two_processes_matches_one(tiny_model_dir, tmp_path)
     assert two["eval_tokens"] == results["eval_tokens"] == 20  # every pair counted once
     for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
         assert two[key] == pytest.approx(results[key], rel=1e-5, abs=1e-7), key
+
+
+def _sharp_model(tiny_model_dir: Path, folder: Path) -> Path:
+    """The tiny model with its output head scaled up: greedy answers without near ties, so generating in batches of
+    another size (other padding) picks the same tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,layout", [("lora", "zero3"), ("full", "zero3"), ("lora", "zero2")])
+def test_ppo_two_processes_match_one(kind, layout, tiny_model_dir, tmp_path):
+    """ppo over two processes: each samples its share of the buffer (greedy here, so the answers do not depend on the
+    process), generation under ZeRO-3 gathers the partitioned weights, advantages are whitened and the KL
+    coefficient adapted over both shares, and a full run's reference is partitioned like the policy: the losses,
+    rewards, KL and value losses of one process with the whole batch."""
+    from tiny import alpaca_rows, write_dataset_dir
+
+    model = _sharp_model(tiny_model_dir, tmp_path / "sharp")
+    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
+    (data / "rewards.py").write_text("def vowels(prompts, responses):\n"
+                                     "    return [sum(c in 'aeiou' for c in r) / max(len(r), 1) for r in responses]\n")
+    common = dict(stage="ppo", finetuning_type=kind, reward_function=f"{data}/rewards.py:vowels", do_sample=False,
+                  max_new_tokens=8, ppo_epochs=2, max_steps=4, learning_rate=1e-2, gradient_accumulation_steps=1)
+    single = tmp_path / "one"
+    train_with(base_config(model, data, single, per_device_train_batch_size=4, **common))
+    double = tmp_path / "two"
+    ds = {"deepspeed": str(ROOT / f"ds_configs/ds_z{layout[-1]}_config.json")}
+    proc = _deepspeed(base_config(model, data, double, per_device_train_batch_size=2, **common, **ds), tmp_path,
+                      f"ppo-{kind}-{layout}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for key in ("loss", "reward", "value_loss"):
+        assert _history(double, key) == pytest.approx(_history(single, key), rel=1e-4, abs=1e-6), key
+    assert _history(double, "kl") == pytest.approx(_history(single, "kl"), rel=1e-3, abs=1e-5)
+    assert _history(single, "kl")[0] == 0 and _history(single, "kl")[-1] != 0
+    if kind == "full" and layout == "zero3":
+        assert "Reference model partitioned by ZeRO-3 like the policy" in proc.stdout + proc.stderr
+
+
+def test_grpo_under_zero3_samples_each_process_its_own_responses(tiny_model_dir, tmp_path):
+    from tiny import alpaca_rows, write_dataset_dir
+
+    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
+    (data / "rewards.py").write_text("def length(prompts, responses):\n"
+                                     "    return [len(r) / 50 for r in responses]\n")
+    out = tmp_path / "two"
+    proc = _deepspeed(base_config(tiny_model_dir, data, out, stage="ppo", advantage_estimator="grpo",
+                                  num_generations=4, reward_function=f"{data}/rewards.py:length", max_new_tokens=8,
+                                  ppo_epochs=2, max_steps=4, per_device_train_batch_size=2,
+                                  deepspeed=str(ROOT / "ds_configs/ds_z3_config.json")), tmp_path, "grpo-z3")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    kls = _history(out, "kl")
+    assert kls[0] == 0 and len(_history(out, "loss")) == 4
+    assert not (out / "value_head.safetensors").exists() and (out / "adapter_model.safetensors").is_file()

@@ -92,8 +92,8 @@ def test_stage_keys_are_parsed_validated_and_refused_for_other_stages(tiny_model
         build_config({**base, "stage": "probe", "probe_weight": "heavy"})
     with pytest.raises(ConfigError, match=r"probe_mode: 'max' is not allowed; choose one of: sum, mean"):
         build_config({**base, "stage": "probe", "probe_mode": "max"})
-    with pytest.raises(ConfigError, match=r"stage: 'ppo' is not implemented yet"):
-        build_config({**base, "stage": "ppo"})
+    with pytest.raises(ConfigError, match=r"stage: 'ppx' is not a stage. Did you mean: ppo\?"):
+        build_config({**base, "stage": "ppx"})
 
 
 def test_loss_divisor_comes_from_the_stage_for_batches_without_labels(tiny_model_dir, rows_dir, tmp_path,

@@ -68,11 +68,8 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
                             "profiler_wait_steps", "profiler_warmup_steps", "profiler_with_stack"),
                            "LLaMA-Factory's profiler keys are not supported"),
     "preference and RL stages": (
-        ("pref_bco_weight", "ld_alpha", "ref_model_quantization_bit",
-         "reward_model", "reward_model_adapters", "reward_model_quantization_bit", "reward_model_type",
-         "ppo_buffer_size", "ppo_epochs", "ppo_score_norm", "ppo_target", "ppo_whiten_rewards"),
-        "this version trains sft, pt, rm, dpo, orpo and kto; the ppo stage, BCO, LD-DPO and a quantized "
-        "ref_model are not implemented yet"),
+        ("pref_bco_weight", "ld_alpha", "ref_model_quantization_bit", "reward_model_quantization_bit"),
+        "BCO, LD-DPO and a quantized ref_model or reward_model are not implemented yet"),
     "export to the hub and quantized export": (
         ("export_hub_model_id", "export_quantization_bit", "export_quantization_dataset", "export_quantization_maxlen",
          "export_quantization_nsamples"),

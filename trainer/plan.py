@@ -185,7 +185,7 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
             items = len(lengths)
             lines.append(f"data             {len(lengths)} examples, {sum(lengths)} tokens, mean {mean:.0f} (no packing)")
             lines.append(f"tokens a step    ~{min(rows_per_step, items) * mean:.0f} real tokens")
-        steps = -(-items // rows_per_step)
+        steps = stage.steps_per_epoch(items, t.per_device_train_batch_size, t.gradient_accumulation_steps, world)
         lines.append(f"steps an epoch   {steps} optimizer steps over {items} {unit}")
         if rows_per_step > items:
             lines.append(f"WARNING          one step takes {rows_per_step} {unit} but the data has only {items}: every "

@@ -113,17 +113,17 @@ def _shards_weights(config: RunConfig) -> bool:
     return config.fsdp is not None or bool(config.training.deepspeed and _zero_stage(config.training.deepspeed) == 3)
 
 
-def log_layout(config: RunConfig, train, item_name: str = "examples") -> None:
+def log_layout(config: RunConfig, train, stage) -> None:
     """Which batch layout runs, and what one optimizer step holds: the numbers a LLaMA-Factory user compares."""
     d, t = config.data, config.training
     layout = ("packed: examples packed across batches into rows of cutoff_len, each row's examples kept apart"
               if d.packing else "padding-free: each micro-batch's examples laid end to end, kept apart, no padding"
               if d.padding_free else "padded: one right-padded example a row")
-    unit = "packed rows" if d.packing else item_name
+    unit = "packed rows" if d.packing else stage.item_name
     per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.world_size
     if hasattr(train, "__len__"):
-        steps = -(-len(train) // (t.per_device_train_batch_size * t.world_size))
-        steps = -(-steps // t.gradient_accumulation_steps)
+        steps = stage.steps_per_epoch(len(train), t.per_device_train_batch_size, t.gradient_accumulation_steps,
+                                      t.world_size)
         logger.info("Batches %s; %d %s a step (batch x accumulation x processes): %d optimizer steps an epoch over "
                     "%d %s.", layout, per_step, unit, steps, len(train), unit)
     else:
@@ -181,6 +181,8 @@ def run(config: RunConfig) -> dict:
         template = dataclasses.replace(template, default_system=d.default_system)
     with t.main_process_first(local=False, desc="tokenizing the data"):
         train, evaluation, efficiency = build_datasets(config, stage, tokenizer, template)
+    if train is not None:
+        train = stage.train_items(train)
     if t.eval_strategy != "no" and evaluation is None:
         raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
 
@@ -206,8 +208,8 @@ def run(config: RunConfig) -> dict:
     if t.do_train and config.checkpointing_auto:
         from trainer.plan import decide_checkpointing
 
-        tokens = t.per_device_train_batch_size * (d.cutoff_len if d.packing else min(d.cutoff_len, 2048))
-        t.activation_checkpointing, why = decide_checkpointing(model, t, tokens, sharded=_shards_weights(config))
+        t.activation_checkpointing, why = decide_checkpointing(model, t, stage.micro_batch_tokens(config),
+                                                               sharded=_shards_weights(config))
         logger.info("Gradient checkpointing %s: %s. Set gradient_checkpointing: true/false to choose.",
                     "on" if t.activation_checkpointing else "off", why)
     if config.fsdp is not None:
@@ -218,7 +220,7 @@ def run(config: RunConfig) -> dict:
     stage.prepare(model, wrapper)
     collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
     if t.do_train:
-        log_layout(config, train, stage.item_name)
+        log_layout(config, train, stage)
     stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                           processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop],
@@ -238,6 +240,8 @@ def run(config: RunConfig) -> dict:
             if f.overwrite_output_dir and not resume:
                 checkpoints.set_aside_previous_run(t.output_dir)
             save_config(config)
+        if resume:
+            stage.load_state(resume)
         stop.install()
         watch = LauncherWatch().start()
         try:

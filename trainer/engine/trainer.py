@@ -48,6 +48,7 @@ OVERRIDDEN = {
     "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
     "_load_best_model": ("self",),
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),
+    "_get_train_sampler": ("self", "train_dataset"),
 }
 
 
@@ -107,6 +108,7 @@ class ZeroTrainer(Trainer):
         average_tokens_across_devices (the default), so each item weighs the same wherever it was computed."""
         if not batch_samples:
             return None
+        self.stage.before_step(self, batch_samples)  # ppo samples its responses here, before any of them trains
         count = sum(self.stage.count_items(b) for b in batch_samples)
         count = torch.as_tensor(count, device=device).reshape(())
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -116,6 +118,9 @@ class ZeroTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
         out = self.stage.compute(self.wrapper, model, inputs)
+        if out.batch is not None:  # the stage built the batch it ran (ppo: prompts with their sampled responses)
+            inputs = dict(out.batch)
+            book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
         loss_sum, count = out.loss_sum, out.items
         if model.training and self._any_nonfinite(loss_sum):
             loss_sum = self._nonfinite(model, loss_sum)
@@ -153,6 +158,15 @@ class ZeroTrainer(Trainer):
             flops += out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
                                              + head_tokens * self._forward_head)
         self._window["flops"] += flops
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = self.stage.train_sampler(self, train_dataset if train_dataset is not None else self.train_dataset)
+        return sampler if sampler is not None else super()._get_train_sampler(train_dataset)
+
+    def exclude_from_window(self, seconds: float) -> None:
+        """Time the stage spent outside training (ppo's rollouts): left out of the logged training tokens/s and MFU,
+        which the stage reports for that work separately."""
+        self._excluded += seconds
 
     # ---- evaluation ---------------------------------------------------------------------------------
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -323,11 +337,12 @@ class ZeroTrainer(Trainer):
             logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
             logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
             logs.update(self._window_statistics())
-        if "loss" in logs or self._window_start is None:
+        reset = "loss" in logs or self._window_start is None
+        super().log(logs, *args, **kwargs)
+        if reset:  # the next window starts now: this log line (and the first one's peak measurement) left out
             self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
             self._window_stats = {}
-            self._window_start, self._excluded = now, 0.0
-        super().log(logs, *args, **kwargs)
+            self._window_start, self._excluded = time.perf_counter(), 0.0
 
     def _window_statistics(self) -> dict:
         """The stage's statistics over the logging window: sums and counts over every micro-batch and process."""

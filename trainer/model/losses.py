@@ -148,3 +148,19 @@ def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:
     """targets[:, t] = labels[:, t + 1]: what position t is trained to predict (last position: nothing)."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+@torch.no_grad()
+def chunked_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                          targets: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+    """Entropy of the next-token distribution at each position that has a target (0 elsewhere), chunk by chunk:
+    a metric (ppo logs it), so without gradient. hidden: [N, H] (already divided by any temperature)."""
+    keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    out = hidden.new_zeros(targets.shape[0], dtype=torch.float32)
+    for start in range(0, keep.numel(), chunk_size):
+        rows = keep[start:start + chunk_size]
+        logits = F.linear(hidden.index_select(0, rows), weight.to(hidden.dtype),
+                          None if bias is None else bias.to(hidden.dtype)).float()
+        logp = torch.log_softmax(logits, dim=-1)
+        out[rows] = -(logp.exp() * logp).sum(-1)
+    return out

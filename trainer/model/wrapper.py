@@ -4,8 +4,9 @@ The model's lm_head is given two more modes. While `targets` are set (a context 
 call still goes through DDP / DeepSpeed / FSDP wrappers and their hooks), the head returns the
 per-token negative log-likelihood computed in chunks instead of the [tokens x vocab] logits. While a
 value head is set (the rm stage), the head hands the final hidden states to it and returns its per-token
-values, computing no logits at all. With neither set (generation, plain use) it is the ordinary
-Linear. Models whose head cannot take the loss path (soft-capped logits, a head that is not a plain
+values, computing no logits at all. A policy request (the ppo stage) asks for both at once: each labelled token's
+log-probability at the sampling temperature and the critic's value at every position, plus, without gradient, the
+entropy. With none set (generation, plain use) it is the ordinary Linear. Models whose head cannot take the loss path (soft-capped logits, a head that is not a plain
 Linear) fall back to full logits, and say so.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import types
 
@@ -21,11 +23,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from trainer.data.collators import model_inputs
-from trainer.model.losses import IGNORE_INDEX, chunked_token_nll, shift_targets
+from trainer.model.losses import IGNORE_INDEX, chunked_token_entropy, chunked_token_nll, shift_targets
 
 logger = logging.getLogger(__name__)
 
 _TARGETS: contextvars.ContextVar = contextvars.ContextVar("zerotune_head_targets", default=None)
+
+
+@dataclasses.dataclass
+class _PolicyRequest:
+    targets: torch.Tensor
+    chunk_size: int
+    temperature: float
+    value_head: nn.Module | None
+    entropy: bool
+
+
+def _policy_channels(head: nn.Linear, hidden: torch.Tensor, request: _PolicyRequest) -> torch.Tensor:
+    """[..., C]: the nll of each target at temperature T (logits / T), then the value head's value, then the
+    entropy, as requested."""
+    flat, targets = hidden.reshape(-1, hidden.shape[-1]), request.targets.reshape(-1)
+    scaled = flat / request.temperature if request.temperature != 1.0 else flat
+    bias = None if head.bias is None else head.bias / request.temperature
+    channels = [chunked_token_nll(scaled, head.weight, bias, targets, request.chunk_size)]
+    if request.value_head is not None:
+        channels.append(request.value_head(flat).squeeze(-1).float())
+    if request.entropy:
+        channels.append(chunked_token_entropy(scaled, head.weight, bias, targets, request.chunk_size))
+    return torch.stack(channels, dim=-1).view(*hidden.shape[:-1], len(channels))
 
 
 def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
@@ -34,6 +59,8 @@ def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
         return F.linear(hidden, self.weight, self.bias)
     if isinstance(request, nn.Module):  # a value head: its values come out as the model's "logits", [B, T, 1]
         return request(hidden)
+    if isinstance(request, _PolicyRequest):
+        return _policy_channels(self, hidden, request)
     targets, chunk_size, liger = request
     flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if liger:  # Liger's Triton kernel: the same per-token loss, fused on CUDA
@@ -122,3 +149,24 @@ class ModelWrapper:
         # instead (the full logits are computed and dropped).
         hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
         return value_head(hidden).squeeze(-1)
+
+    def policy_outputs(self, model: nn.Module, batch: dict, value_head: nn.Module | None = None,
+                       temperature: float = 1.0, entropy: bool = False) -> dict:
+        """The ppo stage's one forward: {"logps": log-prob of each labelled next token under logits / temperature,
+        "values": value_head at every position (with a value head), "entropy": of each labelled position's
+        distribution (entropy=True, no gradient), "mask": where a label is}, each [B, T]."""
+        if not (self.patched and not self.post_processes):
+            raise NotImplementedError("ppo needs a model whose output head is a plain Linear without logit "
+                                      "post-processing (soft-capping or scaling)")
+        targets = shift_targets(batch["labels"])
+        inputs = model_inputs(batch)
+        inputs["use_cache"] = False
+        request = _PolicyRequest(targets, self.chunk_size, float(temperature), value_head, entropy)
+        with _request(request):
+            channels = model(**inputs).logits
+        out = {"logps": -channels[..., 0], "mask": targets.ne(IGNORE_INDEX)}
+        if value_head is not None:
+            out["values"] = channels[..., 1]
+        if entropy:
+            out["entropy"] = channels[..., -1]
+        return out

@@ -40,6 +40,7 @@ class StageOutput:
     stats: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     head_tokens: Any = None  # labelled tokens the loss head computed (MFU; default: items)
     reference_passes: int = 0  # no-grad forwards of a reference model over the same batch (MFU)
+    batch: Any = None  # the batch the stage built and ran, when not the collated one (ppo): tokens/s and MFU count it
 
 
 @dataclass
@@ -79,6 +80,33 @@ class Stage:
     def prepare(self, model, wrapper) -> None:
         """Called once the model is ready (adapters in place, loss head patched) and before the engine wraps it, in
         training and eval-only runs alike."""
+
+    def steps_per_epoch(self, items: int, batch: int, accumulation: int, world: int) -> int:
+        """Optimizer steps one pass over `items` dataset items takes (ppo visits each buffer ppo_epochs times)."""
+        return -(-(-(-items // (batch * world))) // accumulation)
+
+    def micro_batch_tokens(self, config) -> int:
+        """The most tokens one micro-batch holds (activation memory: gradient_checkpointing auto)."""
+        d = config.data
+        return config.training.per_device_train_batch_size * (d.cutoff_len if d.packing else min(d.cutoff_len, 2048))
+
+    def train_items(self, dataset):
+        """The training dataset as the engine iterates it (ppo: keys its sampler yields, the prompts read by the
+        stage itself)."""
+        return dataset
+
+    def train_sampler(self, trainer, dataset):
+        """The order of the training items (None: the engine's shuffled order). ppo visits each buffer of prompts
+        ppo_epochs times (data/rollout_sampler.py)."""
+        return None
+
+    def before_step(self, trainer, batch_samples: list[dict]) -> None:
+        """Called with one optimizer step's micro-batches (this process's) before any is counted or computed: an
+        online stage samples its responses here."""
+
+    def load_state(self, folder: str) -> None:
+        """Called before training resumes from a checkpoint folder, in every run and on every process: restore what
+        save_extra wrote besides weights (ppo's KL coefficient and score statistics)."""
 
     def before_training(self, trainer) -> None:
         """Called once the engine has wrapped the model (and restored a checkpoint), before the first step: the

@@ -86,6 +86,47 @@ def _peft_model(model):
         model = inner
 
 
+def load_frozen(config, path: str, adapters: str | None, like, dtype, key: str, what: str):
+    """A frozen causal LM from `path` (adapters merged) with the policy's attention, in `dtype`: a reference or
+    a reward model. Under ZeRO-3 the load partitions the weights as they arrive (zero.Init), as it did the
+    policy's."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model.loading import _check_local
+
+    _check_local(path, key=key)
+    frozen = AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=getattr(like.config, "_attn_implementation", None))
+    frozen.config.use_cache = False
+    for adapter in [a.strip() for a in (adapters or "").split(",") if a.strip()]:
+        from peft import PeftModel
+
+        frozen = PeftModel.from_pretrained(frozen, adapter).merge_and_unload()
+    logger.info("%s: %s%s, frozen, weights in %s.", what, path, f" + {adapters}" if adapters else "", dtype)
+    return frozen.requires_grad_(False).eval()
+
+
+def shard_like_policy(config, frozen, dtype, what: str):
+    """FSDP: fully_shard like the policy. ZeRO-3: an inference engine over the partitioned weights, whose hooks
+    gather each layer's weights for its forward (as TRL does for its reference)."""
+    import torch
+
+    if config.fsdp is not None:
+        from trainer.engine import fsdp
+
+        logger.info("%s sharded with FSDP like the policy.", what)
+        return fsdp.shard(frozen, config.fsdp, dtype or torch.float32)
+    import deepspeed
+
+    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+          "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
+    engine, *_ = deepspeed.initialize(model=frozen, config=ds)
+    engine.eval()
+    logger.info("%s partitioned by ZeRO-3 like the policy.", what)
+    return engine
+
+
 class Pairwise(Stage):
     """A stage whose item is one preference pair: its chosen and rejected sequences, end to end, the rejected one
     sharing the chosen one's prompt where the attention path allows (pref_prefix_sharing)."""
@@ -194,49 +235,12 @@ class ReferenceStage(Pairwise):
 
         o = self.opts
         path = o.ref_model if self.separate_reference else self.config.model.model_name_or_path
-        reference = self._load_reference(path, o.ref_model_adapters if self.separate_reference else None, model,
-                                         dtype or torch.float32)
+        key = "ref_model" if self.separate_reference else "model_name_or_path"
+        reference = load_frozen(self.config, path, o.ref_model_adapters if self.separate_reference else None, model,
+                                dtype or torch.float32, key, "Reference model")
         self.reference_wrapper = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked,
                                               liger=wrapper.liger)
-        self.reference = self._shard_like_policy(reference, dtype) if sharded else reference
-
-    def _load_reference(self, path: str, adapters: str | None, model, dtype):
-        from transformers import AutoModelForCausalLM
-
-        from trainer.model.loading import _check_local
-
-        m = self.config.model
-        _check_local(path, key="ref_model" if self.separate_reference else "model_name_or_path")
-        # Under ZeRO-3 this load partitions the weights as they arrive (zero.Init), as it did the policy's.
-        reference = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=m.trust_remote_code,
-            attn_implementation=getattr(model.config, "_attn_implementation", None))
-        reference.config.use_cache = False
-        for adapter in [a.strip() for a in (adapters or "").split(",") if a.strip()]:
-            from peft import PeftModel
-
-            reference = PeftModel.from_pretrained(reference, adapter).merge_and_unload()
-        logger.info("Reference model: %s%s, frozen, weights in %s.", path, f" + {adapters}" if adapters else "", dtype)
-        return reference.requires_grad_(False).eval()
-
-    def _shard_like_policy(self, reference, dtype):
-        """FSDP: fully_shard like the policy. ZeRO-3: an inference engine over the partitioned weights, whose hooks
-        gather each layer's weights for its forward (as TRL does for its reference)."""
-        import torch
-
-        if self.config.fsdp is not None:
-            from trainer.engine import fsdp
-
-            logger.info("Reference model sharded with FSDP like the policy.")
-            return fsdp.shard(reference, self.config.fsdp, dtype or torch.float32)
-        import deepspeed
-
-        ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-              "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
-        engine, *_ = deepspeed.initialize(model=reference, config=ds)
-        engine.eval()
-        logger.info("Reference model partitioned by ZeRO-3 like the policy.")
-        return engine
+        self.reference = shard_like_policy(self.config, reference, dtype, "Reference model") if sharded else reference
 
     def before_training(self, trainer) -> None:
         if not self.precomputes:

@@ -13,24 +13,46 @@ from trainer.stages.base import StageOutput, register
 from trainer.stages.pairs import PairOptions, Pairwise
 
 
-@register
-class RM(Pairwise):
-    name = "rm"
-    options = PairOptions
+class WithValueHead:
+    """A stage that trains a value head on the causal LM (rm's scorer, ppo's critic): `self.head`, written as
+    value_head.safetensors with every save and read back on resume."""
+    head = None
 
-    def __init__(self, config=None, options=None):
-        super().__init__(config, options)
-        self.head = None
-
-    def extend_model(self, model):
+    def attach_head(self, model):
+        """The head of the model's last adapter or model folder if one holds it (an earlier rm run), else a new one."""
         from trainer.model import value_head
 
-        model = super().extend_model(model)
         m = self.config.model if self.config is not None else None
         adapters = [a.strip() for a in (m.adapter_name_or_path or "").split(",") if a.strip()] if m else []
         saved_in = [*reversed(adapters), m.model_name_or_path] if m is not None else []  # the last adapter's first
         self.head = value_head.attach(model, [p for p in saved_in if p])
         self.head.requires_grad_(self.config is None or self.config.training.do_train)
+        return self.head
+
+    def save_extra(self, folder: str, state_dict: dict | None) -> None:
+        from trainer.model import value_head
+
+        if self.head is not None:
+            value_head.save(self.head, folder, state_dict)
+
+    def load_extra(self, folder: str) -> None:
+        import os
+
+        from trainer.model import value_head
+
+        path = os.path.join(folder, value_head.FILE)
+        if self.head is not None and os.path.isfile(path):
+            value_head.load_into(self.head, path)
+
+
+@register
+class RM(WithValueHead, Pairwise):
+    name = "rm"
+    options = PairOptions
+
+    def extend_model(self, model):
+        model = super().extend_model(model)
+        self.attach_head(model)
         return model
 
     def compute(self, wrapper, model, batch: dict) -> StageOutput:
@@ -50,17 +72,3 @@ class RM(Pairwise):
                  "scores/chosen": (chosen.detach(), one), "scores/rejected": (rejected.detach(), one)}
         return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=self.by_item(stats, batch),
                            head_tokens=one.new_zeros(()))
-
-    def save_extra(self, folder: str, state_dict: dict | None) -> None:
-        from trainer.model import value_head
-
-        value_head.save(self.head, folder, state_dict)
-
-    def load_extra(self, folder: str) -> None:
-        import os
-
-        from trainer.model import value_head
-
-        path = os.path.join(folder, value_head.FILE)
-        if os.path.isfile(path):
-            value_head.load_into(self.head, path)

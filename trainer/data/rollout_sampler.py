@@ -1,0 +1,68 @@
+"""The order in which an online stage (ppo) visits its prompts: buffer by buffer, each buffer ppo_epochs times.
+
+A buffer is the prompts of ppo_buffer_size optimizer steps on every process (processes x per-device batch x
+accumulation x ppo_buffer_size). The stage samples responses for a buffer once, then trains on them ppo_epochs
+times: the sampler yields the buffer's prompts once per PPO epoch, the first time in the order drawn, then each
+time reshuffled, but only among the micro-batches of one process (accelerate hands process p every world-th
+micro-batch), so every process sees again exactly the prompts it sampled responses for. A last, partial buffer
+is filled from the start of the epoch's order, as accelerate's even batches would be.
+
+The items are (epoch, buffer, index) keys rather than bare indices: the stage finds its rollouts by them, and a
+resumed run (which skips the batches already trained without reading them) lands on the right buffer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class RolloutSampler(torch.utils.data.Sampler):
+    def __init__(self, size: int, batch_size: int, accumulation: int, world: int, buffer_steps: int, repeats: int,
+                 seed: int):
+        self.size, self.batch_size, self.world, self.repeats, self.seed = size, batch_size, world, repeats, seed
+        self.micro_batches = accumulation * buffer_steps  # a process's micro-batches a buffer
+        self.buffer_len = world * batch_size * self.micro_batches
+        self.buffers = math.ceil(size / self.buffer_len)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.buffers * self.buffer_len * self.repeats
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        drawn = torch.randperm(self.size, generator=g).tolist()
+        need = self.buffers * self.buffer_len
+        while len(drawn) < need:
+            drawn += drawn[:need - len(drawn)]
+        return drawn
+
+    def _slots(self, rank: int) -> list[int]:
+        """Positions inside a buffer that process `rank` receives, in the order it receives them."""
+        b = self.batch_size
+        return [j * b + k for j in range(rank, self.world * self.micro_batches, self.world) for k in range(b)]
+
+    def share(self, epoch: int, buffer: int, rank: int) -> list[int]:
+        """The dataset indices process `rank` gets in one buffer, in first-pass order."""
+        chunk = self.order(epoch)[buffer * self.buffer_len:(buffer + 1) * self.buffer_len]
+        return [chunk[s] for s in self._slots(rank)]
+
+    def __iter__(self):
+        epoch, order = self.epoch, self.order(self.epoch)
+        for buffer in range(self.buffers):
+            chunk = order[buffer * self.buffer_len:(buffer + 1) * self.buffer_len]
+            for repeat in range(self.repeats):
+                placed = list(chunk)
+                if repeat:
+                    g = torch.Generator().manual_seed(hash((self.seed, epoch, buffer, repeat)) % (2 ** 31))
+                    for rank in range(self.world):
+                        slots = self._slots(rank)
+                        mixed = torch.randperm(len(slots), generator=g).tolist()
+                        for slot, pick in zip(slots, mixed):
+                            placed[slot] = chunk[slots[pick]]
+                for index in placed:
+                    yield (epoch, buffer, index)
