@@ -477,3 +477,21 @@ def test_grpo_under_zero3_samples_each_process_its_own_responses(tiny_model_dir,
     kls = _history(out, "kl")
     assert kls[0] == 0 and len(_history(out, "loss")) == 4
     assert not (out / "value_head.safetensors").exists() and (out / "adapter_model.safetensors").is_file()
+
+
+def test_ppo_under_fsdp_generates_in_step_and_trains(tiny_model_dir, tmp_path):
+    """FSDP2 shards the policy; generation runs with synced_gpus (engine/fsdp.py's sharding is not one transformers
+    recognises by itself), so processes whose answers end at different lengths keep gathering weights together."""
+    from tiny import alpaca_rows, write_dataset_dir
+
+    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
+    (data / "rewards.py").write_text("def length(prompts, responses):\n"
+                                     "    return [len(r) / 50 for r in responses]\n")
+    out = tmp_path / "two"
+    proc = _torchrun(base_config(tiny_model_dir, data, out, stage="ppo", finetuning_type="full",
+                                 reward_function=f"{data}/rewards.py:length", max_new_tokens=8, ppo_epochs=2,
+                                 max_steps=4, per_device_train_batch_size=2, fsdp="full_shard auto_wrap"),
+                     tmp_path, "ppo-fsdp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert _history(out, "kl")[0] == 0 and len(_history(out, "loss")) == 4
+    assert "Reference model sharded with FSDP like the policy" in proc.stdout + proc.stderr

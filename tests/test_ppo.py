@@ -131,12 +131,13 @@ def test_step_one_is_on_policy(tiny_model_dir, prompts_dir, tmp_path, finetuning
 def test_the_reward_rises_with_the_kl_bounded(tiny_model_dir, prompts_dir, tmp_path, estimator, extra):
     out = tmp_path / "out"
     _, state = train_with(_ppo(tiny_model_dir, prompts_dir, out, advantage_estimator=estimator, finetuning_type="full",
-                               max_steps=48, logging_steps=4, **extra))
+                               max_steps=48, logging_steps=4, plot_loss=True, **extra))
     rewards, kls = list(_logged(state, "reward").values()), list(_logged(state, "kl").values())
     assert len(rewards) == 12
     assert statistics.mean(rewards[-3:]) > statistics.mean(rewards[:2]) + 0.1, rewards
     assert max(kls) < 8, kls
     assert (out / "value_head.safetensors").is_file() == (estimator == "gae")  # grpo has no critic
+    assert (out / "training_reward.png").is_file() and (out / "training_kl.png").is_file()
     saved = json.loads((out / "ppo_state.json").read_text())
     assert saved["rollouts"] == 24
     if estimator == "gae":  # every score of every rollout normalised; the KL coefficient adapted after each

@@ -49,12 +49,28 @@ def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
                 mask[b, width - len(prompt):] = 1
             with torch.no_grad():
                 out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
-                                     eos_token_id=list(stop_ids), pad_token_id=pad_id, streamer=streamer, **kwargs)
+                                     eos_token_id=list(stop_ids), pad_token_id=pad_id, streamer=streamer,
+                                     synced_gpus=_in_step(model), **kwargs)
             for row in out[:, width:].tolist():
                 outputs.append(_until_stop(row, set(stop_ids)))
     finally:
         model.train(was_training)
     return outputs
+
+
+def _in_step(model) -> bool:
+    """Whether every process must keep running forwards until all have finished (synced_gpus): the weights are
+    gathered collectively in each forward under ZeRO-3, and under the FSDP2 sharding of engine/fsdp.py (which
+    transformers does not recognise by itself)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return False
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from trainer.engine.fsdp import is_sharded
+
+    return is_deepspeed_zero3_enabled() or any(is_sharded(m) for m in model.modules())
 
 
 def _until_stop(ids: list[int], stops: set[int]) -> list[int]:

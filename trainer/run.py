@@ -262,7 +262,7 @@ def run(config: RunConfig) -> dict:
         trainer.save_metrics("train", metrics)
         results.update(metrics)
         if f.plot_loss and trainer.is_world_process_zero():
-            plot_loss(t.output_dir)
+            plot_loss(t.output_dir, stage.plotted)
     if t.do_eval and evaluation is not None:
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)

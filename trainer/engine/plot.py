@@ -1,4 +1,5 @@
-"""plot_loss: training_loss.png (and training_eval_loss.png) from trainer_state.json's log history."""
+"""plot_loss: training_loss.png (and training_eval_loss.png, or the stage's other figures: ppo's training_reward.png)
+from trainer_state.json's log history."""
 
 from __future__ import annotations
 
@@ -44,5 +45,5 @@ def plot_loss(output_dir: str, keys: tuple[str, ...] = ("loss", "eval_loss")) ->
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
-        logger.info("Loss plot written to %s.", path)
+        logger.info("Plot of %s written to %s.", key, path)
     return written

@@ -56,6 +56,7 @@ class Stage:
     needs_template: bool = True
     packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
     item_name: str = "examples"  # what one dataset item is, in the log
+    plotted: tuple = ("loss", "eval_loss")  # what plot_loss draws from the log history
     options: type = NoOptions
 
     def __init__(self, config=None, options=None):

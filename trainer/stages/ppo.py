@@ -115,6 +115,7 @@ class PPO(WithValueHead, Stage):
     data_kind = "supervised"  # the prompt is what precedes the last answer; the answer is the reference
     needs_padding_free = True
     item_name = "prompts"
+    plotted = ("loss", "reward", "kl")  # LLaMA-Factory's ppo plots loss and reward
     options = PPOOptions
 
     def __init__(self, config=None, options=None):
