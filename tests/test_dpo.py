@@ -218,6 +218,22 @@ def test_first_lora_step_is_at_policy_equal_to_reference(loss, first, tiny_model
         pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("precompute", [False, True])
+def test_continuing_an_sft_adapter_keeps_it_as_the_reference(precompute, tiny_model_dir, pairs_dir, data_dir,
+                                                             tmp_path):
+    """DPO's reference is the model training starts from (the paper's pi_SFT). A LoRA run that trains an sft
+    adapter further (adapter_name_or_path) starts from base + adapter: a frozen copy of the adapter is the
+    reference, so the first step sits at ln 2 with zero rewards, precomputed or not (switching every adapter off,
+    as LLaMA-Factory does, would compare against the bare base)."""
+    sft = tmp_path / "sft"
+    train_with(base_config(tiny_model_dir, data_dir, sft, max_steps=3, learning_rate=1e-2))
+    _, state = train_with(_dpo(tiny_model_dir, pairs_dir, tmp_path / "dpo", adapter_name_or_path=str(sft),
+                               max_steps=1, precompute_ref_log_probs=precompute))
+    logged = [e for e in state["log_history"] if "loss" in e][0]
+    assert logged["loss"] == pytest.approx(math.log(2), rel=1e-5)
+    assert logged["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+
+
 def test_packed_pairs_count_pairs_not_rows(tiny_model_dir, pairs_dir, tmp_path):
     """packing: true puts several pairs in a row (rows of two cutoff_lens); the loss still averages over pairs, so
     the first LoRA step is exactly ln 2, and the logged statistics are per pair."""

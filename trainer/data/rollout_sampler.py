@@ -7,8 +7,11 @@ time reshuffled, but only among the micro-batches of one process (accelerate han
 micro-batch), so every process sees again exactly the prompts it sampled responses for. A last, partial buffer
 is filled from the start of the epoch's order, as accelerate's even batches would be.
 
-The items are (epoch, buffer, index) keys rather than bare indices: the stage finds its rollouts by them, and a
-resumed run (which skips the batches already trained without reading them) lands on the right buffer.
+The items are (epoch, buffer, slot, index) keys rather than bare indices: the stage finds its rollouts by them
+(the slot, the prompt's place in the buffer's first pass, tells apart a prompt drawn twice to fill a buffer), and a
+resumed run (which skips the batches already trained without reading them) lands on the right buffer. The epoch is
+read from `epoch_of` when the iteration starts (the stage derives it from the Trainer's step): after a resume
+accelerate wraps the batch sampler in a way that no set_epoch reaches.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import torch
 
 class RolloutSampler(torch.utils.data.Sampler):
     def __init__(self, size: int, batch_size: int, accumulation: int, world: int, buffer_steps: int, repeats: int,
-                 seed: int):
+                 seed: int, epoch_of=None):
         self.size, self.batch_size, self.world, self.repeats, self.seed = size, batch_size, world, repeats, seed
+        self.epoch_of = epoch_of
         self.micro_batches = accumulation * buffer_steps  # a process's micro-batches a buffer
         self.buffer_len = world * batch_size * self.micro_batches
         self.buffers = math.ceil(size / self.buffer_len)
@@ -46,23 +50,24 @@ class RolloutSampler(torch.utils.data.Sampler):
         b = self.batch_size
         return [j * b + k for j in range(rank, self.world * self.micro_batches, self.world) for k in range(b)]
 
-    def share(self, epoch: int, buffer: int, rank: int) -> list[int]:
-        """The dataset indices process `rank` gets in one buffer, in first-pass order."""
+    def share(self, epoch: int, buffer: int, rank: int) -> list[tuple[int, int]]:
+        """The (slot, dataset index) pairs process `rank` gets in one buffer, in first-pass order."""
         chunk = self.order(epoch)[buffer * self.buffer_len:(buffer + 1) * self.buffer_len]
-        return [chunk[s] for s in self._slots(rank)]
+        return [(s, chunk[s]) for s in self._slots(rank)]
 
     def __iter__(self):
-        epoch, order = self.epoch, self.order(self.epoch)
+        epoch = self.epoch_of() if self.epoch_of is not None else self.epoch
+        order = self.order(epoch)
         for buffer in range(self.buffers):
             chunk = order[buffer * self.buffer_len:(buffer + 1) * self.buffer_len]
             for repeat in range(self.repeats):
-                placed = list(chunk)
+                placed = list(range(len(chunk)))  # which first-pass slot each position holds
                 if repeat:
                     g = torch.Generator().manual_seed(hash((self.seed, epoch, buffer, repeat)) % (2 ** 31))
                     for rank in range(self.world):
                         slots = self._slots(rank)
                         mixed = torch.randperm(len(slots), generator=g).tolist()
                         for slot, pick in zip(slots, mixed):
-                            placed[slot] = chunk[slots[pick]]
-                for index in placed:
-                    yield (epoch, buffer, index)
+                            placed[slot] = slots[pick]
+                for slot in placed:
+                    yield (epoch, buffer, slot, chunk[slot])

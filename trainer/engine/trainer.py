@@ -219,8 +219,10 @@ class ZeroTrainer(Trainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
-        self.accelerator.wait_for_everyone()
         staged = checkpoints.staging_dir(run_dir)
+        os.makedirs(f"{staged}/{name}", exist_ok=True)
+        self.stage.save_process_state(f"{staged}/{name}", self.accelerator.process_index)
+        self.accelerator.wait_for_everyone()
         best = self.state.best_model_checkpoint
         moved = bool(best and best.startswith(staged))
         if moved:  # on every process: each one loads the best model at the end (load_best_model_at_end)

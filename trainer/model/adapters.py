@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
@@ -166,3 +167,66 @@ def warn_untrained_stop_tokens(model, tokenizer, stop_ids: list[int], finetuning
             "and %s keeps them frozen, so the tuned model may never stop generating. Use "
             "finetuning_type: full, or lora with additional_target: embed_tokens,lm_head, or a template whose "
             "stop token the model knows.", names, finetuning_args.finetuning_type)
+
+
+# ---- several adapters on one model: the frozen ones a stage switches to (ppo's reward model, a reference) ----------
+REFERENCE_ADAPTER = "reference"
+
+
+def peft_model(model):
+    """The PeftModel inside DDP / DeepSpeed / FSDP wrappers (None: no adapters)."""
+    while True:
+        if hasattr(model, "disable_adapter"):
+            return model
+        inner = getattr(model, "module", None)
+        if inner is None:
+            return None
+        model = inner
+
+
+def load_frozen_adapter(model, folder: str, name: str) -> None:
+    """A LoRA adapter as another, frozen adapter of the model (switched on with use_adapter)."""
+    peft = peft_model(model)
+    peft.load_adapter(folder, adapter_name=name, is_trainable=False)
+    for key, p in peft.named_parameters():
+        if f".{name}." in key:
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def use_adapter(model, name: str):
+    """Run the model with another of its adapters active, then switch back, leaving every parameter's
+    requires_grad as it was (PEFT's set_adapter marks the adapter it activates trainable)."""
+    peft = peft_model(model)
+    flags = {p: p.requires_grad for p in peft.parameters()}
+    active = peft.active_adapter
+    peft.base_model.set_adapter(name)
+    try:
+        yield
+    finally:
+        peft.base_model.set_adapter(active)
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+
+
+def keep_starting_adapter(model, config) -> str | None:
+    """A LoRA run that trains adapter_name_or_path further starts from base + that adapter: its reference model is
+    that, not the bare base that switching the adapters off gives. Loads a frozen copy of the adapter and returns
+    its name (None: no adapter to continue, the base with adapters off is the start)."""
+    adapters = [a.strip() for a in (config.model.adapter_name_or_path or "").split(",") if a.strip()]
+    if not adapters or config.finetuning.finetuning_type != "lora":
+        return None
+    load_frozen_adapter(model, adapters[-1], REFERENCE_ADAPTER)
+    logger.info("Reference model: the base with %s (a frozen copy of the adapter this run starts from and trains).",
+                adapters[-1])
+    return REFERENCE_ADAPTER
+
+
+def reference_context(model, adapter: str | None):
+    """The model as its reference: the frozen starting adapter switched on, else every adapter off."""
+    if adapter:
+        return use_adapter(model, adapter)
+    peft = peft_model(model)
+    if peft is None:
+        raise ConfigError("the reference model is the LoRA base; the model has no adapters.")
+    return peft.disable_adapter()

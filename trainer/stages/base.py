@@ -105,6 +105,10 @@ class Stage:
         """Called with one optimizer step's micro-batches (this process's) before any is counted or computed: an
         online stage samples its responses here."""
 
+    def save_process_state(self, folder: str, rank: int) -> None:
+        """Called on every process whenever a checkpoint is written (into its folder, before it is published): what
+        this process alone holds that a resume needs (ppo's sampled buffer)."""
+
     def load_state(self, folder: str) -> None:
         """Called before training resumes from a checkpoint folder, in every run and on every process: restore what
         save_extra wrote besides weights (ppo's KL coefficient and score statistics)."""

@@ -14,13 +14,13 @@ log-probs in one pass before training, so training runs the policy alone and ful
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from trainer.errors import ConfigError
+from trainer.model.adapters import reference_context
 from trainer.stages.base import Stage
 
 logger = logging.getLogger(__name__)
@@ -76,14 +76,9 @@ def _sharded_module(module) -> bool:
 
 
 def _peft_model(model):
-    """The PeftModel inside DDP / DeepSpeed / FSDP wrappers (None: no adapters)."""
-    while True:
-        if hasattr(model, "disable_adapter"):
-            return model
-        inner = getattr(model, "module", None)
-        if inner is None:
-            return None
-        model = inner
+    from trainer.model.adapters import peft_model
+
+    return peft_model(model)
 
 
 def load_frozen(config, path: str, adapters: str | None, like, dtype, key: str, what: str):
@@ -189,6 +184,7 @@ class ReferenceStage(Pairwise):
         super().__init__(config, options)
         self.needs_reference = self.reference_needed()
         self.reference = None  # a frozen copy of the starting weights, or ref_model (prepare)
+        self.reference_adapter = None  # LoRA continuing adapter_name_or_path: a frozen copy of it (extend_model)
         self.reference_wrapper = None  # ref_model's own loss head
         self.precomputes = self.needs_reference and self.opts.precompute_ref_log_probs
         self.separate_reference = self.needs_reference and bool(self.opts.ref_model)
@@ -210,6 +206,15 @@ class ReferenceStage(Pairwise):
 
     def reference_needed(self) -> bool:
         return True
+
+    def extend_model(self, model):
+        from trainer.model.adapters import keep_starting_adapter
+
+        model = super().extend_model(model)
+        if self.needs_reference and not self.separate_reference and self.config is not None and \
+                self.config.training.do_train:
+            self.reference_adapter = keep_starting_adapter(model, self.config)
+        return model
 
     def prepare(self, model, wrapper) -> None:
         """The reference, frozen, in the compute dtype, placed like the policy: ref_model (adapters merged), or for a
@@ -270,7 +275,7 @@ class ReferenceStage(Pairwise):
             if self.reference is not None:
                 return self._sequence_logps(self.reference_wrapper or wrapper, self._placed_reference(batch), batch)[0]
             if _peft_model(model) is not None:
-                with self._reference(model):
+                with reference_context(model, self.reference_adapter):
                     return self._sequence_logps(wrapper, model, batch)[0]
             if model.training:  # a training step of a run whose reference was precomputed: never the moved policy
                 raise RuntimeError("precomputed reference log-probs are missing from a training batch")
@@ -289,10 +294,3 @@ class ReferenceStage(Pairwise):
         if next(self.reference.parameters()).device != device:  # the engine moved the policy after prepare()
             self.reference.to(device)
         return self.reference
-
-    @staticmethod
-    def _reference(model):
-        peft = _peft_model(model)
-        if peft is None:
-            raise ConfigError("the reference model of this pref_loss is the LoRA base; the model has no adapters.")
-        return peft.disable_adapter() if hasattr(peft, "disable_adapter") else contextlib.nullcontext()

@@ -31,6 +31,7 @@ from trainer.stages.reward import WithValueHead
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "ppo_state.json"
+EXPERIENCE_FILE = "ppo_experience_{rank}.pt"  # a process's sampled buffer, so a resume mid-buffer is exact
 
 
 @dataclass
@@ -131,6 +132,7 @@ class PPO(WithValueHead, Stage):
         self.items = self.sampler = None
         self.reward = None  # rewards.FunctionReward or rewards.ModelReward
         self.reference = self.reference_wrapper = None  # a frozen copy (full/freeze), else the LoRA base
+        self.reference_adapter = None  # LoRA continuing adapter_name_or_path: a frozen copy of it is the reference
         self.experience: dict[tuple, list] = {}  # (epoch, buffer, index) -> that prompt's sampled responses
         self.pending: dict = {}  # the last rollout's statistics, logged with the next micro-batch
         if config is not None:
@@ -144,6 +146,15 @@ class PPO(WithValueHead, Stage):
         from trainer.stages.rewards import FunctionReward
 
         d, t, g, o = config.data, config.training, config.generation, self.opts
+        if d.train_on_prompt:
+            raise ConfigError("train_on_prompt: stage ppo reads each example's prompt as the tokens before its last "
+                              "answer; with train_on_prompt every token is an answer. Remove it.")
+        if g.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: {g.max_new_tokens}: ppo needs room for an answer (at least 1).")
+        if g.do_sample and g.temperature <= 0:
+            raise ConfigError(f"temperature: {g.temperature} with do_sample: true; sampling needs a positive "
+                              "temperature (or do_sample: false for greedy answers).")
+        self._sample_from_the_policy(config)
         if d.packing:
             raise ConfigError("packing: stage ppo trains on prompts with their sampled responses; remove packing.")
         if d.streaming:
@@ -174,6 +185,21 @@ class PPO(WithValueHead, Stage):
         if d.cutoff_len < 2:
             raise ConfigError("cutoff_len must leave room for a prompt.")
 
+    def _sample_from_the_policy(self, config) -> None:
+        """The losses read log-probs of softmax(logits / temperature): sample from exactly that (TRL's PPO does the
+        same), unless the YAML asks for truncation itself, which then only warns."""
+        g, raw = config.generation, config.raw
+        asked = {k: raw[k] for k in ("top_p", "top_k", "repetition_penalty") if k in raw}
+        for key, plain in (("top_p", 1.0), ("top_k", 0), ("repetition_penalty", 1.0)):
+            if key not in asked:
+                setattr(g, key, plain)
+        truncating = (g.top_p < 1.0 or g.top_k > 0 or g.repetition_penalty != 1.0) and g.do_sample
+        if truncating:
+            logger.warning("ppo samples with %s, but its ratios and KL use the untruncated policy softmax(logits / "
+                           "temperature): the samples are not from that policy, so both are approximations. Leave "
+                           "top_p, top_k and repetition_penalty unset for exact ones.",
+                           ", ".join(f"{k}: {v}" for k, v in asked.items()))
+
     # ---- model ---------------------------------------------------------------------------------
     def extend_model(self, model):
         from torch import nn
@@ -182,11 +208,19 @@ class PPO(WithValueHead, Stage):
         dropped = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
         for m in dropped:
             m.p = 0.0
+        for m in model.modules():  # attention modules pass their own probability to the attention call
+            if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
+                m.attention_dropout = 0.0
+                dropped.append(m)
         if dropped:
             logger.info("ppo: dropout off in %d modules (as TRL does): the policy that sampled a response and the "
                         "one trained on it must agree before the first update.", len(dropped))
         if not self.grpo:
             self.attach_head(model)  # the critic
+        if self.uses_reference and self.config.training.do_train:
+            from trainer.model.adapters import keep_starting_adapter
+
+            self.reference_adapter = keep_starting_adapter(model, self.config)
         if o.reward_model_type == "lora":
             from trainer.stages.rewards import ModelReward, _value_head_of, load_reward_adapter
 
@@ -198,7 +232,8 @@ class PPO(WithValueHead, Stage):
     def prepare(self, model, wrapper) -> None:
         import torch
 
-        from trainer.stages.pairs import _peft_model, _shards, load_frozen, shard_like_policy
+        from trainer.model.adapters import peft_model
+        from trainer.stages.pairs import _shards, load_frozen, shard_like_policy
 
         t, o = self.config.training, self.opts
         # The template's stop tokens, as run() set them (the Trainer later aligns generation_config with the
@@ -207,14 +242,14 @@ class PPO(WithValueHead, Stage):
         self.stop_ids = [stops] if isinstance(stops, int) else list(stops)
         dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
         sharded = _shards(self.config) and t.world_size > 1
-        if self.uses_reference and _peft_model(model) is None and t.do_train:
+        if self.uses_reference and peft_model(model) is None and t.do_train:
             # full / freeze: a frozen copy of the starting weights (LoRA runs switch their adapters off instead)
             if not sharded:
                 import copy
 
+                # In the policy's own dtype and run under the policy's autocast (rollouts._precision), so that
+                # before the first update its log-probs are the policy's exactly.
                 self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-                if dtype is not None:
-                    self.reference.to(dtype)
             else:
                 from trainer.model.wrapper import ModelWrapper
 
@@ -259,8 +294,12 @@ class PPO(WithValueHead, Stage):
         from trainer.data.rollout_sampler import RolloutSampler
 
         a, o = trainer.args, self.opts
+        world = trainer.accelerator.num_processes
+        per_epoch = self.steps_per_epoch(len(dataset), a.per_device_train_batch_size, a.gradient_accumulation_steps,
+                                         world)
         self.sampler = RolloutSampler(len(dataset), a.per_device_train_batch_size, a.gradient_accumulation_steps,
-                                      trainer.accelerator.num_processes, o.ppo_buffer_size, o.ppo_epochs, a.seed)
+                                      world, o.ppo_buffer_size, o.ppo_epochs, a.seed,
+                                      epoch_of=lambda: trainer.state.global_step // per_epoch)
         s = self.sampler
         logger.info("ppo: buffers of %d prompts (%d on each of %d processes) x %d response%s each, trained on %d "
                     "time%s (ppo_epochs) in %d optimizer steps; %d buffers an epoch.", s.buffer_len,
@@ -282,7 +321,7 @@ class PPO(WithValueHead, Stage):
         missing = [k for k in keys if k not in self.experience]
         if not missing:
             return
-        epoch, buffer, _ = missing[0]
+        epoch, buffer = missing[0][:2]
         share = self.sampler.share(epoch, buffer, trainer.accelerator.process_index)
         import time
 
@@ -290,7 +329,7 @@ class PPO(WithValueHead, Stage):
 
         start = time.perf_counter()
         self.experience = {}  # the previous buffer's responses are done with
-        self.experience, self.pending = rollout(self, trainer, [(epoch, buffer, i) for i in share])
+        self.experience, self.pending = rollout(self, trainer, [(epoch, buffer, slot, i) for slot, i in share])
         self.rollouts += 1
         trainer.exclude_from_window(time.perf_counter() - start)
         _show_progress(trainer, self.rollouts, self.pending)
@@ -363,7 +402,25 @@ class PPO(WithValueHead, Stage):
         with open(os.path.join(folder, STATE_FILE), "w") as f:
             json.dump(state, f, indent=2)
 
+    def save_process_state(self, folder: str, rank: int) -> None:
+        """This process's current buffer: resumed mid-buffer, the run trains on the very responses it sampled."""
+        import dataclasses
+
+        import torch
+
+        experience = {key: [dataclasses.asdict(s) for s in samples] for key, samples in self.experience.items()}
+        torch.save(experience, os.path.join(folder, EXPERIENCE_FILE.format(rank=rank)))
+
     def load_state(self, folder: str) -> None:
+        import torch
+
+        from trainer.stages.rollouts import Sample
+
+        rank = self.config.training.process_index
+        saved = os.path.join(folder, EXPERIENCE_FILE.format(rank=rank))
+        if os.path.isfile(saved):
+            experience = torch.load(saved, weights_only=True)
+            self.experience = {tuple(key): [Sample(**s) for s in samples] for key, samples in experience.items()}
         path = os.path.join(folder, STATE_FILE)
         if not os.path.isfile(path):
             logger.warning("%s has no %s: the KL coefficient and score statistics start afresh.", folder, STATE_FILE)

@@ -101,48 +101,36 @@ class ModelReward:
         model, wrapper = (self.model, self.wrapper) if self.model is not None else (policy, policy_wrapper)
         device = batch["input_ids"].device
         self.head.to(device)
+        if self.model is not None and not _placed(self.model):
+            self.model.to(device)  # loaded on the CPU; the engine moved the policy after prepare()
         with self._switched(model):
             values = wrapper.token_values(model, batch, self.head)
         last = batch["cu_seq_lens_q"][1:].to(values.device, torch.long) - 1
         return values[0, last].float().cpu()
 
     def _switched(self, model):
+        from trainer.model.adapters import use_adapter
+
         if self.model is not None:
             return contextlib.nullcontext()
         return use_adapter(model, REWARD_ADAPTER)
 
 
-@contextlib.contextmanager
-def use_adapter(model, name: str):
-    """Run the policy's model with another of its LoRA adapters active, then switch back, leaving every
-    parameter's requires_grad as it was (PEFT's set_adapter marks the adapter it activates trainable)."""
-    from trainer.stages.pairs import _peft_model
+def _placed(model) -> bool:
+    from trainer.stages.pairs import _sharded_module
 
-    peft = _peft_model(model)
-    flags = {p: p.requires_grad for p in peft.parameters()}
-    active = peft.active_adapter
-    peft.base_model.set_adapter(name)
-    try:
-        yield
-    finally:
-        peft.base_model.set_adapter(active)
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+    return _sharded_module(model)
 
 
 def load_reward_adapter(model, folder: str):
     """reward_model_type: lora: the rm run's adapter as a second, frozen adapter of the policy's model."""
-    from trainer.stages.pairs import _peft_model
+    from trainer.model.adapters import load_frozen_adapter, peft_model
 
-    peft = _peft_model(model)
-    if peft is None:
+    if peft_model(model) is None:
         raise ConfigError("reward_model_type: lora loads the reward adapter onto the policy's base; it needs "
                           "finetuning_type: lora (or set reward_model_type: full).")
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise ConfigError(f"reward_model: {folder} holds no LoRA adapter (adapter_config.json); for a whole reward "
                           "model set reward_model_type: full.")
-    peft.load_adapter(folder, adapter_name=REWARD_ADAPTER, is_trainable=False)
-    for name, p in peft.named_parameters():
-        if f".{REWARD_ADAPTER}." in name:
-            p.requires_grad_(False)
+    load_frozen_adapter(model, folder, REWARD_ADAPTER)
     logger.info("Reward model: the adapter in %s on the policy's base (no second copy of the base).", folder)

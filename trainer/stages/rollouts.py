@@ -66,14 +66,15 @@ def _sampling_seed(args, key: tuple, rank: int):
 
 def _reference(stage, model):
     """(model, wrapper-or-None, context) to compute the reference's log-probs with."""
-    from trainer.stages.pairs import _peft_model, _sharded_module
+    from trainer.model.adapters import reference_context
+    from trainer.stages.pairs import _sharded_module
 
     if stage.reference is not None:
         ref = stage.reference
         if not _sharded_module(ref):
             ref.to(next(model.parameters()).device)
         return ref, stage.reference_wrapper, contextlib.nullcontext()
-    return model, None, _peft_model(model).disable_adapter()
+    return model, None, reference_context(model, stage.reference_adapter)
 
 
 def _split(values: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
@@ -102,7 +103,7 @@ def _forwards(stage, trainer, samples: list[Sample], chunk: int) -> tuple[list[t
                         s.old_values = v
                 if stage.uses_reference:
                     ref_model, ref_wrapper, switched = _reference(stage, model)
-                    with switched:
+                    with switched, _precision(trainer):  # a plain copy's forward has no autocast of its own
                         ref = (ref_wrapper or wrapper).policy_outputs(ref_model, batch, None, temperature)["logps"]
                     for s, lp in zip(part, _split(ref, mask, lengths)):
                         s.ref_logps = lp
@@ -182,7 +183,7 @@ def rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
     stops = stage.stop_ids
     samples = []
     for key in keys:
-        item = stage.items[key[2]]
+        item = stage.items[key[-1]]
         prompt, reference = prompt_and_label(item["input_ids"], item["labels"])
         samples += [Sample(prompt, [], reference) for _ in range(stage.samples)]
     chunk = a.per_device_train_batch_size * stage.samples  # a micro-batch's sequences
