@@ -6,7 +6,9 @@ benchmarks/gpu_check.sh runs these before it times anything: the first GPU run s
 - Liger's fused linear cross-entropy (the loss head's GPU kernel) equals the chunked loss, values and gradients;
 - batched, left-padded generation equals each prompt alone on FA2 and zerotune_segments;
 - preference pairs with the prompt computed once (zerotune_segments' own FlashAttention-2 varlen call over gathered
-  keys) give each sequence the log-prob of a forward of that sequence alone.
+  keys) give each sequence the log-prob of a forward of that sequence alone;
+- ppo in bf16 on the GPU (generation under autocast, the policy's log-probs through FA2 varlen): the first KL and
+  ratio are exactly idle and training runs; grpo too.
 """
 
 import importlib.util
@@ -113,3 +115,22 @@ def test_prefix_shared_pairs_on_real_flash_attention(tiny_model_dir):
                 alone.append(float(logps[0]))
                 start += n
     torch.testing.assert_close(shared.float().cpu(), torch.tensor(alone), rtol=3e-2, atol=3e-1)
+
+
+@pytest.mark.parametrize("estimator", ["gae", "grpo"])
+def test_ppo_in_bf16_on_the_gpu(estimator, tiny_model_dir, tmp_path):
+    import json
+
+    from tiny import alpaca_rows, base_config, train_with, write_dataset_dir
+
+    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
+    (data / "rewards.py").write_text("def length(prompts, responses):\n"
+                                     "    return [len(r) / 50 for r in responses]\n")
+    out = tmp_path / "out"
+    _, state = train_with(base_config(tiny_model_dir, data, out, stage="ppo", bf16=True, advantage_estimator=estimator,
+                                      num_generations=4, reward_function=f"{data}/rewards.py:length",
+                                      max_new_tokens=16, ppo_epochs=2, max_steps=4, per_device_train_batch_size=4,
+                                      logging_steps=1))
+    first = state["log_history"][0]
+    assert first["kl"] == 0 and first["approx_kl"] == 0 and first["clipfrac/policy"] == 0
+    assert json.loads((out / "ppo_state.json").read_text())["rollouts"] == 2
