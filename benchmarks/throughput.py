@@ -197,6 +197,20 @@ def table(results: list[Result], baseline: str | None) -> str:
     return "\n".join(lines)
 
 
+def cpu_precision_line(bf16: bool) -> str:
+    """What this CPU can do in bf16, printed beside the table: the figures are bf16 ones only where it is native."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        info = ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    native = [flag for flag in ("amx_bf16", "avx512_bf16") if flag in info.split()]
+    if native:
+        return f"CPU: {name}; native bf16: yes ({', '.join(native)}); every run trains in {'bf16' if bf16 else 'fp32'}."
+    return (f"CPU: {name}; native bf16: no (neither AVX512-BF16 nor AMX); every run trains in fp32, so these are fp32 "
+            "figures: the bf16 ones need a CPU with native bf16.")
+
+
 def bar_chart(results: list[Result], path: Path) -> None:
     import matplotlib
 
@@ -267,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = table(results, "LLaMA-Factory default")
+    md = cpu_precision_line(common["bf16"]) + "\n\n" + table(results, "LLaMA-Factory default")
     (out_dir / "throughput.json").write_text(json.dumps(
         {"model": model_dir, "examples": examples, "real_tokens": real_tokens, "settings": common,
          "results": [asdict(r) for r in results]}, indent=1))
