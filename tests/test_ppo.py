@@ -180,7 +180,7 @@ def test_lora_reward_scores_equal_the_rm_adapter_alone_and_leave_the_policy_as_i
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from trainer.model.wrapper import ModelWrapper
-    from trainer.stages.rewards import ModelReward, _value_head_of, load_reward_adapter
+    from trainer.stages.rewards import ModelReward, load_reward_adapter, load_value_head
     from trainer.stages.rollouts import Sample, collate
 
     policy = get_peft_model(_segments_model(tiny_model_dir), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
@@ -190,7 +190,7 @@ def test_lora_reward_scores_equal_the_rm_adapter_alone_and_leave_the_policy_as_i
                 p.normal_()  # a policy that has moved away from the base
     load_reward_adapter(policy, str(rm_lora))
     flags = {n: p.requires_grad for n, p in policy.named_parameters()}
-    head = _value_head_of(str(rm_lora), policy.config.hidden_size)
+    head = load_value_head(str(rm_lora), policy.config.hidden_size)
     samples = [Sample([5, 6, 7], [8, 9], []), Sample([10, 11], [12, 13, 14, 15], [])]
     batch = collate(samples, "cpu")
     scores = ModelReward(str(rm_lora), head).score_batch(policy, ModelWrapper(policy), batch)

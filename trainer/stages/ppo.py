@@ -222,11 +222,11 @@ class PPO(WithValueHead, Stage):
 
             self.reference_adapter = keep_starting_adapter(model, self.config)
         if o.reward_model_type == "lora":
-            from trainer.stages.rewards import ModelReward, _value_head_of, load_reward_adapter
+            from trainer.stages.rewards import ModelReward, load_reward_adapter, load_value_head
 
             load_reward_adapter(model, o.reward_model)
             hidden = _causal_hidden(model)
-            self.reward = ModelReward(o.reward_model, _value_head_of(o.reward_model, hidden))
+            self.reward = ModelReward(o.reward_model, load_value_head(o.reward_model, hidden))
         return model
 
     def prepare(self, model, wrapper) -> None:
@@ -259,11 +259,11 @@ class PPO(WithValueHead, Stage):
                 self.reference = shard_like_policy(self.config, ref, dtype, "Reference model")
         if o.reward_model_type == "full":
             from trainer.model.wrapper import ModelWrapper
-            from trainer.stages.rewards import ModelReward, _value_head_of
+            from trainer.stages.rewards import ModelReward, load_value_head
 
             scorer = load_frozen(self.config, o.reward_model, o.reward_model_adapters, model, dtype or torch.float32,
                                  "reward_model", "Reward model")
-            head = _value_head_of(o.reward_model, scorer.config.hidden_size)
+            head = load_value_head(o.reward_model, scorer.config.hidden_size)
             scorer_wrapper = ModelWrapper(scorer, chunk_size=wrapper.chunk_size)
             if sharded:
                 scorer = shard_like_policy(self.config, scorer, dtype, "Reward model")

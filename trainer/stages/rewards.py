@@ -77,7 +77,7 @@ class FunctionReward:
         return torch.tensor(values, dtype=torch.float32)
 
 
-def _value_head_of(folder: str, hidden_size: int):
+def load_value_head(folder: str, hidden_size: int):
     from trainer.model import value_head
 
     path = os.path.join(folder, value_head.FILE)
