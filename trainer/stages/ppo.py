@@ -50,6 +50,10 @@ class PPOOptions:
     advantage_estimator: str = field(default="gae", metadata={"choices": ("gae", "grpo")})
     num_generations: int = 8
     grpo_beta: float = 0.04  # DeepSeekMath's KL weight; 0 runs without a reference
+    # Answers sampled together (TRL's name): decoding reads every weight once a token for the whole batch, so larger
+    # batches sample faster; its KV cache is far smaller than a training micro-batch's activations. Default: one
+    # optimizer step's answers (per_device_train_batch_size x gradient_accumulation_steps x num_generations).
+    generation_batch_size: int | None = None
     # TRL's PPO defaults, under ppo_ names.
     ppo_init_kl_coef: float = 0.2
     ppo_kl_horizon: int = 10000
@@ -75,6 +79,8 @@ class PPOOptions:
         if self.reward_model_adapters and self.reward_model_type != "full":
             raise ConfigError("reward_model_adapters are merged into a full reward_model: set reward_model_type: "
                               "full.")
+        if self.generation_batch_size is not None and self.generation_batch_size < 1:
+            raise ConfigError(f"generation_batch_size: {self.generation_batch_size} must be at least 1.")
         for key in ("ppo_epochs", "ppo_buffer_size", "num_generations", "ppo_kl_horizon"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be at least 1.")

@@ -187,9 +187,11 @@ def rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         prompt, reference = prompt_and_label(item["input_ids"], item["labels"])
         samples += [Sample(prompt, [], reference) for _ in range(stage.samples)]
     chunk = a.per_device_train_batch_size * stage.samples  # a micro-batch's sequences
+    together = stage.opts.generation_batch_size or chunk * a.gradient_accumulation_steps
     with _precision(trainer), _sampling_seed(a, keys[0], trainer.accelerator.process_index):
         generated = time.perf_counter()
-        responses = generate(model, [s.prompt for s in samples], stops, tokenizer.pad_token_id, g, batch_size=chunk)
+        responses = generate(model, [s.prompt for s in samples], stops, tokenizer.pad_token_id, g,
+                             batch_size=together)
         generated = time.perf_counter() - generated
     for s, r in zip(samples, responses):
         s.response = r
