@@ -420,6 +420,15 @@ def test_packed_pair_eval_on_two_processes_matches_one(tiny_model_dir, tmp_path)
         assert two[key] == pytest.approx(results[key], rel=1e-5, abs=1e-7), key
 
 
+def _ppo_prompts(tmp_path: Path, name: str, body: str) -> tuple[Path, str]:
+    """16 alpaca prompts and a reward function file beside them: (data folder, reward_function value)."""
+    from tiny import alpaca_rows, write_dataset_dir
+
+    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
+    (data / "rewards.py").write_text(f"def {name}(prompts, responses):\n    return {body}\n")
+    return data, f"{data}/rewards.py:{name}"
+
+
 def _sharp_model(tiny_model_dir: Path, folder: Path) -> Path:
     """The tiny model with its output head scaled up: greedy answers without near ties, so generating in batches of
     another size (other padding) picks the same tokens."""
@@ -442,13 +451,10 @@ def test_ppo_two_processes_match_one(kind, layout, extra, tiny_model_dir, pairs_
     coefficient adapted over both shares, a full run's reference is partitioned like the policy, and an rm LoRA
     adapter scores as a second adapter of the partitioned policy: the losses, rewards, KL and value losses of one
     process with the whole batch, with accumulation and with buffers of two steps too."""
-    from tiny import alpaca_rows, write_dataset_dir
-
     model = _sharp_model(tiny_model_dir, tmp_path / "sharp")
-    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
-    (data / "rewards.py").write_text("def vowels(prompts, responses):\n"
-                                     "    return [sum(c in 'aeiou' for c in r) / max(len(r), 1) for r in responses]\n")
-    common = dict(stage="ppo", finetuning_type=kind, reward_function=f"{data}/rewards.py:vowels", do_sample=False,
+    data, vowels = _ppo_prompts(tmp_path, "vowels",
+                                "[sum(c in 'aeiou' for c in r) / max(len(r), 1) for r in responses]")
+    common = dict(stage="ppo", finetuning_type=kind, reward_function=vowels, do_sample=False,
                   max_new_tokens=8, ppo_epochs=2, max_steps=4, learning_rate=1e-2, gradient_accumulation_steps=1)
     common.update(extra)
     if extra.get("reward_model"):
@@ -477,14 +483,10 @@ def test_ppo_two_processes_match_one(kind, layout, extra, tiny_model_dir, pairs_
 
 
 def test_grpo_under_zero3_samples_each_process_its_own_responses(tiny_model_dir, tmp_path):
-    from tiny import alpaca_rows, write_dataset_dir
-
-    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
-    (data / "rewards.py").write_text("def length(prompts, responses):\n"
-                                     "    return [len(r) / 50 for r in responses]\n")
+    data, length = _ppo_prompts(tmp_path, "length", "[len(r) / 50 for r in responses]")
     out = tmp_path / "two"
     proc = _deepspeed(base_config(tiny_model_dir, data, out, stage="ppo", advantage_estimator="grpo",
-                                  num_generations=4, reward_function=f"{data}/rewards.py:length", max_new_tokens=8,
+                                  num_generations=4, reward_function=length, max_new_tokens=8,
                                   ppo_epochs=2, max_steps=4, per_device_train_batch_size=2,
                                   deepspeed=str(ROOT / "ds_configs/ds_z3_config.json")), tmp_path, "grpo-z3")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -496,14 +498,10 @@ def test_grpo_under_zero3_samples_each_process_its_own_responses(tiny_model_dir,
 def test_ppo_under_fsdp_generates_in_step_and_trains(tiny_model_dir, tmp_path):
     """FSDP2 shards the policy; generation runs with synced_gpus (engine/fsdp.py's sharding is not one transformers
     recognises by itself), so processes whose answers end at different lengths keep gathering weights together."""
-    from tiny import alpaca_rows, write_dataset_dir
-
-    data = write_dataset_dir(tmp_path / "prompts", alpaca_rows(16))
-    (data / "rewards.py").write_text("def length(prompts, responses):\n"
-                                     "    return [len(r) / 50 for r in responses]\n")
+    data, length = _ppo_prompts(tmp_path, "length", "[len(r) / 50 for r in responses]")
     out = tmp_path / "two"
     proc = _torchrun(base_config(tiny_model_dir, data, out, stage="ppo", finetuning_type="full",
-                                 reward_function=f"{data}/rewards.py:length", max_new_tokens=8, ppo_epochs=2,
+                                 reward_function=length, max_new_tokens=8, ppo_epochs=2,
                                  max_steps=4, per_device_train_batch_size=2, fsdp="full_shard auto_wrap"),
                      tmp_path, "ppo-fsdp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -122,6 +122,28 @@ def shard_like_policy(config, frozen, dtype, what: str):
     return engine
 
 
+def starting_copy(config, model, wrapper, dtype, cast: bool):
+    """(reference, its own ModelWrapper or None): a frozen copy of the policy's starting weights. In one process or
+    under ZeRO-0/2 a deep copy (cast to the compute dtype when `cast`; ppo keeps the policy's dtype and runs it under
+    the policy's autocast); over several processes under ZeRO-3 or FSDP loaded again from model_name_or_path and
+    partitioned or sharded like the policy."""
+    import torch
+
+    if not (_shards(config) and config.training.world_size > 1):
+        import copy
+
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        if cast and dtype is not None:
+            reference.to(dtype)
+        return reference, None
+    from trainer.model.wrapper import ModelWrapper
+
+    reference = load_frozen(config, config.model.model_name_or_path, None, model, dtype or torch.float32,
+                            "model_name_or_path", "Reference model")
+    own = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked, liger=wrapper.liger)
+    return shard_like_policy(config, reference, dtype, "Reference model"), own
+
+
 class Pairwise(Stage):
     """A stage whose item is one preference pair: its chosen and rejected sequences, end to end, the rejected one
     sharing the chosen one's prompt where the attention path allows (pref_prefix_sharing)."""
@@ -229,20 +251,14 @@ class ReferenceStage(Pairwise):
         copy_wanted = self.copies_reference and t.do_train  # an eval-only run's reference is the model it loaded
         if not (self.separate_reference or copy_wanted):
             return
-        if not self.separate_reference and not sharded:
-            import copy
-
-            self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-            if dtype is not None:
-                self.reference.to(dtype)
+        if not self.separate_reference:
+            self.reference, self.reference_wrapper = starting_copy(self.config, model, wrapper, dtype, cast=True)
             return
         from trainer.model.wrapper import ModelWrapper
 
         o = self.opts
-        path = o.ref_model if self.separate_reference else self.config.model.model_name_or_path
-        key = "ref_model" if self.separate_reference else "model_name_or_path"
-        reference = load_frozen(self.config, path, o.ref_model_adapters if self.separate_reference else None, model,
-                                dtype or torch.float32, key, "Reference model")
+        reference = load_frozen(self.config, o.ref_model, o.ref_model_adapters, model, dtype or torch.float32,
+                                "ref_model", "Reference model")
         self.reference_wrapper = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked,
                                               liger=wrapper.liger)
         self.reference = shard_like_policy(self.config, reference, dtype, "Reference model") if sharded else reference

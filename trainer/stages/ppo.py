@@ -239,7 +239,7 @@ class PPO(WithValueHead, Stage):
         import torch
 
         from trainer.model.adapters import peft_model
-        from trainer.stages.pairs import _shards, load_frozen, shard_like_policy
+        from trainer.stages.pairs import _shards, load_frozen, shard_like_policy, starting_copy
 
         t, o = self.config.training, self.opts
         # The template's stop tokens, as run() set them (the Trainer later aligns generation_config with the
@@ -249,20 +249,9 @@ class PPO(WithValueHead, Stage):
         dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
         sharded = _shards(self.config) and t.world_size > 1
         if self.uses_reference and peft_model(model) is None and t.do_train:
-            # full / freeze: a frozen copy of the starting weights (LoRA runs switch their adapters off instead)
-            if not sharded:
-                import copy
-
-                # In the policy's own dtype and run under the policy's autocast (rollouts._precision), so that
-                # before the first update its log-probs are the policy's exactly.
-                self.reference = copy.deepcopy(model).requires_grad_(False).eval()
-            else:
-                from trainer.model.wrapper import ModelWrapper
-
-                ref = load_frozen(self.config, self.config.model.model_name_or_path, None, model,
-                                  dtype or torch.float32, "model_name_or_path", "Reference model")
-                self.reference_wrapper = ModelWrapper(ref, chunk_size=wrapper.chunk_size)
-                self.reference = shard_like_policy(self.config, ref, dtype, "Reference model")
+            # full / freeze: a frozen copy of the starting weights, kept in the policy's dtype and run under its
+            # autocast (rollouts._precision), so that before the first update its log-probs are the policy's exactly
+            self.reference, self.reference_wrapper = starting_copy(self.config, model, wrapper, dtype, cast=False)
         if o.reward_model_type == "full":
             from trainer.model.wrapper import ModelWrapper
             from trainer.stages.rewards import ModelReward, load_value_head

@@ -149,16 +149,14 @@ def _advantages(stage, trainer, samples: list[Sample], scores: torch.Tensor) -> 
     lengths = [len(s.response) for s in samples]
     width = max(lengths)
     mask = (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).float()
-    kl = None
-    if stage.uses_reference:
-        kl = ((_padded([s.old_logps for s in samples], width) - _padded([s.ref_logps for s in samples], width))
-              * mask).sum(1)
+    logps = _padded([s.old_logps for s in samples], width)
+    ref = _padded([s.ref_logps for s in samples], width) if stage.uses_reference else None
+    kl = ((logps - ref) * mask).sum(1) if ref is not None else None
     if stage.grpo:
         group = rl.group_advantages(scores, stage.samples)
         for s, a in zip(samples, group.tolist()):
             s.advantages = torch.full((len(s.response),), a)
         return kl
-    logps, ref = _padded([s.old_logps for s in samples], width), _padded([s.ref_logps for s in samples], width)
     values = _padded([s.old_values for s in samples], width)
     rewards, _ = rl.token_rewards(scores, logps, ref, mask, stage.kl_control.value)
     if o.ppo_whiten_rewards:
