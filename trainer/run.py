@@ -166,6 +166,9 @@ def run(config: RunConfig) -> dict:
         raise ConfigError("Several GPUs in one process: launch with `zerotune train` (it starts one process per "
                           "GPU) or with deepspeed/torchrun.")
     set_seed(t.seed)
+    from trainer.engine.host_memory import keep_freed_memory
+
+    keep_freed_memory(on_cpu=t.use_cpu or not torch.cuda.is_available())
     if t.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # ZeRO-3 partitions weights as they load (zero.Init), which needs DeepSpeed's view of the process group.
         import deepspeed

@@ -1,0 +1,140 @@
+"""The CPU's chunked matmul attention (trainer/model/cpu_attention.py): exact in float64 against SDPA with an
+explicit bottom-right causal mask (values and gradients, GQA, segments spanning several chunks, keys of a shared
+prompt in front), no less accurate than the flash kernel it replaces in bf16, actually taken by a bf16 model's
+segment attention, and a bf16 LoRA run's first losses equal to the same run through the flash kernel."""
+
+import os
+import resource
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tiny import base_config, train_with
+from trainer.config import cpu_supports_bf16
+from trainer.model import cpu_attention
+from trainer.model.kernels import segment_attention
+
+
+def _reference(q, k, v, scale):
+    """SDPA over the whole segment with the mask spelled out: query i of n sees keys 0 .. (Lk - n) + i."""
+    lq, lk = q.shape[1], k.shape[1]
+    mask = torch.ones(lq, lk, dtype=torch.bool).tril(diagonal=lk - lq)
+    return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
+
+
+def _inputs(h, hkv, lq, lk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(h, lq, d, generator=g, dtype=dtype).requires_grad_()
+    k = torch.randn(hkv, lk, d, generator=g, dtype=dtype).requires_grad_()
+    v = torch.randn(hkv, lk, d, generator=g, dtype=dtype).requires_grad_()
+    return q, k, v, torch.randn(h, lq, d, generator=g, dtype=dtype)
+
+
+@pytest.mark.parametrize("lq,shared", [(1, 0), (4, 0), (9, 0), (17, 0), (6, 5), (13, 3)])
+@pytest.mark.parametrize("h,hkv", [(4, 2), (3, 3)])
+def test_chunked_attention_is_exact_in_float64(monkeypatch, lq, shared, h, hkv):
+    monkeypatch.setattr(cpu_attention, "CHUNK", 4)  # several chunks and a ragged last one at these lengths
+    q, k, v, grad = _inputs(h, hkv, lq, lq + shared, 8, torch.float64)
+    got = cpu_attention.attention(q, k, v, 0.3)
+    ref = _reference(q, k, v, 0.3)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [37, 300])
+def test_bf16_error_no_larger_than_the_flash_kernel(n):
+    q, k, v, grad = _inputs(9, 3, n, n, 64, torch.bfloat16, seed=n)
+    exact = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = _reference(*exact, 0.125)
+    ref_grads = torch.autograd.grad(ref, exact, grad.double())
+
+    def error(out):
+        grads = torch.autograd.grad(out, (q, k, v), grad)
+        return max((a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads)))
+
+    chunked = error(cpu_attention.attention(q, k, v, 0.125))
+    flash = error(F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=0.125,
+                                                 enable_gqa=True)[0])
+    assert chunked < 0.1
+    assert chunked <= 1.5 * flash, (chunked, flash)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+    training = True
+
+
+def test_bf16_segments_take_the_chunked_path_and_fp32_keeps_sdpa(monkeypatch):
+    calls = []
+    original = cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: calls.append(a[0].shape) or original(*a))
+    lengths = [5, 11, 2]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    for dtype, expected in ((torch.bfloat16, 3), (torch.float32, 0)):
+        calls.clear()
+        q, k, v, _ = _inputs(4, 2, sum(lengths), sum(lengths), 8, dtype)
+        out, _ = segment_attention(_Module(), q[None], k[None], v[None], None, position_ids=pos)
+        assert len(calls) == expected
+        ref = torch.cat([_reference(qs, ks, vs, 8 ** -0.5) for qs, ks, vs in
+                         zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1)
+        torch.testing.assert_close(out[0], ref.transpose(0, 1), rtol=2e-2, atol=2e-2)
+    calls.clear()
+    q, k, v, _ = _inputs(4, 2, sum(lengths), sum(lengths), 8, torch.bfloat16)
+    segment_attention(_Module(), q[None], k[None], v[None], None, dropout=0.1, position_ids=pos)
+    assert not calls  # dropout keeps SDPA (the chunked path has none)
+
+
+@pytest.mark.skipif(not cpu_supports_bf16(), reason="this CPU has no native bf16 (zerotune trains in fp32 there)")
+def test_bf16_lora_losses_equal_the_flash_kernel_run(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """The first steps of a bf16 LoRA run through the chunked path follow the same run through the flash kernel
+    (the implementation before it) to bf16 precision."""
+    common = dict(max_steps=5, learning_rate=1e-2, per_device_train_batch_size=4, bf16=True, lora_target="all")
+    chunked = _losses_of(train_with(base_config(tiny_model_dir, data_dir, tmp_path / "chunked", **common))[1])
+    monkeypatch.setattr(cpu_attention, "fits", lambda query, dropout: False)
+    flash = _losses_of(train_with(base_config(tiny_model_dir, data_dir, tmp_path / "flash", **common))[1])
+    assert len(chunked) == len(flash) == 5
+    assert chunked == pytest.approx(flash, rel=5e-3)
+    assert chunked[-1] < chunked[0] - 0.1
+
+
+def _losses_of(state: dict) -> list[float]:
+    return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def test_freed_host_memory_is_reused_not_faulted_in_again():
+    """64 MiB tensors allocated and freed in a loop: with the thresholds raised the pages stay mapped (no minor
+    page faults once the heap has settled), without them each allocation is a fresh mmap that faults all of its
+    pages in again."""
+    script = """
+import resource, sys, torch
+from trainer.engine.host_memory import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory(on_cpu=True)
+for _ in range(12):  # the heap settles first (an aligned block does not fit exactly in the one just freed)
+    torch.empty(1 << 24).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    torch.empty(1 << 24).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True,
+                                       check=True, env=env).stdout.split()[-1]) for mode in ("keep", "default")}
+    pages = 10 * (1 << 26) // resource.getpagesize()
+    assert faults["default"] > pages // 2, faults
+    assert faults["keep"] < pages // 20, faults
+
+
+def test_a_users_own_allocator_choice_is_left_alone(monkeypatch):
+    from trainer.engine import host_memory
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "0")
+    assert host_memory.keep_freed_memory(on_cpu=True) is False
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
+    assert host_memory.user_chose() == "LD_PRELOAD"
+    assert host_memory.keep_freed_memory(on_cpu=True) is False
