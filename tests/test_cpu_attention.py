@@ -82,6 +82,15 @@ def test_bf16_segments_take_the_chunked_path_and_fp32_keeps_sdpa(monkeypatch):
         ref = torch.cat([_reference(qs, ks, vs, 8 ** -0.5) for qs, ks, vs in
                          zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1)
         torch.testing.assert_close(out[0], ref.transpose(0, 1), rtol=2e-2, atol=2e-2)
+    # A full fine-tune's fp32 queries under bf16 autocast: SDPA would compute in bf16, so the chunked path runs.
+    calls.clear()
+    q, k, v, _ = _inputs(4, 2, sum(lengths), sum(lengths), 8, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = segment_attention(_Module(), q[None], k[None], v[None], None, position_ids=pos)
+    assert len(calls) == 3 and out.dtype == torch.bfloat16
+    ref = torch.cat([_reference(qs, ks, vs, 8 ** -0.5) for qs, ks, vs in
+                     zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], 1)
+    torch.testing.assert_close(out[0].float(), ref.transpose(0, 1), rtol=2e-2, atol=2e-2)
     calls.clear()
     q, k, v, _ = _inputs(4, 2, sum(lengths), sum(lengths), 8, torch.bfloat16)
     segment_attention(_Module(), q[None], k[None], v[None], None, dropout=0.1, position_ids=pos)

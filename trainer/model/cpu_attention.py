@@ -21,15 +21,25 @@ import torch
 CHUNK = 128  # query rows a piece: scores stay cache-sized, the masked part one diagonal block (128 measured best)
 
 
+def compute_dtype(query: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA would compute in: bf16 autocast casts fp32 queries (a full fine-tune's fp32 residual stream
+    makes RoPE's output fp32) down to bf16 inside SDPA."""
+    if query.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
+        return torch.get_autocast_dtype("cpu")
+    return query.dtype
+
+
 def fits(query: torch.Tensor, dropout: float) -> bool:
     """bf16 on the CPU without dropout: where this path is measured faster than the flash kernel (in fp32 the
     two run level, so fp32 keeps the kernel)."""
-    return query.device.type == "cpu" and query.dtype == torch.bfloat16 and dropout == 0.0
+    return query.device.type == "cpu" and compute_dtype(query) == torch.bfloat16 and dropout == 0.0
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [H, Lq, D], k/v [Hkv, Lk, D] with Lk >= Lq, causal aligned bottom-right -> [H, Lq, D]."""
-    return _ChunkedAttention.apply(q, k, v, scale)
+    """q [H, Lq, D], k/v [Hkv, Lk, D] with Lk >= Lq, causal aligned bottom-right -> [H, Lq, D], computed in the
+    inputs' dtype whatever autocast says (the caller casts as autocast would have)."""
+    with torch.autocast("cpu", enabled=False):
+        return _ChunkedAttention.apply(q, k, v, scale)
 
 
 def _grouped(x: torch.Tensor, groups: int, a: int, b: int) -> torch.Tensor:

@@ -118,6 +118,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return _flash_rows(query, key, value, row_lengths, prefixes, p, scaling), None
     gqa = query.shape[1] != key.shape[1]
     chunked = cpu_attention.fits(query, p)  # the CPU's faster bf16 path (same causal alignment as the mask below)
+    if chunked:  # as bf16 autocast would cast them for SDPA, once for the whole batch
+        query, key, value = (t.to(torch.bfloat16) for t in (query, key, value))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # unbind/split/cat rather than slice assignment: their backward is one stack/cat per row, where
     # every sliced read or write would allocate and zero a full-size gradient in backward (measured: ~15%
