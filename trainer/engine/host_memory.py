@@ -20,7 +20,8 @@ import platform
 logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
-KEEP = 1 << 30  # blocks up to 1 GiB from the heap, up to 1 GiB of freed heap kept
+MMAP_ABOVE = 1 << 30  # blocks up to 1 GiB come from the heap
+NEVER_TRIM = -1  # mallopt(3): -1 turns trimming off (a 1 GiB threshold still trimmed the heap after each step)
 
 
 def user_chose() -> str | None:
@@ -43,9 +44,9 @@ def keep_freed_memory(on_cpu: bool) -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        raised = libc.mallopt(M_MMAP_THRESHOLD, KEEP) == 1 and libc.mallopt(M_TRIM_THRESHOLD, KEEP) == 1
+        raised = libc.mallopt(M_MMAP_THRESHOLD, MMAP_ABOVE) == 1 and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM) == 1
     except (OSError, AttributeError):
         raised = False
     if raised:
-        logger.info("CPU training: freed host memory is kept for the next step (glibc mmap/trim thresholds 1 GiB).")
+        logger.info("CPU training: freed host memory is kept for the next step (glibc: heap blocks up to 1 GiB, no trim).")
     return raised

@@ -38,10 +38,14 @@ class _Workspace:
         self.low = None if cdtype == acc else weight.new_empty(rows, weight.shape[0], dtype=cdtype)
 
     def logits(self, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-        """h @ w.T (+ b) in the compute dtype, then widened: a softmax over a large vocabulary needs fp32."""
+        """h @ w.T (+ b) in the compute dtype. Without a bias a bf16 chunk stays bf16 here: _nll_'s first pass
+        widens it into `wide` as it subtracts the row maximum (one pass over the chunk instead of two; the same
+        fp32 values, since widening bf16 is exact). A bias is added in fp32, after widening."""
         n = h.shape[0]
         if self.low is None:
             out = torch.mm(h, w.T, out=self.wide[:n])
+        elif b is None:
+            return torch.mm(h, w.T, out=self.low[:n])
         else:
             out = self.wide[:n].copy_(torch.mm(h, w.T, out=self.low[:n]))
         return out if b is None else out.add_(b)
@@ -51,15 +55,17 @@ class _Workspace:
         return d_logits if self.low is None else self.low[:d_logits.shape[0]].copy_(d_logits)
 
 
-def _nll_(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool):
-    """(nll, d nll / d logits = softmax - onehot or None), overwriting logits (no [chunk x vocab] temporaries)."""
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1)
-    peak = logits.amax(1, keepdim=True)
-    sums = logits.sub_(peak).exp_().sum(1)
+def _nll_(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, wide: torch.Tensor):
+    """(nll, d nll / d logits = softmax - onehot or None) in fp32 (at least), computed in `wide` (the chunk's fp32
+    buffer, which may be `logits` itself): no [chunk x vocab] temporaries."""
+    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(wide.dtype)
+    peak = logits.amax(1, keepdim=True).to(wide.dtype)
+    exps = torch.sub(logits, peak, out=wide[:len(targets)]).exp_()
+    sums = exps.sum(1)
     nll = peak.squeeze(1) + sums.log() - picked
     if not want_grad:
         return nll, None
-    probs = logits.div_(sums.unsqueeze(1))
+    probs = exps.div_(sums.unsqueeze(1))
     probs[torch.arange(len(targets), device=targets.device), targets] -= 1
     return nll, probs
 
@@ -80,7 +86,7 @@ class _LinearNLL(torch.autograd.Function):
         grad_b = torch.zeros_like(bias, dtype=acc) if need_b else None
         for s in range(0, len(targets), chunk_size):
             h, t = hidden[s:s + chunk_size].to(cdtype), targets[s:s + chunk_size]
-            nll[s:s + len(t)], d_logits = _nll_(work.logits(h, w, b), t, need_h or need_w or need_b)
+            nll[s:s + len(t)], d_logits = _nll_(work.logits(h, w, b), t, need_h or need_w or need_b, work.wide)
             if d_logits is None:
                 continue
             if need_b:
@@ -121,7 +127,7 @@ def _weighted_head_grads(hidden, weight, bias, targets, g, chunk_size, cdtype, n
     d_b = torch.zeros_like(bias, dtype=acc) if need_b else None
     for s in range(0, len(targets), chunk_size):
         h, t = hidden[s:s + chunk_size].to(cdtype), targets[s:s + chunk_size]
-        d_logits = _nll_(work.logits(h, w, b), t, True)[1].mul_(g[s:s + len(t)].unsqueeze(1))
+        d_logits = _nll_(work.logits(h, w, b), t, True, work.wide)[1].mul_(g[s:s + len(t)].unsqueeze(1))
         if need_b:
             d_b += d_logits.sum(0)
         if need_w:
@@ -130,7 +136,7 @@ def _weighted_head_grads(hidden, weight, bias, targets, g, chunk_size, cdtype, n
 
 
 def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      targets: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+                      targets: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
     """Per-token negative log-likelihood of `targets` (0 where ignored), at least fp32. hidden: [N, H]; targets: [N]."""
     cdtype = _compute_dtype(hidden.device.type, hidden.dtype)
     keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
@@ -152,7 +158,7 @@ def shift_targets(labels: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def chunked_token_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                          targets: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+                          targets: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
     """Entropy of the next-token distribution at each position that has a target (0 elsewhere), chunk by chunk:
     a metric (ppo logs it), so without gradient. hidden: [N, H] (already divided by any temperature)."""
     keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)

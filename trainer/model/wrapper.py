@@ -103,7 +103,7 @@ def _post_processes_logits(config) -> bool:
 class ModelWrapper:
     """Holds how to get token losses out of one (possibly adapter-wrapped) causal LM."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 2048, chunked: bool = True, liger: bool = False):
+    def __init__(self, model: nn.Module, chunk_size: int = 512, chunked: bool = True, liger: bool = False):
         self.chunk_size = chunk_size
         base = _base_model(model)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
