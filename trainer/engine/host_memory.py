@@ -4,9 +4,9 @@ A training step allocates and frees the same large activation and gradient buffe
 blocks above its mmap threshold (at most 32 MiB by default) with fresh mmap()s and returns freed heap tops
 above its trim threshold to the kernel, so every step pays page faults and the kernel's zeroing of those
 pages again: on a 2-core AVX512-BF16 EPYC a LoRA sft step of SmolLM2-135M ran 19% faster and a full
-fine-tune 12% faster with both thresholds raised, for 0.1 GB more peak RSS (benchmarks/RESULTS.md,
-"Host memory"). PyTorch's CPU tuning guides reach the same end by preloading jemalloc or tcmalloc; this needs
-no preload. GPUs are untouched (CUDA's caching allocator already reuses memory), and a user who chose an
+fine-tune 12% faster with both thresholds at 1 GiB, for 0.1 GB more peak RSS; with trimming off the profiled
+LoRA step lost another 8% of its op time (benchmarks/RESULTS.md, "Throughput round 2"). PyTorch's CPU tuning
+guides reach the same end by preloading jemalloc or tcmalloc; this needs no preload. GPUs are untouched (CUDA's caching allocator already reuses memory), and a user who chose an
 allocator (LD_PRELOAD) or glibc's own settings (MALLOC_*_ environment variables) keeps the choice.
 """
 
