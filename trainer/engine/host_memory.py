@@ -6,8 +6,9 @@ above its trim threshold to the kernel, so every step pays page faults and the k
 pages again: on a 2-core AVX512-BF16 EPYC a LoRA sft step of SmolLM2-135M ran 19% faster and a full
 fine-tune 12% faster with both thresholds at 1 GiB, for 0.1 GB more peak RSS; with trimming off the profiled
 LoRA step lost another 8% of its op time (benchmarks/RESULTS.md, "Throughput round 2"). PyTorch's CPU tuning
-guides reach the same end by preloading jemalloc or tcmalloc; this needs no preload. GPUs are untouched (CUDA's caching allocator already reuses memory), and a user who chose an
-allocator (LD_PRELOAD) or glibc's own settings (MALLOC_*_ environment variables) keeps the choice.
+guides reach the same end by preloading jemalloc or tcmalloc; this needs no preload. GPUs are untouched (CUDA's
+caching allocator already reuses memory), and a user who chose an allocator (LD_PRELOAD) or glibc's own settings
+(MALLOC_*_ environment variables, GLIBC_TUNABLES) keeps the choice.
 """
 
 from __future__ import annotations
@@ -48,5 +49,6 @@ def keep_freed_memory(on_cpu: bool) -> bool:
     except (OSError, AttributeError):
         raised = False
     if raised:
-        logger.info("CPU training: freed host memory is kept for the next step (glibc: heap blocks up to 1 GiB, no trim).")
+        logger.info("CPU training: freed host memory is kept for the next step (glibc: heap blocks up to 1 GiB, "
+                    "no trim).")
     return raised

@@ -1,11 +1,11 @@
 """Causal attention of one segment as a few large matmuls: the CPU's faster path for the lengths sft trains on.
 
 PyTorch's CPU flash-attention kernel walks small tiles and reaches 60-100 GFLOP/s in bf16 on a 2-core AVX512-BF16
-EPYC whose matmuls run at ~380; this path runs 1.4-2.3x faster at 64-2048 tokens (python -m benchmarks.attention). For a segment of a few hundred tokens the whole
-score matrix fits in cache-sized pieces, so this path computes it with batched matmuls (oneDNN, near the matmul
-peak) and one fused softmax pass, in query chunks of CHUNK rows: chunk i only multiplies against the keys it can
-see (bottom-right causal), so the masked half of the matrix is mostly never computed. Backward recomputes each
-chunk's probabilities instead of keeping them (what is kept equals what flash-attention keeps, not L^2 per head).
+EPYC whose matmuls run at ~380; this path runs 1.5-2.2x faster at 64-2048 tokens (python -m benchmarks.attention).
+It computes the scores with batched matmuls (oneDNN) and one fused softmax pass, in query chunks of CHUNK rows:
+chunk i only multiplies against the keys it can see (bottom-right causal), so the masked half of the matrix is
+mostly never computed. Backward recomputes each chunk's probabilities instead of keeping them (what is kept is
+q, k and v, no L^2 per head).
 
 The numbers are those of transformers' eager attention in bf16: scores and probabilities rounded to bf16, the
 softmax itself in fp32 inside the kernel. The scale is folded into the queries (exact when it is a power of two,

@@ -7,7 +7,7 @@ own block instead (sum of L_i^2). It reads the example boundaries from the batch
 collator computes them once per batch: the same layout FlashAttention-2 varlen reads), converted to host
 integers once per forward pass, not once per layer. It is the pure-torch counterpart of FlashAttention-2
 varlen, for CPUs and GPUs without flash-attn. On the CPU in bf16 each segment runs cpu_attention's chunked
-matmuls rather than SDPA's flash kernel (1.4-2.3x faster there, same mask, eager attention's rounding).
+matmuls rather than SDPA's flash kernel (1.5-2.2x faster there, same mask, eager attention's rounding).
 
 A preference pair's rejected sequence can share the chosen one's prompt (the collator's `shared_prefix`: per
 segment, how many tokens at the start of the segment before it it also attends to). Its queries then see those
