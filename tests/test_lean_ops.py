@@ -144,3 +144,76 @@ def test_lora_input_cast_skipped_under_autocast_only():
     assert _saved_bytes(lean.get_base_model(), ids) < _saved_bytes(ref.get_base_model(), ids)
     with torch.no_grad():  # no autocast: PEFT's cast to the adapters' fp32 still applies
         assert torch.isfinite(lean(input_ids=ids[:, :8], use_cache=False).logits).all()
+
+
+def _lora_pair(dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    def build():
+        model = get_peft_model(_tiny_llama(hidden=64, dtype=torch.bfloat16),
+                               LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules="all-linear",
+                                          init_lora_weights=False))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return model
+
+    return build(), build()
+
+
+def test_fused_lora_forward_follows_peft_to_bf16_rounding():
+    """base + s * B(A(x)) as one addmm (scale folded into B, the sum into the accumulator). One adapted layer under
+    autocast: output and the x / A / B gradients no further from a float64 computation than PEFT's own forward (and
+    within bf16 rounding of it); without autocast, or with the adapter disabled, PEFT's forward runs as it is."""
+    from peft import LoraConfig, get_peft_model
+
+    from trainer.model.lean_ops import fuse_lora_forward
+
+    def build():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(96, 160, bias=False).to(torch.bfloat16))
+        model = get_peft_model(net, LoraConfig(r=4, lora_alpha=12, target_modules=["0"], init_lora_weights=False))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return model
+
+    ref, fused = build(), build()
+    assert fuse_lora_forward(fused) == 1
+    x = torch.randn(300, 96)
+    grad = torch.randn(300, 160)
+
+    def run(model, dtype=torch.bfloat16, autocast=True):
+        inp = x.to(dtype).requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(inp)
+        out.backward(grad.to(out.dtype))
+        trained = [p.grad for p in model.parameters() if p.requires_grad]
+        return [t.double() for t in (out, inp.grad, *trained)]
+
+    exact = copy.deepcopy(ref).double()
+    got, peft, truth = run(fused), run(ref), run(exact, torch.float64, autocast=False)
+    assert not torch.equal(got[0], peft[0])  # the fused path ran: its single rounding differs somewhere
+    for g, p, t in zip(got, peft, truth):
+        scale = t.abs().max()
+        assert (g - t).abs().max() <= 1.5 * (p - t).abs().max() + 1e-3 * scale
+        torch.testing.assert_close(g, p, rtol=0, atol=0.02 * scale.item())
+    with torch.no_grad():
+        inp = x.bfloat16()
+        torch.testing.assert_close(fused(inp), ref(inp), rtol=0, atol=0)
+        with fused.disable_adapter(), ref.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.testing.assert_close(fused(inp), ref(inp), rtol=0, atol=0)
+
+
+def test_fused_lora_forward_leaves_dropout_to_peft():
+    from trainer.model.lean_ops import fuse_lora_forward
+
+    ref, fused = _lora_pair(dropout=0.5)
+    fuse_lora_forward(fused)
+    ids = torch.randint(0, 64, (1, 32))
+    for model in (ref, fused):
+        torch.manual_seed(3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.train()
+            model.logits_ = model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(fused.logits_, ref.logits_, rtol=0, atol=0)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from trainer.errors import ConfigError
-from trainer.model.lean_ops import lean_lora_inputs
+from trainer.model.lean_ops import lean_lora
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def apply_lora(model, args, adapter_path: str | None, is_trainable: bool):
 
     if adapter_path:
         model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
-        lean_lora_inputs(model)
+        lean_lora(model)
         logger.info("Loaded LoRA adapter from %s.", adapter_path)
         return model
     targets = all_linear_names(model) if args.lora_target == ["all"] else list(args.lora_target)
@@ -52,7 +52,7 @@ def apply_lora(model, args, adapter_path: str | None, is_trainable: bool):
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, modules_to_save=args.additional_target, task_type="CAUSAL_LM")
     model = get_peft_model(model, config)
-    lean_lora_inputs(model)
+    lean_lora(model)
     logger.info("LoRA r=%d alpha=%d on %s.", args.lora_rank, args.lora_alpha, ",".join(targets))
     return model
 

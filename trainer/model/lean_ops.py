@@ -138,3 +138,49 @@ def lean_lora_inputs(model: nn.Module) -> int:
     for m in layers:
         m._cast_input_dtype = types.MethodType(_cast_unless_autocast, m)
     return len(layers)
+
+
+def _plain_adapter(layer) -> str | None:
+    """The one active vanilla LoRA adapter of a layer (no dropout, variant, bias or merge), else None."""
+    if layer.disable_adapters or layer.merged:
+        return None
+    active = [a for a in layer.active_adapters if a in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    weight = layer.lora_B[name].weight
+    if (name in layer.lora_variant or layer.lora_B[name].bias is not None
+            or not isinstance(layer.lora_dropout[name], nn.Identity)
+            or hasattr(weight, "ds_id")):  # ZeRO-3 gathers lora_B's weight only when lora_B itself is called
+        return None
+    return name
+
+
+def _fused_lora_forward(self, x, *args, **kwargs):
+    """base(x) + s * B(A(x)) as one addmm under autocast: the scale goes into B's (tiny) weight and the sum into the
+    matmul's accumulator, so the [tokens x out] product is neither scaled nor added in passes of their own, forward
+    or backward (PEFT runs both, for every adapted layer). Anything else runs PEFT's own forward."""
+    name = _plain_adapter(self)
+    if name is None or args or kwargs or not torch.is_autocast_enabled(x.device.type):
+        return type(self).forward(self, x, *args, **kwargs)
+    base = self.base_layer(x)
+    down = self.lora_A[name](x)
+    up = (self.lora_B[name].weight * self.scaling[name]).T
+    out = torch.addmm(base.reshape(-1, base.shape[-1]), down.reshape(-1, down.shape[-1]), up)
+    return out.view(base.shape)
+
+
+def fuse_lora_forward(model: nn.Module) -> int:
+    """Give every PEFT LoRA Linear the fused forward; returns how many layers."""
+    from peft.tuners.lora.layer import Linear
+
+    layers = [m for m in model.modules() if type(m) is Linear]
+    for m in layers:
+        m.forward = types.MethodType(_fused_lora_forward, m)
+    return len(layers)
+
+
+def lean_lora(model: nn.Module) -> None:
+    """Both LoRA changes: no fp32 input copy under autocast, and the fused forward."""
+    lean_lora_inputs(model)
+    fuse_lora_forward(model)
