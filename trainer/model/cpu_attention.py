@@ -18,21 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from trainer.model.losses import compute_dtype
+
 CHUNK = 128  # query rows a piece: scores stay cache-sized, the masked part one diagonal block (128 measured best)
-
-
-def compute_dtype(query: torch.Tensor) -> torch.dtype:
-    """The dtype SDPA would compute in: bf16 autocast casts fp32 queries (a full fine-tune's fp32 residual stream
-    makes RoPE's output fp32) down to bf16 inside SDPA."""
-    if query.dtype == torch.float32 and torch.is_autocast_enabled("cpu"):
-        return torch.get_autocast_dtype("cpu")
-    return query.dtype
 
 
 def fits(query: torch.Tensor, dropout: float) -> bool:
     """bf16 on the CPU without dropout: where this path is measured faster than the flash kernel (in fp32 the
-    two run level, so fp32 keeps the kernel)."""
-    return query.device.type == "cpu" and compute_dtype(query) == torch.bfloat16 and dropout == 0.0
+    two run level, so fp32 keeps the kernel). Under bf16 autocast SDPA computes in bf16 whatever the queries are
+    (a full fine-tune's fp32 residual stream makes RoPE's output fp32), so this path does too."""
+    on_cpu = query.device.type == "cpu"
+    return on_cpu and compute_dtype("cpu", query.dtype) == torch.bfloat16 and dropout == 0.0
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def _compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
-    """The matmul dtype autocast would pick for the head (bf16/fp16 under autocast, else the input's)."""
+def compute_dtype(device_type: str, dtype: torch.dtype) -> torch.dtype:
+    """The matmul dtype autocast would pick (bf16/fp16 under autocast, else the input's): the loss head's, and
+    SDPA's for the CPU attention path."""
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return dtype
@@ -138,7 +139,7 @@ def _weighted_head_grads(hidden, weight, bias, targets, g, chunk_size, cdtype, n
 def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                       targets: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
     """Per-token negative log-likelihood of `targets` (0 where ignored), at least fp32. hidden: [N, H]; targets: [N]."""
-    cdtype = _compute_dtype(hidden.device.type, hidden.dtype)
+    cdtype = compute_dtype(hidden.device.type, hidden.dtype)
     keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
     out = hidden.new_zeros(targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
     if keep.numel() == 0:
