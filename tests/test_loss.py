@@ -72,6 +72,29 @@ def test_chunked_nll_under_bf16_autocast_matches_the_plain_head():
         torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_nll_of_targets_far_below_the_max(bf16):
+    """A target 100-300 nats below the row's max: its softmax underflows to 0 in fp32 (so -log p would be inf),
+    yet the nll is logsumexp - logit exactly, and its gradient is softmax - onehot (-1 at the target)."""
+    torch.manual_seed(3)
+    n, h, v = 12, 8, 300
+    hidden = torch.randn(n, h)
+    weight = torch.randn(v, h) * 0.1
+    targets = torch.randint(0, v, (n,))
+    weight[targets[:6]] = -hidden[:6] * torch.linspace(100, 300, 6).unsqueeze(1) / hidden[:6].pow(2).sum(1, True)
+    weight.requires_grad_(True)
+    hidden.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        got = chunked_token_nll(hidden, weight, None, targets, 5)
+        logits = F.linear(hidden, weight).double()  # what the head computes from (bf16 under autocast), exactly
+    ref = F.cross_entropy(logits, targets, reduction="none")
+    assert ref[:6].min() > 90 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-5)
+    g_got = torch.autograd.grad(got.sum(), hidden)[0]
+    g_ref = torch.autograd.grad(ref.sum(), hidden)[0]
+    torch.testing.assert_close(g_got, g_ref, rtol=2e-2 if bf16 else 1e-5, atol=1e-2 if bf16 else 1e-5)
+
+
 @pytest.fixture()
 def many_rows_dir(tmp_path):
     return write_dataset_dir(tmp_path / "data48", alpaca_rows(48))
@@ -126,7 +149,9 @@ def test_split_passes_train_exactly_like_the_whole_batch(tiny_model_dir, many_ro
         assert norm == pytest.approx(ref_norm, rel=1e-4), rows
         assert weights.keys() == ref_weights.keys()
         for name in ref_weights:
-            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=1e-5, msg=name)
+            # Adam divides each gradient by its own running scale, so an element whose gradient is ~0 moves by
+            # float noise times the lr (1e-2): summation order alone (one pass vs several) shows there.
+            torch.testing.assert_close(weights[name], ref_weights[name], rtol=1e-4, atol=5e-5, msg=name)
 
 
 def test_logged_loss_is_the_token_mean_of_the_global_batch(tiny_model_dir, many_rows_dir, tmp_path):

@@ -59,15 +59,21 @@ class _Workspace:
 def _nll_(logits: torch.Tensor, targets: torch.Tensor, want_grad: bool, wide: torch.Tensor):
     """(nll, d nll / d logits = softmax - onehot or None) in fp32 (at least), computed in `wide` (the chunk's fp32
     buffer, which may be `logits` itself): no [chunk x vocab] temporaries."""
-    picked = logits.gather(1, targets.unsqueeze(1)).squeeze(1).to(wide.dtype)
-    peak = logits.amax(1, keepdim=True).to(wide.dtype)
-    exps = torch.sub(logits, peak, out=wide[:len(targets)]).exp_()
-    sums = exps.sum(1)
-    nll = peak.squeeze(1) + sums.log() - picked
+    rows = torch.arange(len(targets), device=targets.device)
+    picked = logits[rows, targets].to(wide.dtype)
+    peak, top = logits.max(1)
+    # One fused softmax pass, in place in the fp32 buffer (the row is read before it is written, by rows), instead of
+    # subtract-max, exp, sum and divide as passes of their own over [chunk x vocab]: a third of the time.
+    probs = wide[:len(targets)]
+    if probs.data_ptr() != logits.data_ptr():
+        probs.copy_(logits)  # bf16 -> fp32 is exact
+    torch.ops.aten._softmax.out(probs, 1, False, out=probs)
+    # logsumexp = max - log(softmax at the argmax), since that softmax is exp(0) / sum: at least 1/vocab, so it never
+    # underflows (log(softmax at the target) would, for targets far below the max), and no host sync is needed.
+    nll = peak.to(wide.dtype) - probs[rows, top].log() - picked
     if not want_grad:
         return nll, None
-    probs = exps.div_(sums.unsqueeze(1))
-    probs[torch.arange(len(targets), device=targets.device), targets] -= 1
+    probs[rows, targets] -= 1
     return nll, probs
 
 
