@@ -35,14 +35,42 @@ def _inputs(h, hkv, lq, lk, d, dtype, seed=0):
 
 @pytest.mark.parametrize("lq,shared", [(1, 0), (4, 0), (9, 0), (17, 0), (6, 5), (13, 3)])
 @pytest.mark.parametrize("h,hkv", [(4, 2), (3, 3)])
-def test_chunked_attention_is_exact_in_float64(monkeypatch, lq, shared, h, hkv):
+@pytest.mark.parametrize("keep", [0, 64])  # backward recomputing the probabilities, or reading the kept ones
+def test_chunked_attention_is_exact_in_float64(monkeypatch, lq, shared, h, hkv, keep):
     monkeypatch.setattr(cpu_attention, "CHUNK", 4)  # several chunks and a ragged last one at these lengths
+    monkeypatch.setattr(cpu_attention, "KEEP_PROBS_UP_TO", keep)
     q, k, v, grad = _inputs(h, hkv, lq, lq + shared, 8, torch.float64)
     got = cpu_attention.attention(q, k, v, 0.3)
     ref = _reference(q, k, v, 0.3)
     torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_kept_probabilities_give_the_recomputed_gradients_and_only_where_they_fit(monkeypatch):
+    """bf16 (where the two paths could drift apart): keeping the probabilities changes nothing in the gradients;
+    segments longer than KEEP_PROBS_UP_TO keys, and forwards without gradient, keep none."""
+    q, k, v, grad = _inputs(9, 3, 300, 300, 64, torch.bfloat16, seed=7)
+    kept = {}
+    original = cpu_attention._ChunkedAttention.forward
+
+    def spy(ctx, *args):
+        out = original(ctx, *args)
+        kept["probs"] = ctx.probs
+        return out
+
+    monkeypatch.setattr(cpu_attention._ChunkedAttention, "forward", staticmethod(spy))
+    grads = {}
+    for keep in (0, 300, 299):
+        monkeypatch.setattr(cpu_attention, "KEEP_PROBS_UP_TO", keep)
+        out = cpu_attention.attention(q, k, v, 0.125)
+        assert (kept["probs"] is not None) == (keep >= 300)
+        grads[keep] = torch.autograd.grad(out, (q, k, v), grad)
+    for a, b in zip(grads[0], grads[300]):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        cpu_attention.attention(q, k, v, 0.125)
+    assert kept["probs"] is None
 
 
 @pytest.mark.parametrize("n", [37, 300])

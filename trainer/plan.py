@@ -80,7 +80,8 @@ def activation_gb(model_config, tokens: int, compute_bytes: int) -> float:
 
     Per token and layer: about 10 hidden-sized tensors (norm inputs/outputs, q, k, v, attention output,
     residuals) and 4 intermediate-sized ones (gate, up, their product, activation), in the compute dtype,
-    plus the fp32 residual stream. An estimate within a factor of ~1.5, enough to decide checkpointing.
+    plus the fp32 residual stream. An estimate within a factor of ~1.5, enough to decide checkpointing (the CPU's
+    bf16 attention also keeps the probabilities of segments up to 512 keys: at most heads x 640 bytes more).
     """
     hidden = getattr(model_config, "hidden_size", 0)
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
