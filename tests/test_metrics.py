@@ -70,3 +70,22 @@ def test_a_reference_forward_costs_two_flops_per_base_parameter(tiny_model_dir):
     assert counted == pytest.approx(LENGTH * (linear + head - 2 * _norms(model)), rel=1e-9)
     lora = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert forward_flops_per_token(lora) == (linear, head)
+
+
+def test_total_flos_count_is_transformers_own(tiny_model_dir):
+    """ZeroTrainer takes the parameter count once per model instead of walking the model every step; the
+    count must stay transformers' (6 x input tokens x non-embedding parameters), and follow a new model."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    from trainer.engine.trainer import ZeroTrainer
+
+    inputs = {"input_ids": torch.ones(3, 17, dtype=torch.long)}
+    first = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    second = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model_dir, num_hidden_layers=1))
+    ours, theirs = SimpleNamespace(model=first), SimpleNamespace(model=first)
+    for model in (first, first, second):
+        ours.model = theirs.model = model
+        assert ZeroTrainer.floating_point_ops(ours, inputs) == Trainer.floating_point_ops(theirs, inputs) > 0
+    assert ZeroTrainer.floating_point_ops(ours, {"labels": inputs["input_ids"]}) == 0

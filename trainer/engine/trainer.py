@@ -49,6 +49,7 @@ OVERRIDDEN = {
     "_load_best_model": ("self",),
     "_load_optimizer_and_scheduler": ("self", "checkpoint"),
     "_get_train_sampler": ("self", "train_dataset"),
+    "floating_point_ops": ("self", "inputs"),
 }
 
 
@@ -158,6 +159,16 @@ class ZeroTrainer(Trainer):
             flops += out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
                                              + head_tokens * self._forward_head)
         self._window["flops"] += flops
+
+    def floating_point_ops(self, inputs):
+        """transformers' total_flos count, 6 x input tokens x non-embedding parameters, with the parameter count taken
+        once per model: transformers walks every module and parameter for it on every step (4 ms a step here)."""
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if name not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if getattr(self, "_counted", (None,))[0] is not self.model:
+            self._counted = (self.model, self.model.num_parameters(exclude_embeddings=True))
+        return 6 * inputs[name].numel() * self._counted[1]
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = self.stage.train_sampler(self, train_dataset if train_dataset is not None else self.train_dataset)
