@@ -217,3 +217,75 @@ def test_fused_lora_forward_leaves_dropout_to_peft():
             model.train()
             model.logits_ = model(input_ids=ids, use_cache=False).logits
     torch.testing.assert_close(fused.logits_, ref.logits_, rtol=0, atol=0)
+
+
+def _rotary_inputs(dtype, table_dtype, tokens=37):
+    """q, k as transformers makes them (a transposed view of the projection), GQA, and a real RoPE table."""
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, tokens, 6, 16, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, tokens, 2, 16, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    angles = torch.arange(tokens).float()[:, None] * (10000 ** (-torch.arange(8) / 8))[None]
+    angles = torch.cat([angles, angles], -1).expand(2, tokens, 16)
+    return q, k, angles.cos().to(table_dtype), angles.sin().to(table_dtype)
+
+
+def _rotary_run(fn, q, k, cos, sin):
+    q.grad = k.grad = None
+    out_q, out_k = fn(q, k, cos, sin)
+    g = torch.Generator().manual_seed(5)
+    (out_q * torch.randn(out_q.shape, generator=g).to(out_q.dtype)).sum().backward(retain_graph=True)
+    (out_k * torch.randn(out_k.shape, generator=g).to(out_k.dtype)).sum().backward()
+    return out_q.detach(), out_k.detach(), q.grad.clone(), k.grad.clone()
+
+
+@pytest.mark.parametrize("dtype,table_dtype", [(torch.float64, torch.float64), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+def test_lean_rotary_values_and_gradients(dtype, table_dtype):
+    """Exact in float64; in bf16 (LoRA) and bf16 queries with an fp32 table (a full fine-tune under autocast) the
+    same dtypes as transformers' and errors against float64 no larger (it rounds once less)."""
+    from transformers.models.llama import modeling_llama
+
+    from trainer.model.lean_ops import _lean_rotary
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "zerotune_original", modeling_llama.apply_rotary_pos_emb)
+    lean = _lean_rotary(original)
+    q, k, cos, sin = _rotary_inputs(dtype, table_dtype)
+    ours, theirs = _rotary_run(lean, q, k, cos, sin), _rotary_run(original, q, k, cos, sin)
+    q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
+    exact = _rotary_run(original, q64, k64, cos.double(), sin.double())
+    for a, b, e in zip(ours, theirs, exact):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        else:
+            assert (a.double() - e).abs().max() <= (b.double() - e).abs().max()
+
+
+def test_lean_rotary_swaps_only_a_matching_function(monkeypatch):
+    """A Llama's modeling module gets the lean function (the model's output unchanged, fp32); a module whose
+    function computes something else keeps it."""
+    import sys
+    import types
+
+    from transformers.models.llama import modeling_llama
+
+    from trainer.model import lean_ops
+
+    original = getattr(modeling_llama.apply_rotary_pos_emb, "zerotune_original", modeling_llama.apply_rotary_pos_emb)
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", original)
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 12))
+    before = _run(model, ids)
+    assert lean_ops.lean_rotary(model) == ["transformers.models.llama.modeling_llama"]
+    assert modeling_llama.apply_rotary_pos_emb.zerotune_original is original
+    after = _run(model, ids)
+    torch.testing.assert_close(after[0], before[0], rtol=1e-6, atol=1e-6)
+    for name in before[1]:
+        torch.testing.assert_close(after[1][name], before[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+    other = types.ModuleType("zerotune_test_other_rotary")
+    other.apply_rotary_pos_emb = lambda q, k, cos, sin, unsqueeze_dim=1: (q * cos.unsqueeze(1), k * cos.unsqueeze(1))
+    monkeypatch.setitem(sys.modules, other.__name__, other)
+    odd = type("OddAttention", (nn.Module,), {"__module__": other.__name__})()
+    assert lean_ops.lean_rotary(nn.Sequential(odd)) == []
+    assert not hasattr(other.apply_rotary_pos_emb, "zerotune_original")

@@ -137,7 +137,7 @@ def load_model(model_args, training_args, finetuning_type: str, segments_wanted:
     impl = attention_implementation(model_args.flash_attn, config, segments_wanted)
     dtype = weights_dtype(training_args, finetuning_type)
     from trainer.model.kernels import apply_liger
-    from trainer.model.lean_ops import apply_lean_ops
+    from trainer.model.lean_ops import apply_lean_ops, lean_rotary
 
     liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
     from trainer.engine.agree import agreed_choice
@@ -147,6 +147,7 @@ def load_model(model_args, training_args, finetuning_type: str, segments_wanted:
                                                  **common)
     if not liger:
         apply_lean_ops(model)
+        lean_rotary(model)
     # Packed rows are only kept apart when the model does not build a KV cache (see PLATFORM.md).
     model.config.use_cache = False
     logger.info("Loaded %s (%s, %.1fM parameters) with %s attention, weights in %s.", path,
