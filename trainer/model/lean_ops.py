@@ -157,7 +157,6 @@ class _Rotary(torch.autograd.Function):
 
 
 ROTARY_PARAMETERS = ("q", "k", "cos", "sin", "unsqueeze_dim")
-_rotary_originals: dict[str, object] = {}  # modeling module name -> transformers' own apply_rotary_pos_emb
 
 
 def _lean_rotary(original):
@@ -198,10 +197,9 @@ def lean_rotary(model: nn.Module) -> list[str]:
         fn = getattr(module, "apply_rotary_pos_emb", None)
         if fn is None:
             continue
-        if getattr(fn, "zerotune_original", None) is None:
+        if getattr(fn, "zerotune_original", None) is None:  # not swapped yet (the original stays on the swap)
             if not _rotary_matches(fn):
                 continue
-            _rotary_originals[name] = fn
             module.apply_rotary_pos_emb = _lean_rotary(fn)
         swapped.append(name)
     if swapped:
