@@ -71,7 +71,7 @@ def smollm_tokenizer():
 @pytest.fixture()
 def packed_rows(tiny_tokenizer, data_dir):
     """4 packed rows of the alpaca test set (cutoff 128), at least one holding several examples."""
-    from trainer.config import DataArguments
+    from trainer.data.options import DataArguments
     from trainer.data.packing import pack_dataset
     from trainer.data.processing import tokenized_dataset
     from trainer.data.templates import get_template

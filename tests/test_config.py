@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import build_config, load_config, parse_override
+from trainer.options import parse_override
+from trainer.run import build_config, load_config
 from trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +44,7 @@ def test_seed_keys_are_honoured(tmp_path):
     assert t.warmup_steps == pytest.approx(0.1)  # transformers 5: a float < 1 is a ratio
     assert t.ddp_timeout == 180000000 and t.lr_scheduler_type == "cosine" and t.eval_steps == 500
     assert cfg.data.packing is False and cfg.data.padding_free  # sft: padding-free batches, as many steps as LF
-    assert cfg.finetuning.overwrite_output_dir and cfg.finetuning.plot_loss
+    assert cfg.engine.overwrite_output_dir and cfg.engine.plot_loss
     assert cfg.checkpointing_auto  # decided from the memory estimate once the model is loaded
     assert build_config(_base(tmp_path, disable_gradient_checkpointing=True)).training.activation_checkpointing is False
 
@@ -71,7 +72,7 @@ def test_bad_values_name_key_value_and_choices(tmp_path, key, value, expect):
 
 
 def test_fsdp_is_read_by_zerotune_not_handed_to_accelerate(tmp_path):
-    from trainer.config import FSDPOptions
+    from trainer.engine.options import FSDPOptions
 
     cfg = build_config(_base(tmp_path, fsdp="shard_grad_op auto_wrap",
                              fsdp_config={"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}))
@@ -161,18 +162,18 @@ def test_forward_batch_size_splits_the_batch_and_names_bad_values(tmp_path):
         assert words in str(err.value)
     # A DeepSpeed config that fixes the batch shape is left as written under auto, refused when asked for.
     # (_split_batch itself: TrainingArguments with deepspeed would start a process group inside pytest.)
-    from trainer.config import _split_batch
+    from trainer.engine.training_args import split_batch
 
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 6, "gradient_accumulation_steps": 1}))
     values = {"per_device_train_batch_size": 6, "deepspeed": str(ds)}
-    _split_batch(values, "auto", whole=False)
+    split_batch(values, "auto", whole=False)
     assert values == {"per_device_train_batch_size": 6, "deepspeed": str(ds)}
     with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu, gradient_accumulation_steps"):
-        _split_batch(values, "2", whole=False)
+        split_batch(values, "2", whole=False)
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}))
-    _split_batch(values, "auto", whole=False)
+    split_batch(values, "auto", whole=False)
     assert (values["per_device_train_batch_size"], values["gradient_accumulation_steps"]) == (1, 6)
     values = {"per_device_train_batch_size": 6}
-    _split_batch(values, "auto", whole=True)  # GPU, or a padding-free batch: the whole batch a pass
+    split_batch(values, "auto", whole=True)  # GPU, or a padding-free batch: the whole batch a pass
     assert values == {"per_device_train_batch_size": 6}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from tiny import base_config, train_with
-from trainer.config import cpu_supports_bf16
+from trainer.engine.hardware import cpu_supports_bf16
 from trainer.model import cpu_attention
 from trainer.model.kernels import segment_attention
 

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data import processing, registry
 from trainer.data.formats import to_canonical
 from trainer.data.templates import get_template

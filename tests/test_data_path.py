@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data import processing
 from trainer.data.packing import best_fit_bins, pack_dataset, unpacked_dataset
 from trainer.data.streaming import stream_examples

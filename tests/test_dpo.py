@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tiny import base_config, run_example, train_with
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data import processing
 from trainer.data.collators import Collator
 from trainer.data.packing import unpacked_dataset
@@ -294,7 +294,7 @@ def test_training_on_an_obvious_preference_learns_it(extra, tiny_model_dir, pair
 
 
 def test_dpo_keys_belong_to_the_preference_stages(tiny_model_dir, pairs_dir, data_dir, tmp_path):
-    from trainer.config import build_config
+    from trainer.run import build_config
     from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"pref_beta is a key of stage kto / dpo / orpo; this run.s stage is sft"):

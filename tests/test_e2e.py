@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from tiny import base_config, train_with
-from trainer.config import cpu_supports_bf16
+from trainer.engine.hardware import cpu_supports_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -163,7 +163,7 @@ def test_untrained_stop_token_is_reported(tiny_model_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.config import FinetuningArguments
+    from trainer.model.options import FinetuningArguments
     from trainer.model.adapters import untrained_token_rows, warn_untrained_stop_tokens
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

@@ -58,7 +58,7 @@ def test_an_empty_system_message_falls_back_to_the_default_system(tiny_tokenizer
 
 def test_predict_refuses_train_on_prompt(tiny_model_dir, tmp_path):
     from tiny import write_dataset_dir
-    from trainer.config import build_config
+    from trainer.run import build_config
     from trainer.errors import ConfigError
 
     data = write_dataset_dir(tmp_path / "data", [{"instruction": "a", "input": "", "output": "b"}] * 4)
@@ -194,7 +194,7 @@ def test_chat_answers_once_and_turn_by_turn(tiny_model_dir, trained_adapter, tmp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer import inference
-    from trainer.config import load_inference_config
+    from trainer.run import load_inference_config
 
     cfg_file = _write_yaml(tmp_path / "infer.yaml", {  # LLaMA-Factory's inference YAML
         "model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(trained_adapter), "template": "chatml",
@@ -225,7 +225,7 @@ def test_chat_answers_once_and_turn_by_turn(tiny_model_dir, trained_adapter, tmp
 
 
 def test_other_backends_and_lf_inference_keys(tiny_model_dir, tmp_path):
-    from trainer.config import load_inference_config
+    from trainer.run import load_inference_config
     from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"infer_backend: vllm is not supported.*zerotune export"):

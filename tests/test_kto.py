@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from tiny import base_config, run_example, train_with
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data import processing
-from trainer.data.collators import Collator, KtoPairs, last_trained_span
+from trainer.data.collators import Collator, last_trained_span
+from trainer.stages.kto_data import KtoPairs
 from trainer.data.packing import unpacked_dataset
 from trainer.data.templates import get_template
 
@@ -134,7 +135,7 @@ def test_training_on_an_obvious_pattern_widens_the_margin(tiny_model_dir, tagged
 
 
 def test_guard_rails(tiny_model_dir, tagged_dir, tmp_path):
-    from trainer.config import build_config
+    from trainer.run import build_config
     from trainer.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"per_device_train_batch_size: kto pairs each example's prompt"):

@@ -5,7 +5,8 @@ import pytest
 
 from tiny import base_config
 from trainer import lf_compat
-from trainer.config import _owners, build_config
+from trainer.config import owners
+from trainer.run import build_config
 from trainer.errors import ConfigError
 
 CASES = [(keys[0], feature) for feature, (keys, _) in lf_compat.REFUSED.items()]
@@ -40,7 +41,7 @@ def test_ignored_keys_are_logged(tmp_path, caplog):
 
 
 def test_no_refused_or_ignored_key_is_a_supported_key():
-    supported = set(_owners())
+    supported = set(owners())
     refused = {k for keys, _ in lf_compat.REFUSED.values() for k in keys}
     assert not refused & supported, refused & supported
     assert not set(lf_compat.IGNORED) & supported - {"ddp_find_unused_parameters"}

@@ -128,7 +128,7 @@ def test_split_passes_train_exactly_like_the_whole_batch(tiny_model_dir, many_ro
     gradient norm, and the trained weights, must match running each batch of 8 as one pass."""
     from safetensors.torch import load_file
 
-    from trainer.config import build_config
+    from trainer.run import build_config
 
     runs = {}
     for rows in (8, 2, "auto"):

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tiny import base_config, train_with
-from trainer.config import build_config
+from trainer.run import build_config
 from trainer.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

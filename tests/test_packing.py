@@ -11,7 +11,7 @@ from trainer.data.collators import Collator
 from trainer.data.packing import best_fit_bins, pack_dataset, unpacked_dataset
 from trainer.data.processing import tokenized_dataset
 from trainer.data.templates import get_template
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 
 
 def test_best_fit_bins_places_every_example_once_within_capacity():

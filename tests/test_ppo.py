@@ -54,7 +54,7 @@ def test_the_sampler_repeats_each_buffer_on_the_process_that_sampled_it():
     from accelerate.data_loader import BatchSamplerShard
     from torch.utils.data import BatchSampler
 
-    from trainer.data.rollout_sampler import RolloutSampler
+    from trainer.stages.rollout_sampler import RolloutSampler
 
     sampler = RolloutSampler(21, batch_size=2, accumulation=2, world=2, buffer_steps=1, repeats=3, seed=5,
                              epoch_of=lambda: 1)  # the epoch comes from the Trainer's step, not from set_epoch
@@ -78,7 +78,7 @@ def test_the_sampler_repeats_each_buffer_on_the_process_that_sampled_it():
 
 def test_a_dataset_smaller_than_a_buffer_trains_every_drawn_slot(tiny_model_dir, prompts_dir, tmp_path):
     """3 prompts, buffers of 8: each prompt is drawn more than once, and each drawing is its own sample."""
-    from trainer.data.rollout_sampler import RolloutSampler
+    from trainer.stages.rollout_sampler import RolloutSampler
 
     sampler = RolloutSampler(3, batch_size=4, accumulation=2, world=1, buffer_steps=1, repeats=2, seed=0)
     keys = list(sampler)
@@ -279,7 +279,7 @@ def test_ppo_lora_example_runs(tiny_model_dir, tmp_path):
     ({"max_new_tokens": 0}, "max_new_tokens: 0: ppo needs room for an answer"),
 ])
 def test_refusals_name_the_key(tiny_model_dir, prompts_dir, tmp_path, overrides, message):
-    from trainer.config import build_config
+    from trainer.run import build_config
     from trainer.errors import ConfigError
 
     overrides = {k: (v.format(tmp=tmp_path) if isinstance(v, str) else v) for k, v in overrides.items()}
@@ -292,7 +292,7 @@ def test_refusals_name_the_key(tiny_model_dir, prompts_dir, tmp_path, overrides,
 def test_sampling_is_from_the_policy_the_losses_read(tiny_model_dir, prompts_dir, tmp_path, caplog):
     """LLaMA-Factory's generation defaults (top_p 0.7, top_k 50) would sample from a truncated distribution while
     the ratios and KL read the full softmax: ppo samples untruncated unless the YAML asks, and then warns."""
-    from trainer.config import build_config
+    from trainer.run import build_config
 
     g = build_config(_ppo(tiny_model_dir, prompts_dir, tmp_path / "o")).generation
     assert (g.top_p, g.top_k, g.repetition_penalty, g.temperature) == (1.0, 0, 1.0, 0.95)

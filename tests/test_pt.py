@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tiny import base_config, train_with
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data.packing import pack_dataset
 from trainer.data.processing import encode_pretrain, split_document, tokenized_dataset
 from trainer.data.streaming import packed_stream, stream_examples

@@ -216,7 +216,7 @@ def test_rotation_keeps_the_checkpoint_just_written_even_below_stale_ones(tmp_pa
 
 
 def test_resume_false_still_protects_an_existing_run(tmp_path):
-    from trainer.config import build_config
+    from trainer.run import build_config
 
     (tmp_path / "out" / "checkpoint-5").mkdir(parents=True)
     with pytest.raises(ConfigError, match="already holds a run"):
@@ -225,7 +225,7 @@ def test_resume_false_still_protects_an_existing_run(tmp_path):
 
 
 def test_val_size_with_eval_dataset_is_refused(tmp_path):
-    from trainer.config import build_config
+    from trainer.run import build_config
 
     with pytest.raises(ConfigError, match="val_size or eval_dataset"):
         build_config({"model_name_or_path": "m", "dataset": "a", "eval_dataset": "b", "val_size": 0.1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tiny import base_config, run_example, train_with
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data import processing
 from trainer.data.collators import Collator
 from trainer.data.packing import unpacked_dataset

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tiny import alpaca_rows, base_config, train_with, write_dataset_dir
-from trainer.config import build_config
+from trainer.run import build_config
 from trainer.data.collators import Collator
 from trainer.errors import ConfigError
 from trainer.stages import STAGES, StageOutput

@@ -3,7 +3,7 @@ chat template; labels only on assistant replies (plus their stop token)."""
 
 import pytest
 
-from trainer.config import DataArguments
+from trainer.data.options import DataArguments
 from trainer.data.processing import IGNORE_INDEX, encode_supervised
 from trainer.data.templates import TEMPLATES, get_template
 from trainer.errors import ConfigError

@@ -98,7 +98,7 @@ def base_config(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) 
 
 def train_with(cfg: dict) -> tuple[dict, dict]:
     """Run a config in-process; return (results, trainer_state)."""
-    from trainer.config import build_config
+    from trainer.run import build_config
     from trainer.run import run
 
     results = run(build_config(cfg))

@@ -59,7 +59,7 @@ def _relaunch_under_torchrun(config: str, overrides: list[str], devices: int) ->
 
 
 def train(config: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
+    from trainer.run import load_config
 
     if not _distributed():
         import torch
@@ -128,10 +128,10 @@ def _leave_without_teardown(code: int) -> None:
 
 
 def check(config: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
+    from trainer.run import load_config
     from trainer.plan import describe
 
-    from trainer.config import parse_override, read_yaml
+    from trainer.options import parse_override, read_yaml
 
     raw = read_yaml(config)
     raw.update(parse_override(o) for o in overrides)
@@ -142,7 +142,7 @@ def check(config: str, overrides: list[str]) -> int:
 
 
 def inference(command: str, config: str, overrides: list[str], message: str | None = None) -> int:
-    from trainer.config import load_inference_config
+    from trainer.run import load_inference_config
     from trainer.run import setup_logging
 
     cfg = load_inference_config(config, overrides)

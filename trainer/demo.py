@@ -63,7 +63,7 @@ def ask(model_dir: str, template_name: str, question: str, adapter: str | None =
     """A greedy answer through zerotune chat's path (trainer/inference.py): the template training used, the one
     generation function."""
     from trainer import inference
-    from trainer.config import load_inference_config
+    from trainer.run import load_inference_config
 
     overrides = [f"model_name_or_path={model_dir}", f"template={template_name}", "do_sample=false",
                  "max_new_tokens=64"] + ([f"adapter_name_or_path={adapter}"] if adapter else [])
@@ -73,7 +73,7 @@ def ask(model_dir: str, template_name: str, question: str, adapter: str | None =
 
 
 def run_demo(config: str, overrides: list[str]) -> int:
-    from trainer.config import load_config
+    from trainer.run import load_config
 
     prepare()
     cfg = load_config(config, overrides)

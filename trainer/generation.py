@@ -1,6 +1,6 @@
 """The one generation function: batched, left-padded prompts, the KV cache on, the template's stop tokens.
 
-The demo, predict (trainer/predict.py) and chat (trainer/inference.py) call it; ppo rollouts will too. Prompts of different lengths are
+The demo, predict (trainer/predict.py), chat (trainer/inference.py) and ppo rollouts (stages/rollouts.py) call it. Prompts of different lengths are
 left-padded into one batch with an attention mask, which every attention path honours (zerotune_segments
 registers a mask function for exactly this; FlashAttention-2 unpads), so each prompt's answer is the one it
 would get alone. Defaults are LLaMA-Factory's generation defaults.

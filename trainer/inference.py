@@ -28,7 +28,7 @@ def inference_dtype(choice: str, model_dtype) -> torch.dtype:
     bf16 CPU, fp16 on a GPU), else fp32."""
     if choice != "auto":
         return getattr(torch, choice)
-    from trainer.config import cpu_supports_bf16
+    from trainer.engine.hardware import cpu_supports_bf16
 
     if model_dtype == torch.bfloat16 and (torch.cuda.is_available() or cpu_supports_bf16()):
         return torch.bfloat16
@@ -37,16 +37,12 @@ def inference_dtype(choice: str, model_dtype) -> torch.dtype:
     return torch.float32
 
 
-def adapters(config) -> list[str]:
-    return [a.strip() for a in (config.model.adapter_name_or_path or "").split(",") if a.strip()]
-
-
 def load(config, device: str | None = None, dtype_choice: str | None = None):
     """(model with adapters merged, tokenizer, template), ready to generate."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from trainer.data.templates import get_template
-    from trainer.model.loading import _check_local, attention_implementation, load_tokenizer
+    from trainer.model.loading import _check_local, load_causal_lm, load_tokenizer
 
     m = config.model
     _check_local(m.model_name_or_path)
@@ -60,17 +56,7 @@ def load(config, device: str | None = None, dtype_choice: str | None = None):
                   token=m.hf_hub_token)
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, **common)
     dtype = inference_dtype(dtype_choice or config.inference.infer_dtype, getattr(model_config, "dtype", None))
-    model = AutoModelForCausalLM.from_pretrained(
-        m.model_name_or_path, config=model_config, dtype=dtype,
-        attn_implementation=attention_implementation(m.flash_attn, model_config), **common)
-    for path in adapters(config):
-        from peft import PeftModel
-
-        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
-            raise ConfigError(f"adapter_name_or_path {path!r} holds no adapter_config.json (a LoRA run's output_dir "
-                              "or checkpoint holds one).")
-        model = PeftModel.from_pretrained(model, path).merge_and_unload()
-        logger.info("Merged the adapter %s.", path)
+    model = load_causal_lm(m, dtype=dtype, adapters=m.adapters)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     stops = template.stop_token_ids(tokenizer)
@@ -172,7 +158,7 @@ def export(config) -> str:
     model.save_pretrained(out, max_shard_size=f"{e.export_size}GB", safe_serialization=not e.export_legacy_format)
     tokenizer.chat_template = chat_template(template)
     tokenizer.save_pretrained(out)
-    for folder in [*reversed(adapters(config)), config.model.model_name_or_path]:  # a reward model's value head
+    for folder in [*reversed(config.model.adapters), config.model.model_name_or_path]:  # a reward model's value head
         head = os.path.join(folder, value_head.FILE)
         if os.path.isfile(head):
             shutil.copyfile(head, os.path.join(out, value_head.FILE))

@@ -111,13 +111,13 @@ def decide_checkpointing(model, training_args, tokens_per_microbatch: int, shard
     (the least free memory decides), since processes that disagree deadlock under ZeRO-3 and FSDP.
     """
     from trainer.engine.agree import agreed_min
+    from trainer.model.params import numel, parameter_count
 
     compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
     need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
-    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
     share = training_args.world_size if sharded else 1
-    weights = sum(size(p) * p.element_size() for p in model.parameters()) / GB / share
-    trained = sum(size(p) for p in model.parameters() if p.requires_grad) * 12 / GB / share  # grads + Adam moments
+    weights = sum(numel(p) * p.element_size() for p in model.parameters()) / GB / share
+    trained = parameter_count(p for p in model.parameters() if p.requires_grad) * 12 / GB / share  # grads + Adam moments
     to_move = torch.cuda.is_available() and not any(p.is_cuda for p in model.parameters())
     free = agreed_min(available_gb() - (weights if to_move else 0.0) - trained)
     on = need > 0.6 * free
@@ -142,12 +142,12 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
                      if world > 1 else "sharding         fsdp is set, but one process has nothing to shard")
     deepspeed = deepspeed or t.deepspeed
     if deepspeed:
-        from trainer.config import _deepspeed_dict, _zero_stage
+        from trainer.engine.options import deepspeed_dict, zero_stage
 
-        ds = _deepspeed_dict(deepspeed).get("zero_optimization", {})
+        ds = deepspeed_dict(deepspeed).get("zero_optimization", {})
         offload = [k.replace("offload_", "") for k in ("offload_optimizer", "offload_param")
                    if (ds.get(k) or {}).get("device", "none") not in ("none", None)]
-        lines.append(f"deepspeed        {deepspeed}: ZeRO-{_zero_stage(deepspeed)}"
+        lines.append(f"deepspeed        {deepspeed}: ZeRO-{zero_stage(deepspeed)}"
                      + (f" with {' and '.join(offload)} offload" if offload else "")
                      + " (its row below is what each device holds)")
     rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
@@ -156,13 +156,13 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
     lines.append(f"global batch     {per} x {t.gradient_accumulation_steps // passes} accumulation x {world} = "
                  f"{rows_per_step} {unit} a step")
     what_if = "NPROC_PER_NODE" in os.environ or "NNODES" in os.environ
-    auto = str(config.finetuning.forward_batch_size).lower() == "auto"
+    auto = str(config.engine.forward_batch_size).lower() == "auto"
     if what_if and auto and passes > 1 and not torch.cuda.is_available():
         lines.append(f"passes           forward_batch_size auto: on GPUs each device's batch of {per} runs in one pass "
                      f"(on this CPU it would run as {per} passes of 1)")
     elif passes > 1:
         lines.append(f"passes           each device's batch of {per} runs as {passes} forward/backward passes of "
-                     f"{t.per_device_train_batch_size} (forward_batch_size: {config.finetuning.forward_batch_size})")
+                     f"{t.per_device_train_batch_size} (forward_batch_size: {config.engine.forward_batch_size})")
     if with_data and d.dataset:
         from trainer.data import packing, processing
         from trainer.data.templates import get_template

@@ -7,10 +7,42 @@ import os
 import sys
 from pathlib import Path
 
-from trainer.config import RunConfig
+from trainer import config as configuration
+from trainer.config import InferenceConfig, RunConfig
+from trainer.engine.options import shards_weights
 from trainer.errors import ConfigError
+from trainer.stages import STAGES, build_stage
 
 logger = logging.getLogger("trainer")
+
+
+def build_config(raw: dict, source: str = "") -> RunConfig:
+    """A merged YAML's RunConfig, validated against the registered stages."""
+    if raw.get("deepspeed"):
+        _single_process_rendezvous()  # before TrainingArguments exist: they set DeepSpeed up
+    return configuration.build_config(raw, STAGES, source)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    return build_config(configuration.read_config(path, overrides), source=str(path or ""))
+
+
+def load_inference_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> InferenceConfig:
+    return configuration.build_inference_config(configuration.read_config(path, overrides), STAGES,
+                                                source=str(path or ""))
+
+
+def _single_process_rendezvous() -> None:
+    """DeepSpeed without a launcher looks for MPI; give it a one-process torch rendezvous instead."""
+    if "WORLD_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
 def setup_logging(main_process: bool) -> None:
@@ -26,7 +58,7 @@ def setup_logging(main_process: bool) -> None:
 
 def resolve_resume(value, output_dir: str) -> str | None:
     """resume_from_checkpoint: a checkpoint folder, or true/auto for the newest one in output_dir."""
-    from trainer.config import wants_resume
+    from trainer.engine.checkpoints import wants_resume
 
     if not wants_resume(value):
         return None
@@ -61,6 +93,7 @@ def save_config(config: RunConfig) -> None:
 def build_datasets(config: RunConfig, stage, tokenizer, template):
     """(train rows, eval rows, packing efficiency) ready for the collator."""
     from trainer.data import packing, processing
+    from trainer.data.kinds import DATA_KINDS
 
     d, t = config.data, config.training
     rebuild = d.overwrite_cache and t.process_index == 0
@@ -83,7 +116,7 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
             evaluation = packing.pack_dataset(evaluation, d.cutoff_len)[0] if d.packing else \
                 packing.unpacked_dataset(evaluation)
         return train, evaluation, None
-    by_document = stage.data_kind in processing.DOCUMENT_KINDS  # all pieces of a document on one side
+    by_document = DATA_KINDS.lookup(stage.data_kind).documents  # all pieces of a document on one side
     if t.do_train:
         train = tokenized(d.dataset, d.tokenized_path)
         train, evaluation = processing.split_validation(train, d.val_size, t.seed, by_document)
@@ -105,12 +138,6 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
         train = packing.unpacked_dataset(train) if train is not None else None
         evaluation = packing.unpacked_dataset(evaluation) if evaluation is not None else None
     return train, evaluation, efficiency
-
-
-def _shards_weights(config: RunConfig) -> bool:
-    from trainer.config import _zero_stage
-
-    return config.fsdp is not None or bool(config.training.deepspeed and _zero_stage(config.training.deepspeed) == 3)
 
 
 def log_layout(config: RunConfig, train, stage) -> None:
@@ -135,6 +162,7 @@ def shard_model(model, config: RunConfig):
     import torch
 
     from trainer.engine import fsdp
+    from trainer.engine.hardware import half_dtype
 
     t = config.training
     if t.world_size == 1:
@@ -142,8 +170,7 @@ def shard_model(model, config: RunConfig):
                        "FSDP. Launch several processes (torchrun --nproc_per_node N, or zerotune train on a "
                        "multi-GPU machine) to shard.")
         return model
-    dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else torch.float32
-    return fsdp.shard(model, config.fsdp, dtype)
+    return fsdp.shard(model, config.fsdp, half_dtype(t) or torch.float32)
 
 
 def run(config: RunConfig) -> dict:
@@ -158,8 +185,6 @@ def run(config: RunConfig) -> dict:
     from trainer.model.adapters import prepare_trainable, warn_untrained_stop_tokens
     from trainer.model.loading import load_model, load_tokenizer
     from trainer.model.wrapper import ModelWrapper
-    from trainer.stages import build_stage
-
     m, d, f, t = config.model, config.data, config.finetuning, config.training
     setup_logging(t.process_index == 0)
     if t.n_gpu > 1:
@@ -189,7 +214,7 @@ def run(config: RunConfig) -> dict:
     if t.eval_strategy != "no" and evaluation is None:
         raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
 
-    model = load_model(m, t, f.finetuning_type, segments_wanted=getattr(stage, "wants_segments", False))
+    model = load_model(m, t, f.finetuning_type, segments_wanted=stage.wants_segments)
     if template is not None:
         stops = template.stop_token_ids(tokenizer)
         model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
@@ -207,12 +232,12 @@ def run(config: RunConfig) -> dict:
     if t.do_train and config.passes > 1:
         logger.info("Each batch of %d rows a device runs as %d passes of %d with accumulated gradients (the same "
                     "gradient, less memory held); forward_batch_size: %s.", t.per_device_train_batch_size * config.passes,
-                    config.passes, t.per_device_train_batch_size, config.finetuning.forward_batch_size)
+                    config.passes, t.per_device_train_batch_size, config.engine.forward_batch_size)
     if t.do_train and config.checkpointing_auto:
         from trainer.plan import decide_checkpointing
 
         t.activation_checkpointing, why = decide_checkpointing(model, t, stage.micro_batch_tokens(config),
-                                                               sharded=_shards_weights(config))
+                                                               sharded=shards_weights(config))
         logger.info("Gradient checkpointing %s: %s. Set gradient_checkpointing: true/false to choose.",
                     "on" if t.activation_checkpointing else "off", why)
     if config.fsdp is not None:
@@ -227,7 +252,7 @@ def run(config: RunConfig) -> dict:
     stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                           processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop],
-                          skip_nonfinite=f.skip_nonfinite_batches)
+                          skip_nonfinite=config.engine.skip_nonfinite_batches)
     stop.accelerator = trainer.accelerator
     results: dict = {}
     if efficiency is not None:
@@ -240,7 +265,7 @@ def run(config: RunConfig) -> dict:
             return results
         if trainer.is_world_process_zero():
             checkpoints.clear_stale_staging(t.output_dir)
-            if f.overwrite_output_dir and not resume:
+            if config.engine.overwrite_output_dir and not resume:
                 checkpoints.set_aside_previous_run(t.output_dir)
             save_config(config)
         if resume:
@@ -259,12 +284,12 @@ def run(config: RunConfig) -> dict:
         metrics = dict(outcome.metrics, **results)
         if trainer.padding_fraction() is not None:
             metrics["padding_fraction"] = round(trainer.padding_fraction(), 4)
-        if f.skip_nonfinite_batches:
+        if config.engine.skip_nonfinite_batches:
             metrics["skipped_nonfinite_batches"] = trainer.skipped_batches
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         results.update(metrics)
-        if f.plot_loss and trainer.is_world_process_zero():
+        if config.engine.plot_loss and trainer.is_world_process_zero():
             plot_loss(t.output_dir, stage.plotted)
     if t.do_eval and evaluation is not None:
         metrics = trainer.evaluate()

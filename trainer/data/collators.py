@@ -104,42 +104,6 @@ def last_trained_span(labels: list[int]) -> tuple[int, int]:
     return start, end
 
 
-@dataclass
-class KtoPairs:
-    """kto's batches: each example followed by its mismatched pair, its own prompt with a neighbour's answer
-    (examples 0 and 1 swap answers, 2 and 3, ...; an odd last one takes the one before), so that the pair shares the
-    example's prompt like a preference pair. Pairing within neighbours keeps a batch split over processes pairing
-    exactly as it does whole. Items may bring a partner's answer fixed ahead instead (Items' partners). `kl_valid`
-    is 0 for a batch of one without one, whose only pair would be the example itself; `kto_tag` carries each
-    example's tag."""
-    collate: "Collator"
-    cutoff_len: int | None = None
-
-    def __call__(self, items: list[dict]) -> dict:
-        spans = [last_trained_span(it["labels"]) for it in items]
-        pairs = []
-        for i, item in enumerate(items):
-            if "partner_ids" in item:  # a partner fixed ahead (kto with precomputed reference log-probs)
-                answer, answer_labels = item["partner_ids"], item["partner_labels"]
-            else:
-                j = i ^ 1 if (i ^ 1) < len(items) else max(i - 1, 0)
-                answer = items[j]["input_ids"][spans[j][0]:spans[j][1]]
-                answer_labels = items[j]["labels"][spans[j][0]:spans[j][1]]
-            prompt = spans[i][0]
-            ids = item["input_ids"][:prompt] + answer
-            labels = [IGNORE_INDEX] * prompt + answer_labels
-            if self.cutoff_len:
-                ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
-            pairs.append({"input_ids": item["input_ids"] + ids, "labels": item["labels"] + labels,
-                          "lengths": [len(item["input_ids"]), len(ids)],
-                          **({"ref_logps": item["ref_logps"]} if "ref_logps" in item else {})})
-        batch = self.collate(pairs)
-        batch["kto_tag"] = torch.tensor([it["kto_tag"][0] for it in items], dtype=torch.bool)
-        fixed = "partner_ids" in items[0]
-        batch["kl_valid"] = torch.full((len(items),), float(len(items) > 1 or fixed))
-        return batch
-
-
 def _prefixes(item: dict) -> list[int]:
     return item.get("prefixes") or [0] * len(item["lengths"])
 

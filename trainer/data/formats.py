@@ -187,27 +187,6 @@ def pairwise(spec: DatasetSpec) -> Callable[[dict], dict]:
     return convert
 
 
-def kto(spec: DatasetSpec) -> Callable[[dict], dict]:
-    """An sft row (alpaca, sharegpt or openai) whose last answer carries a desirable / undesirable tag (LLaMA-Factory's
-    `columns.kto_tag`): the conversation as for sft, and `kto_tag`. A tag that is missing or not a boolean makes the
-    row bad (counted and reported), never a guess."""
-    base = FORMATTERS[spec.formatting](spec)
-    tag_col = spec.column("kto_tag", "kto_tag")
-
-    def convert(row: dict) -> dict:
-        out = base(row)
-        tag = row.get(tag_col)
-        out["kto_tag"] = bool(tag) if isinstance(tag, bool) else False
-        if not out["_error"] and not isinstance(tag, bool):
-            out["_error"] = f"kto_tag (column {tag_col!r}) is {'missing' if tag is None else repr(tag)}; it must be " \
-                            "true or false"
-        if not out["_error"] and (not out["messages"] or out["messages"][-1]["role"] != ASSISTANT):
-            out["_error"] = "the conversation does not end with an answer to tag"
-        return out
-
-    return convert
-
-
 def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     """Convert a raw datasets.Dataset; return (good rows, list of (row, reason) for bad rows)."""
     check_rows(spec, rows.column_names)
@@ -228,17 +207,8 @@ def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     return converted, bad
 
 
-def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = False, kto_kind: bool = False) -> None:
+def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = False) -> None:
     """Before any row is converted: the dataset is of a kind these rows can be, and its columns are there."""
-    if kto_kind:
-        if spec.ranking:
-            raise ConfigError(f"dataset {spec.name!r} is ranking (pairwise) data; kto trains on single examples "
-                              "tagged with kto_tag (use dpo or orpo for pairs).")
-        tag = spec.column("kto_tag", "kto_tag")
-        if tag not in columns:
-            raise ConfigError(f"dataset {spec.name!r} ({spec.path}): no kto_tag column ({tag!r}); the file has columns "
-                              f"{[c for c in columns if c != '_row']}. Map \"kto_tag\" under columns in "
-                              "dataset_info.json.")
     if spec.ranking and not pairwise_kind:
         raise ConfigError(f"dataset {spec.name!r} is ranking (pairwise) data, which the sft/pt stages cannot use.")
     if pairwise_kind and not spec.ranking:

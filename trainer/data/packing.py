@@ -16,6 +16,8 @@ import logging
 import numpy as np
 import torch
 
+from trainer.data.processing import OUTCOME_COLUMNS
+
 logger = logging.getLogger(__name__)
 
 
@@ -46,17 +48,19 @@ class Items(torch.utils.data.Dataset):
 
     Each item is {input_ids, labels, lengths}: the examples' tokens end to end and each example's length, plus,
     for each table in `extra` (name -> array with one row per example, filled in later: the preference stages'
-    precomputed reference log-probs), the rows of its examples, flattened. With `partners` (kto with precomputed
-    reference log-probs, whose mismatched pairs must be fixed ahead), an unpacked item also carries the answer of
-    its fixed partner, the neighbouring example in dataset order (partner_ids, partner_labels).
+    precomputed reference log-probs), the rows of its examples, flattened, and the data kind's own columns (kto's
+    tag), one value an example. With `partners` (a stage whose examples pair with a neighbour's answer, fixed ahead
+    when the pairs' reference log-probs are precomputed), an unpacked item also carries the answer of its fixed
+    partner, the neighbouring example in dataset order (partner_ids, partner_labels).
     """
 
     def __init__(self, data, bins: list[list[int]] | None = None, partners: bool = False):
-        # `segments`: an example made of several sequences (a preference pair) lists their lengths.
-        self.data = data.select_columns([c for c in ("input_ids", "labels", "segments", "kto_tag")
-                                         if c in data.column_names])
+        # `segments`: an example made of several sequences (a preference pair) lists their lengths. Any column
+        # besides the tokens and the tokenizer's bookkeeping is the data kind's own, one value an example (kinds.py).
+        self.carried = [c for c in data.column_names if c not in ("input_ids", "labels", "segments", *OUTCOME_COLUMNS)]
+        self.data = data.select_columns([c for c in ("input_ids", "labels", "segments") if c in data.column_names]
+                                        + self.carried)
         self.segmented = "segments" in self.data.column_names
-        self.tagged = "kto_tag" in self.data.column_names
         self.members = self.offsets = None
         self.partners = partners
         self.extra: dict[str, np.ndarray] = {}
@@ -72,8 +76,7 @@ class Items(torch.utils.data.Dataset):
             ex = self.data[int(i)]
             item = {"input_ids": ex["input_ids"], "labels": ex["labels"],
                     "lengths": ex["segments"] if self.segmented else [len(ex["input_ids"])]}
-            if self.tagged:
-                item["kto_tag"] = [ex["kto_tag"]]
+            item.update({c: [ex[c]] for c in self.carried})
             if self.partners:
                 item.update(self._partner_answer(int(i)))
             members = [int(i)]
@@ -84,8 +87,7 @@ class Items(torch.utils.data.Dataset):
                 [len(ids) for ids in rows["input_ids"]]
             item = {"input_ids": [t for ids in rows["input_ids"] for t in ids],
                     "labels": [t for lab in rows["labels"] for t in lab], "lengths": lengths}
-            if self.tagged:
-                item["kto_tag"] = rows["kto_tag"]
+            item.update({c: rows[c] for c in self.carried})
         for name, table in self.extra.items():
             item[name] = table[members].reshape(-1).tolist()
         return item

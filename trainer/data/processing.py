@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from trainer.data import formats, registry
+from trainer.data.kinds import DATA_KINDS, DataKind
 from trainer.data.templates import Template
 from trainer.errors import ConfigError
 
@@ -58,7 +59,7 @@ class DataReport:
 
 
 # ---- tokenization, one batch of canonical examples at a time -------------------------------------------------
-def _labelled(ids: list[int], trained: np.ndarray, cutoff_len: int) -> dict:
+def labelled(ids: list[int], trained: np.ndarray, cutoff_len: int) -> dict:
     truncated = len(ids) > cutoff_len
     ids, trained = ids[:cutoff_len], trained[:cutoff_len]
     labels = np.where(trained, np.asarray(ids, dtype=np.int64), IGNORE_INDEX).tolist()
@@ -70,7 +71,7 @@ def encode_supervised(examples: list[dict], tokenizer, template: Template, data_
     """Conversations -> one example each: the template's ids, labels on the assistant replies."""
     encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
                                     data_args.train_on_prompt, data_args.mask_history)
-    return [[_labelled(ids, trained, data_args.cutoff_len)] for ids, trained in encoded]
+    return [[labelled(ids, trained, data_args.cutoff_len)] for ids, trained in encoded]
 
 
 def split_document(ids: list[int], cutoff_len: int) -> list[list[int]]:
@@ -91,7 +92,7 @@ def encode_pretrain(examples: list[dict], tokenizer, template, data_args) -> lis
     out = []
     for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
         ids = ([bos] if bos is not None else []) + ids + ([eos] if eos is not None else [])
-        out.append([_labelled(piece, np.ones(len(piece), dtype=bool), data_args.cutoff_len)
+        out.append([labelled(piece, np.ones(len(piece), dtype=bool), data_args.cutoff_len)
                     for piece in split_document(ids, data_args.cutoff_len)])
     return out
 
@@ -143,23 +144,11 @@ def encode_pairwise(examples: list[dict], tokenizer, template: Template, data_ar
     return out
 
 
-def encode_kto(examples: list[dict], tokenizer, template: Template, data_args) -> list[list[dict]]:
-    """Tagged conversations -> one example each, labels on the last answer only (the tagged completion), and the
-    tag (1 desirable, 0 undesirable)."""
-    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
-                                    train_on_prompt=False, mask_history=True)
-    return [[{**_labelled(ids, trained, data_args.cutoff_len), "kto_tag": int(e["kto_tag"])}]
-            for e, (ids, trained) in zip(examples, encoded)]
-
-
-ENCODERS = {"supervised": encode_supervised, "pretrain": encode_pretrain, "pairwise": encode_pairwise,
-            "kto": encode_kto}
-CONVERTERS_OF_KIND = {"pairwise": formats.pairwise, "kto": formats.kto}  # else the dataset's formatting converts
-FORMATTING_OF_KIND = {"pretrain": "text"}  # pt reads plain documents: the 'text' column (or columns.prompt)
-DOCUMENT_KINDS = ("pretrain",)  # examples are pieces of documents: val_size splits whole documents
-SEGMENTED_KINDS = ("pairwise",)  # an example is several sequences (its `segments` column says how long each is)
-# Columns a kind's examples carry besides input_ids and labels, with their type and a bad row's value.
-EXTRA_COLUMNS = {"pairwise": {"segments": ("int32 list", [])}, "kto": {"kto_tag": ("int8", 0)}}
+DATA_KINDS.register("supervised")(DataKind("supervised", encode_supervised))
+# pt reads plain documents: the 'text' column (or columns.prompt), split into cutoff_len pieces
+DATA_KINDS.register("pretrain")(DataKind("pretrain", encode_pretrain, formatting="text", documents=True))
+DATA_KINDS.register("pairwise")(DataKind("pairwise", encode_pairwise, convert=formats.pairwise, segmented=True,
+                                         columns={"segments": ("int32 list", [])}))
 
 
 def row_capacity(cutoff_len: int, segmented: bool) -> int:
@@ -168,16 +157,20 @@ def row_capacity(cutoff_len: int, segmented: bool) -> int:
     return cutoff_len * (2 if segmented else 1)
 
 
-def check_kind(data_kind: str) -> None:
-    if data_kind not in ENCODERS:
-        raise ConfigError(f"data kind {data_kind!r} has no tokenizer yet; known: {', '.join(ENCODERS)}.")
+def check_rows(kind: DataKind, spec: registry.DatasetSpec, columns: list[str]) -> None:
+    """Before any row is converted: the dataset is of a kind these rows can be, and its columns are there."""
+    if kind.check is not None:
+        kind.check(spec, columns)
+    else:
+        formats.check_rows(spec, columns, pairwise_kind=kind.segmented)
 
 
 def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: str, tokenizer, template,
                  data_args, doc_offset: int = 0) -> dict[str, list]:
     """A batch of raw rows (with their `_row` numbers) -> one output row per example, and one per bad row."""
-    convert = CONVERTERS_OF_KIND.get(data_kind, formats.FORMATTERS[spec.formatting])(spec)
-    extra = EXTRA_COLUMNS.get(data_kind, {})
+    kind = DATA_KINDS.lookup(data_kind)
+    convert = (kind.convert or formats.FORMATTERS[spec.formatting])(spec)
+    extra = kind.columns
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS + tuple(extra)}
     names = list(batch)
     good, good_rows = [], []
@@ -193,7 +186,7 @@ def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: 
             good.append(example)
             good_rows.append(number)
     if good:
-        for number, pieces in zip(good_rows, ENCODERS[data_kind](good, tokenizer, template, data_args)):
+        for number, pieces in zip(good_rows, kind.encode(good, tokenizer, template, data_args)):
             for piece in pieces:
                 for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels") + tuple(extra):
                     out[k].append(piece[k])
@@ -273,7 +266,7 @@ def _features(data_kind: str):
     from datasets import Features, Sequence, Value
 
     types = {"int32 list": Sequence(Value("int32")), "int8": Value("int8")}
-    extra = {k: types[kind] for k, (kind, _) in EXTRA_COLUMNS.get(data_kind, {}).items()}
+    extra = {k: types[tp] for k, (tp, _) in DATA_KINDS.lookup(data_kind).columns.items()}
     return Features({**extra, "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                      "length": Value("int32"), "trained": Value("int32"), "_row": Value("int64"),
                      "_doc": Value("int64"), "_error": Value("string"), "_truncated": Value("bool"),
@@ -286,9 +279,9 @@ def _tokenize_one(spec, data_args, data_kind: str, tokenizer, template: Template
     if data_args.max_samples is not None:
         rows = rows.select(range(min(data_args.max_samples, len(rows))))
     report.read = len(rows)
-    spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
-    formats.check_rows(spec, rows.column_names, pairwise_kind=data_kind in SEGMENTED_KINDS,
-                       kto_kind=data_kind == "kto")
+    kind = DATA_KINDS.lookup(data_kind)
+    spec.formatting = kind.formatting or spec.formatting
+    check_rows(kind, spec, rows.column_names)
     tokenized = rows.map(process_rows, batched=True, batch_size=data_args.preprocessing_batch_size,
                          remove_columns=rows.column_names, features=_features(data_kind), num_proc=_num_proc(data_args.preprocessing_num_workers,
                                                                               len(rows)),
@@ -341,7 +334,7 @@ def tokenized_dataset(names: list[str], data_args, data_kind: str, tokenizer, te
     """All named datasets tokenized and concatenated (in the given order), from cache when possible."""
     import datasets
 
-    check_kind(data_kind)
+    DATA_KINDS.lookup(data_kind)
     specs = [registry.get_spec(n, data_args.dataset_dir) for n in names]
     settings = {"data_kind": data_kind, "cutoff_len": data_args.cutoff_len, "train_on_prompt": data_args.train_on_prompt,
                 "mask_history": data_args.mask_history, "max_samples": data_args.max_samples,

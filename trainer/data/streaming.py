@@ -10,8 +10,9 @@ import itertools
 import logging
 from typing import Iterator
 
-from trainer.data import formats, registry
-from trainer.data.processing import FORMATTING_OF_KIND, SEGMENTED_KINDS, check_kind, keep_reason, process_rows
+from trainer.data import registry
+from trainer.data.kinds import DATA_KINDS
+from trainer.data.processing import check_rows, keep_reason, process_rows
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -36,7 +37,7 @@ def _batches(spec, data_args, data_kind: str) -> Iterator[dict[str, list]]:
         if data_args.max_samples is not None and number > data_args.max_samples:
             break
         if number == 1:
-            formats.check_rows(spec, list(row), data_kind in SEGMENTED_KINDS, data_kind == "kto")
+            check_rows(DATA_KINDS.lookup(data_kind), spec, list(row))
         buffer.append({**row, "_row": number})
         if len(buffer) == BATCH:
             yield _columns(buffer)
@@ -54,10 +55,10 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
                     quiet: bool = False) -> Iterator[dict]:
     """Trainable examples {input_ids, labels, lengths} in file order, each dataset after the other (quiet: the
     stream's later passes, whose rows were reported on the first)."""
-    check_kind(data_kind)
+    kind = DATA_KINDS.lookup(data_kind)
     for name in names:
         spec = registry.get_spec(name, data_args.dataset_dir)
-        spec.formatting = FORMATTING_OF_KIND.get(data_kind, spec.formatting)
+        spec.formatting = kind.formatting or spec.formatting
         counts = {"bad": 0, "dropped_long": 0, "no_labels": 0, "": 0}
         read = 0
         for batch in _batches(spec, data_args, data_kind):
@@ -72,7 +73,7 @@ def stream_examples(names: list[str], data_args, data_kind: str, tokenizer, temp
                 if not reason:
                     yield {"input_ids": ids, "labels": out["labels"][i],
                            "lengths": out["segments"][i] if "segments" in out else [len(ids)],
-                           **({"kto_tag": [out["kto_tag"][i]]} if "kto_tag" in out else {})}
+                           **{c: [out[c][i]] for c in kind.carried}}
             limit = data_args.max_bad_rows if data_args.max_bad_rows >= 1 else data_args.max_bad_rows * read
             if counts["bad"] > limit and (data_args.max_bad_rows >= 1 or read >= 100):
                 raise ConfigError(f"dataset {name!r} ({spec.path}): {counts['bad']} of the first {read} rows are "
@@ -104,14 +105,14 @@ def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, templa
     not fit in a row (cutoff_len; two for preference pairs)."""
     from trainer.data.processing import row_capacity
 
-    capacity = row_capacity(data_args.cutoff_len, data_kind in SEGMENTED_KINDS)
+    capacity = row_capacity(data_args.cutoff_len, DATA_KINDS.lookup(data_kind).segmented)
     row: dict = {"input_ids": [], "labels": [], "lengths": []}
     for ex in endless(names, data_args, data_kind, tokenizer, template):
         n = len(ex["input_ids"])
         if row["lengths"] and (not pack or len(row["input_ids"]) + n > capacity):
             yield row
             row = {"input_ids": [], "labels": [], "lengths": []}
-        for key, values in ex.items():  # input_ids, labels, lengths, and per-example columns such as kto_tag
+        for key, values in ex.items():  # input_ids, labels, lengths, and the kind's per-example columns
             row.setdefault(key, [])
             row[key] += values
     if row["lengths"]:

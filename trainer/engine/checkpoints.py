@@ -14,6 +14,9 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
+
+from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -156,3 +159,34 @@ def run_is_complete(checkpoint: str, max_steps: int, num_train_epochs: float) ->
     if epoch >= num_train_epochs - 1e-9:
         return f"{checkpoint} has trained {epoch:g} of num_train_epochs {num_train_epochs:g}: the run is already complete"
     return None
+
+
+# ---- before a run starts: what output_dir and resume_from_checkpoint hold ------------------------------------------
+RUN_MARKERS = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "model.safetensors",
+               "all_results.json", "train_results.json")
+
+
+def wants_resume(value) -> bool:
+    """resume_from_checkpoint arrives as a string (YAML false becomes 'False'): read it as the user meant it."""
+    return value not in (None, "", False) and str(value).lower() not in ("false", "none", "null", "no")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume: Any) -> None:
+    path = Path(output_dir)
+    if not path.is_dir() or overwrite or wants_resume(resume):
+        return
+    held = sorted(p.name for p in path.iterdir() if p.name in RUN_MARKERS or p.name.startswith("checkpoint-"))
+    if held:
+        raise ConfigError(
+            f"output_dir {output_dir!r} already holds a run ({', '.join(held[:4])}). Set overwrite_output_dir: true "
+            "to train over it, resume_from_checkpoint: true to continue it, or choose another output_dir."
+        )
+
+
+def check_resume_folder(value) -> None:
+    """A resume_from_checkpoint folder must be a checkpoint: said before the model loads (true is resolved later)."""
+    if not wants_resume(value) or str(value).lower() in ("true", "auto", "last", "latest"):
+        return
+    why = describe_unresumable(str(value))
+    if why:
+        raise ConfigError(f"resume_from_checkpoint: {why}")

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from trainer.config import FSDPOptions
+from trainer.engine.options import FSDPOptions
 from trainer.errors import ConfigError
 
 logger = logging.getLogger(__name__)

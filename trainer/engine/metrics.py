@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from trainer.model.params import numel
+
 logger = logging.getLogger(__name__)
 
 # Dense bf16 peaks (no sparsity), FLOP/s, from the vendors' data sheets.
@@ -30,15 +32,14 @@ def flops_per_token(model: torch.nn.Module) -> tuple[float, float, float]:
     those alone, so charging it for every token would flatter MFU. Input embeddings are lookups, not
     matmuls, and count nothing.
     """
-    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = getattr(head, "weight", None)
     skip = {id(head_weight)} if head_weight is not None else set()
     params = [(n, p) for n, p in model.named_parameters() if id(p) not in skip and "embed" not in n]
-    total = sum(size(p) for _, p in params)
-    trained = sum(size(p) for _, p in params if p.requires_grad)
+    total = sum(numel(p) for _, p in params)
+    trained = sum(numel(p) for _, p in params if p.requires_grad)
     linear = 6.0 * trained + 4.0 * (total - trained)
-    head_flops = (6.0 if head_weight.requires_grad else 4.0) * size(head_weight) if head_weight is not None else 0.0
+    head_flops = (6.0 if head_weight.requires_grad else 4.0) * numel(head_weight) if head_weight is not None else 0.0
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", 0) or 0
     heads = getattr(config, "num_attention_heads", 0) or 0
@@ -50,13 +51,12 @@ def flops_per_token(model: torch.nn.Module) -> tuple[float, float, float]:
 def forward_flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
     """(linear FLOPs per token, head FLOPs per labelled token) of a forward pass alone: 2 per parameter touched.
     What a reference model's no-grad forward costs (the attention pairs cost a third of flops_per_token's)."""
-    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     head_weight = getattr(head, "weight", None)
     skip = {id(head_weight)} if head_weight is not None else set()
-    body = sum(size(p) for n, p in model.named_parameters() if id(p) not in skip and "embed" not in n
+    body = sum(numel(p) for n, p in model.named_parameters() if id(p) not in skip and "embed" not in n
                and "lora_" not in n)  # the reference runs without the adapters
-    return 2.0 * body, 2.0 * size(head_weight) if head_weight is not None else 0.0
+    return 2.0 * body, 2.0 * numel(head_weight) if head_weight is not None else 0.0
 
 
 @functools.lru_cache(maxsize=None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.model.lean_ops import lean_lora
+from trainer.model.params import parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -35,13 +37,34 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ConfigError(f"finetuning_type: freeze cannot find the decoder layers of {type(model).__name__}.")
 
 
-def apply_lora(model, args, adapter_path: str | None, is_trainable: bool):
+def merge_adapter(model, path: str, key: str = "adapter_name_or_path"):
+    """The model with the LoRA adapter at `path` merged into its weights."""
+    from peft import PeftModel
+
+    _check_adapter(path, key)
+    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    logger.info("Merged the adapter %s.", path)
+    return model
+
+
+def _check_adapter(path: str, key: str) -> None:
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        raise ConfigError(f"{key} {path!r} holds no adapter_config.json (a LoRA run's output_dir or checkpoint holds "
+                          "one).")
+
+
+def apply_lora(model, args, adapters: list[str], is_trainable: bool):
+    """New adapters, or adapter_name_or_path as LLaMA-Factory reads a comma list: all but the last merged into the
+    base, the last one loaded to train further (or to evaluate)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if adapter_path:
-        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=is_trainable)
+    if adapters:
+        for path in adapters[:-1]:
+            model = merge_adapter(model, path)
+        _check_adapter(adapters[-1], "adapter_name_or_path")
+        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable)
         lean_lora(model)
-        logger.info("Loaded LoRA adapter from %s.", adapter_path)
+        logger.info("Loaded LoRA adapter from %s.", adapters[-1])
         return model
     targets = all_linear_names(model) if args.lora_target == ["all"] else list(args.lora_target)
     known = set(all_linear_names(model)) | {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -106,7 +129,7 @@ def _extra_modules(model, layers, names: list[str]) -> list:
 def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
     kind = finetuning_args.finetuning_type
     if kind == "lora":
-        model = apply_lora(model, finetuning_args, model_args.adapter_name_or_path, is_trainable)
+        model = apply_lora(model, finetuning_args, model_args.adapters, is_trainable)
     elif kind == "freeze":
         apply_freeze(model, finetuning_args)
     if not is_trainable:
@@ -116,9 +139,8 @@ def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
-    size = lambda p: getattr(p, "ds_numel", None) or p.numel()  # noqa: E731  (ZeRO-3 partitions hold 0 locally)
-    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
-    total = sum(size(p) for p in model.parameters())
+    trainable = parameter_count(p for p in model.parameters() if p.requires_grad)
+    total = parameter_count(model.parameters())
     logger.info("Trainable parameters: %d of %d (%.3f%%).", trainable, total, 100 * trainable / max(total, 1))
     return model
 
@@ -213,7 +235,7 @@ def keep_starting_adapter(model, config) -> str | None:
     """A LoRA run that trains adapter_name_or_path further starts from base + that adapter: its reference model is
     that, not the bare base that switching the adapters off gives. Loads a frozen copy of the adapter and returns
     its name (None: no adapter to continue, the base with adapters off is the start)."""
-    adapters = [a.strip() for a in (config.model.adapter_name_or_path or "").split(",") if a.strip()]
+    adapters = config.model.adapters
     if not adapters or config.finetuning.finetuning_type != "lora":
         return None
     load_frozen_adapter(model, adapters[-1], REFERENCE_ADAPTER)

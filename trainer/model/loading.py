@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import ConfigError
+from trainer.model.params import parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -123,33 +124,51 @@ def weights_dtype(training_args, finetuning_type: str) -> torch.dtype:
     return torch.float32
 
 
-def load_model(model_args, training_args, finetuning_type: str, segments_wanted: bool = False):
+def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = None, segments_wanted: bool = False,
+                   path: str | None = None, key: str = "model_name_or_path", adapters: list[str] = (),
+                   trains: bool = False):
+    """THE loader: the policy, a reference, a reward model, or a model to chat with or export. `path` defaults to
+    model_name_or_path (`key` names the YAML key it came from, for errors); `attention` is an implementation name
+    (a frozen model takes its policy's), else flash_attn decides (attention_implementation); `adapters` are merged
+    in order. A model that `trains` gets Liger's kernels (enable_liger_kernel) or else the lean ops, which change
+    only what is kept for backward (exact, checked per module); frozen models have no backward to spare. The KV
+    cache is off: packed rows are only kept apart without it (see PLATFORM.md); generation turns it on per call."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = model_args.model_name_or_path
-    _check_local(path)
+    path = path or model_args.model_name_or_path
+    _check_local(path, key=key)
     common = dict(trust_remote_code=model_args.trust_remote_code, cache_dir=model_args.cache_dir,
                   revision=model_args.model_revision, token=model_args.hf_hub_token)
     try:
         config = AutoConfig.from_pretrained(path, **common)
     except OSError as err:
         raise _hub_error(path, err) from None
-    impl = attention_implementation(model_args.flash_attn, config, segments_wanted)
-    dtype = weights_dtype(training_args, finetuning_type)
-    from trainer.model.kernels import apply_liger
-    from trainer.model.lean_ops import apply_lean_ops, lean_rotary
+    impl = attention or attention_implementation(model_args.flash_attn, config, segments_wanted)
+    liger = False
+    if trains:
+        from trainer.engine.agree import agreed_choice
+        from trainer.model.kernels import apply_liger
 
-    liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
-    from trainer.engine.agree import agreed_choice
+        liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
+        agreed_choice("the attention path and Liger kernels (flash_attn, enable_liger_kernel)", (impl, liger))
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl, **common)
+    for adapter in adapters:
+        from trainer.model.adapters import merge_adapter
 
-    agreed_choice("the attention path and Liger kernels (flash_attn, enable_liger_kernel)", (impl, liger))
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
-                                                 **common)
-    if not liger:
+        model = merge_adapter(model, adapter, key)
+    if trains and not liger:
+        from trainer.model.lean_ops import apply_lean_ops, lean_rotary
+
         apply_lean_ops(model)
         lean_rotary(model)
-    # Packed rows are only kept apart when the model does not build a KV cache (see PLATFORM.md).
     model.config.use_cache = False
-    logger.info("Loaded %s (%s, %.1fM parameters) with %s attention, weights in %s.", path,
-                type(model).__name__, sum(p.numel() for p in model.parameters()) / 1e6, impl, dtype)
+    logger.info("Loaded %s%s (%s, %.1fM parameters) with %s attention, weights in %s.", path,
+                "".join(f" + {a}" for a in adapters), type(model).__name__, parameter_count(model.parameters()) / 1e6, impl, dtype)
     return model
+
+
+def load_model(model_args, training_args, finetuning_type: str, segments_wanted: bool = False):
+    """The model to train (or evaluate), its frozen weights in the compute dtype (weights_dtype)."""
+    return load_causal_lm(model_args, dtype=weights_dtype(training_args, finetuning_type),
+                          segments_wanted=segments_wanted, trains=True)
+

@@ -2,7 +2,7 @@
 
 A stage never owns a training loop, a model loader or packing; those are shared. It answers:
 - `options`: a dataclass of its own YAML keys (the pref_*, kto_*, ppo_* families), parsed and validated by
-  config.py with the same did-you-mean errors as every other key, and refused for any other stage;
+  trainer/config.py with the same did-you-mean errors as every other key, and refused for any other stage;
 - `data_kind`: what processing builds from its datasets (processing dispatches on it, never on a name);
 - `collator()`: how dataset items become one batch (by default the padding-free segment layout);
 - `count_items(batch)`: how many items of its loss one micro-batch holds (trained tokens for sft/pt, pairs for
@@ -10,18 +10,19 @@ A stage never owns a training loop, a model loader or packing; those are shared.
 - `compute(wrapper, model, batch)`: its loss as a sum over items, plus per-item statistics (sums and counts)
   that the engine adds up exactly, for the logs and for eval.
 
-This module imports no torch at module level: config.py reads the stage registry to validate keys.
+This module imports no torch at module level: the config reads the stage registry to validate keys.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from trainer.errors import ConfigError
+from trainer.registry import Registry
 
-STAGES: dict[str, type["Stage"]] = {}
+# The only list of stages: each stage file registers its class here (trainer/stages/__init__.py imports them all).
+STAGES = Registry("stage", "This version trains", hints={
+    "grpo": "GRPO runs as stage: ppo with advantage_estimator: grpo (and num_generations answers a prompt)."})
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Stage:
     name: str = ""
     data_kind: str = "supervised"  # what processing.tokenized_dataset builds
     needs_padding_free: bool = False  # its items are several sequences end to end (the pair stages)
+    wants_segments: bool = False  # asks the loader for zerotune_segments attention (the one that reads shared prompts)
     predicts: bool = False  # do_predict generates its answers and scores them (sft, as in LLaMA-Factory)
     needs_template: bool = True
     packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
@@ -98,7 +100,7 @@ class Stage:
 
     def train_sampler(self, trainer, dataset):
         """The order of the training items (None: the engine's shuffled order). ppo visits each buffer of prompts
-        ppo_epochs times (data/rollout_sampler.py)."""
+        ppo_epochs times (stages/rollout_sampler.py)."""
         return None
 
     def before_step(self, trainer, batch_samples: list[dict]) -> None:
@@ -138,33 +140,9 @@ class Stage:
 
 
 def register(cls: type[Stage]) -> type[Stage]:
-    STAGES[cls.name] = cls
-    return cls
-
-
-def stage_keys() -> dict[str, list[str]]:
-    """Every stage-owned key -> the stages that own it."""
-    owners: dict[str, list[str]] = {}
-    for name, cls in STAGES.items():
-        for f in dataclasses.fields(cls.options):
-            owners.setdefault(f.name, []).append(name)
-    return owners
-
-
-def get_stage_class(name: str) -> type[Stage]:
-    if name in STAGES:
-        return STAGES[name]
-    from trainer.config import STAGES as PLANNED
-
-    if name in PLANNED:
-        raise ConfigError(f"stage: {name!r} is not implemented yet; this version trains: {', '.join(sorted(STAGES))}.")
-    import difflib
-
-    close = difflib.get_close_matches(name, sorted(set(STAGES) | set(PLANNED)), n=3, cutoff=0.6)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise ConfigError(f"stage: {name!r} is not a stage.{hint} This version trains: {', '.join(sorted(STAGES))}.")
+    return STAGES.register(cls.name)(cls)
 
 
 def build_stage(config) -> Stage:
     """The stage of a RunConfig, with its parsed options."""
-    return get_stage_class(config.finetuning.stage)(config, config.stage_options)
+    return STAGES.lookup(config.finetuning.stage)(config, config.stage_options)

@@ -7,7 +7,7 @@ same log-ratio over mismatched pairs (each prompt with another example's answer)
 summed over every process and clamped at 0. As in the paper and TRL, a desirable example's loss is
 w_d (1 − σ(β (Δ − z))) and an undesirable one's w_u (1 − σ(β (z − Δ))); rewards are β Δ.
 
-The mismatched pairs are built by the collator from the batch itself (collators.KtoPairs: each example's prompt
+The mismatched pairs are built by the collator from the batch itself (kto_data.KtoPairs: each example's prompt
 with a neighbour's answer; with precompute_ref_log_probs, with its neighbour's in dataset order, fixed ahead so
 that the pass before training computes the same pairs). Each example and its mismatched pair go through the model
 together, sharing the prompt like a preference pair (pref_prefix_sharing), in the same padding-free forward. The
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from trainer.errors import ConfigError
 from trainer.stages.base import StageOutput, register
+from trainer.stages.kto_data import KtoPairs  # and the data kind "kto"
 from trainer.stages.pairs import PolicyOptions, ReferenceStage
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class KTO(ReferenceStage):
         self._warned_one_kind = False
 
     def collator(self, pad_token_id: int, padding_free: bool = True):
-        from trainer.data.collators import Collator, KtoPairs
+        from trainer.data.collators import Collator
 
         return KtoPairs(Collator(pad_token_id, padding_free=padding_free, share_prefix=self.shares_prefix),
                         cutoff_len=self.config.data.cutoff_len if self.config is not None else None)

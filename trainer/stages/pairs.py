@@ -7,8 +7,7 @@ one's prompt instead of computing it again (collators.shared_prompt, kernels.seg
 
 ReferenceStage: the reference model of dpo and kto. A LoRA run's is the same weights with the adapters switched off
 (no second copy); a full or freeze run keeps a frozen copy of its starting weights in the compute dtype, placed
-like the policy (partitioned by ZeRO-3 or sharded by FSDP over several processes); ref_model (+ ref_model_adapters)
-loads a separate one, placed the same way. precompute_ref_log_probs (reference_logps.py) computes the reference's
+like the policy; ref_model (+ ref_model_adapters) loads a separate one, placed the same way (model/reference.py). precompute_ref_log_probs (reference_logps.py) computes the reference's
 log-probs in one pass before training, so training runs the policy alone and full/freeze runs need no copy.
 """
 
@@ -19,8 +18,12 @@ from dataclasses import dataclass
 
 import torch
 
+from trainer.engine.options import zero_stage
 from trainer.errors import ConfigError
-from trainer.model.adapters import reference_context
+from trainer.model.adapters import peft_model, reference_context
+from trainer.model.reference import frozen_dtype, load_frozen, placed_separately, shard_like_policy, sharded_module, \
+    starting_copy
+from trainer.options import split_list
 from trainer.stages.base import Stage
 
 logger = logging.getLogger(__name__)
@@ -53,95 +56,6 @@ class PolicyOptions(ReferenceOptions):
             raise ConfigError(f"pref_beta: {self.pref_beta} must be positive.")
         if self.pref_ftx < 0:
             raise ConfigError(f"pref_ftx: {self.pref_ftx} must be non-negative.")
-
-
-def _shards(config) -> bool:
-    from trainer.config import _zero_stage
-
-    t = config.training
-    return config.fsdp is not None or bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
-
-
-def _zero3(config) -> bool:
-    from trainer.config import _zero_stage
-
-    t = config.training
-    return bool(t.deepspeed and _zero_stage(t.deepspeed) == 3)
-
-
-def _sharded_module(module) -> bool:
-    from trainer.engine.fsdp import is_sharded
-
-    return is_sharded(module) or hasattr(module, "zero_optimization_partition_weights")
-
-
-def _peft_model(model):
-    from trainer.model.adapters import peft_model
-
-    return peft_model(model)
-
-
-def load_frozen(config, path: str, adapters: str | None, like, dtype, key: str, what: str):
-    """A frozen causal LM from `path` (adapters merged) with the policy's attention, in `dtype`: a reference or
-    a reward model. Under ZeRO-3 the load partitions the weights as they arrive (zero.Init), as it did the
-    policy's."""
-    from transformers import AutoModelForCausalLM
-
-    from trainer.model.loading import _check_local
-
-    _check_local(path, key=key)
-    frozen = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=getattr(like.config, "_attn_implementation", None))
-    frozen.config.use_cache = False
-    for adapter in [a.strip() for a in (adapters or "").split(",") if a.strip()]:
-        from peft import PeftModel
-
-        frozen = PeftModel.from_pretrained(frozen, adapter).merge_and_unload()
-    logger.info("%s: %s%s, frozen, weights in %s.", what, path, f" + {adapters}" if adapters else "", dtype)
-    return frozen.requires_grad_(False).eval()
-
-
-def shard_like_policy(config, frozen, dtype, what: str):
-    """FSDP: fully_shard like the policy. ZeRO-3: an inference engine over the partitioned weights, whose hooks
-    gather each layer's weights for its forward (as TRL does for its reference)."""
-    import torch
-
-    if config.fsdp is not None:
-        from trainer.engine import fsdp
-
-        logger.info("%s sharded with FSDP like the policy.", what)
-        return fsdp.shard(frozen, config.fsdp, dtype or torch.float32)
-    import deepspeed
-
-    ds = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-          "bf16": {"enabled": dtype == torch.bfloat16}, "fp16": {"enabled": dtype == torch.float16}}
-    engine, *_ = deepspeed.initialize(model=frozen, config=ds)
-    engine.eval()
-    logger.info("%s partitioned by ZeRO-3 like the policy.", what)
-    return engine
-
-
-def starting_copy(config, model, wrapper, dtype, cast: bool):
-    """(reference, its own ModelWrapper or None): a frozen copy of the policy's starting weights. In one process or
-    under ZeRO-0/2 a deep copy (cast to the compute dtype when `cast`; ppo keeps the policy's dtype and runs it under
-    the policy's autocast); over several processes under ZeRO-3 or FSDP loaded again from model_name_or_path and
-    partitioned or sharded like the policy."""
-    import torch
-
-    if not (_shards(config) and config.training.world_size > 1):
-        import copy
-
-        reference = copy.deepcopy(model).requires_grad_(False).eval()
-        if cast and dtype is not None:
-            reference.to(dtype)
-        return reference, None
-    from trainer.model.wrapper import ModelWrapper
-
-    reference = load_frozen(config, config.model.model_name_or_path, None, model, dtype or torch.float32,
-                            "model_name_or_path", "Reference model")
-    own = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked, liger=wrapper.liger)
-    return shard_like_policy(config, reference, dtype, "Reference model"), own
 
 
 class Pairwise(Stage):
@@ -214,7 +128,8 @@ class ReferenceStage(Pairwise):
             logger.warning("ref_model is not used: this run's loss has no reference model.")
         if self.opts.ref_model_adapters and not self.opts.ref_model:
             raise ConfigError("ref_model_adapters are merged into ref_model: set ref_model too.")
-        if self.opts.ref_model_adapters and config is not None and _zero3(config):
+        if self.opts.ref_model_adapters and config is not None and config.training.deepspeed and \
+                zero_stage(config.training.deepspeed) == 3:
             raise ConfigError("ref_model_adapters cannot be merged into a ref_model that ZeRO-3 partitions as it "
                               "loads: merge them first (zerotune export) and give the merged folder as ref_model.")
         # Full and freeze runs without ref_model: the reference is the starting weights, as a copy, or (precomputed)
@@ -243,11 +158,8 @@ class ReferenceStage(Pairwise):
         full/freeze run its starting weights (a copy in one process or under ZeRO-0/2; loaded again and partitioned
         by ZeRO-3 or sharded by FSDP like the policy over several). LoRA runs need none: the reference is the base
         with the adapters off."""
-        import torch
-
         t = self.config.training
-        dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
-        sharded = _shards(self.config) and t.world_size > 1
+        dtype = frozen_dtype(self.config)
         copy_wanted = self.copies_reference and t.do_train  # an eval-only run's reference is the model it loaded
         if not (self.separate_reference or copy_wanted):
             return
@@ -257,11 +169,12 @@ class ReferenceStage(Pairwise):
         from trainer.model.wrapper import ModelWrapper
 
         o = self.opts
-        reference = load_frozen(self.config, o.ref_model, o.ref_model_adapters, model, dtype or torch.float32,
-                                "ref_model", "Reference model")
+        reference = load_frozen(self.config, o.ref_model, split_list(o.ref_model_adapters), model,
+                                dtype or torch.float32, "ref_model", "Reference model")
         self.reference_wrapper = ModelWrapper(reference, chunk_size=wrapper.chunk_size, chunked=wrapper.chunked,
                                               liger=wrapper.liger)
-        self.reference = shard_like_policy(self.config, reference, dtype, "Reference model") if sharded else reference
+        self.reference = shard_like_policy(self.config, reference, dtype, "Reference model") \
+            if placed_separately(self.config) else reference
 
     def before_training(self, trainer) -> None:
         if not self.precomputes:
@@ -290,7 +203,7 @@ class ReferenceStage(Pairwise):
         with torch.no_grad():
             if self.reference is not None:
                 return self._sequence_logps(self.reference_wrapper or wrapper, self._placed_reference(batch), batch)[0]
-            if _peft_model(model) is not None:
+            if peft_model(model) is not None:
                 with reference_context(model, self.reference_adapter):
                     return self._sequence_logps(wrapper, model, batch)[0]
             if model.training:  # a training step of a run whose reference was precomputed: never the moved policy
@@ -305,7 +218,7 @@ class ReferenceStage(Pairwise):
 
     def _placed_reference(self, batch):
         device = batch["input_ids"].device
-        if _sharded_module(self.reference):  # placed by FSDP or DeepSpeed
+        if sharded_module(self.reference):  # placed by FSDP or DeepSpeed
             return self.reference
         if next(self.reference.parameters()).device != device:  # the engine moved the policy after prepare()
             self.reference.to(device)

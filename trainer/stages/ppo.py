@@ -1,7 +1,7 @@
 """ppo: online RL from a reward model or a reward function (LLaMA-Factory's stage ppo, with its keys), and GRPO.
 
 One loop over the shared engine. The Trainer iterates prompts buffer by buffer, each buffer ppo_epochs times
-(data/rollout_sampler.py); when an optimizer step's prompts have no responses yet, the stage samples them for its
+(stages/rollout_sampler.py); when an optimizer step's prompts have no responses yet, the stage samples them for its
 process's whole buffer (stages/rollouts.py: generation, scores, the no-grad forwards, advantages), then every
 micro-batch trains on its prompts' responses:
 
@@ -239,15 +239,16 @@ class PPO(WithValueHead, Stage):
         import torch
 
         from trainer.model.adapters import peft_model
-        from trainer.stages.pairs import _shards, load_frozen, shard_like_policy, starting_copy
+        from trainer.model.reference import frozen_dtype, load_frozen, placed_separately, shard_like_policy, \
+            starting_copy
+        from trainer.options import split_list
 
         t, o = self.config.training, self.opts
         # The template's stop tokens, as run() set them (the Trainer later aligns generation_config with the
         # tokenizer's eos alone).
         stops = model.generation_config.eos_token_id
         self.stop_ids = [stops] if isinstance(stops, int) else list(stops)
-        dtype = torch.bfloat16 if t.bf16 else torch.float16 if t.fp16 else None
-        sharded = _shards(self.config) and t.world_size > 1
+        dtype = frozen_dtype(self.config)
         if self.uses_reference and peft_model(model) is None and t.do_train:
             # full / freeze: a frozen copy of the starting weights, kept in the policy's dtype and run under its
             # autocast (rollouts._precision), so that before the first update its log-probs are the policy's exactly
@@ -256,11 +257,11 @@ class PPO(WithValueHead, Stage):
             from trainer.model.wrapper import ModelWrapper
             from trainer.stages.rewards import ModelReward, load_value_head
 
-            scorer = load_frozen(self.config, o.reward_model, o.reward_model_adapters, model, dtype or torch.float32,
-                                 "reward_model", "Reward model")
+            scorer = load_frozen(self.config, o.reward_model, split_list(o.reward_model_adapters), model,
+                                 dtype or torch.float32, "reward_model", "Reward model")
             head = load_value_head(o.reward_model, scorer.config.hidden_size)
             scorer_wrapper = ModelWrapper(scorer, chunk_size=wrapper.chunk_size)
-            if sharded:
+            if placed_separately(self.config):
                 scorer = shard_like_policy(self.config, scorer, dtype, "Reward model")
             self.reward = ModelReward(o.reward_model, head, scorer, scorer_wrapper)
 
@@ -273,7 +274,7 @@ class PPO(WithValueHead, Stage):
         return KeyCollator()
 
     def steps_per_epoch(self, items: int, batch: int, accumulation: int, world: int) -> int:
-        from trainer.data.rollout_sampler import RolloutSampler
+        from trainer.stages.rollout_sampler import RolloutSampler
 
         o = self.opts
         sampler = RolloutSampler(items, batch, accumulation, world, o.ppo_buffer_size, o.ppo_epochs, 0)
@@ -286,7 +287,7 @@ class PPO(WithValueHead, Stage):
         return config.training.per_device_train_batch_size * self.samples * longest
 
     def train_sampler(self, trainer, dataset):
-        from trainer.data.rollout_sampler import RolloutSampler
+        from trainer.stages.rollout_sampler import RolloutSampler
 
         a, o = trainer.args, self.opts
         world = trainer.accelerator.num_processes

@@ -34,14 +34,15 @@ def _model_files(path: str | None) -> list:
 
 def cache_path(config, items, stage) -> Path:
     from trainer.data.processing import default_cache_dir
+    from trainer.options import split_list
 
     m, t = config.model, config.training
     payload = {"stage": stage.name, "partners": items.partners, "data": items.data._fingerprint,
                "examples": len(items.data), "model": m.model_name_or_path,
                "model_files": _model_files(m.model_name_or_path), "adapter": m.adapter_name_or_path,
                "adapter_files": _model_files(m.adapter_name_or_path), "finetuning": config.finetuning.finetuning_type,
-               "ref_model": [(p, _model_files(p)) for p in (stage.opts.ref_model, *(
-                   (stage.opts.ref_model_adapters or "").split(",")))] if stage.opts.ref_model else None,
+               "ref_model": [(p, _model_files(p)) for p in (stage.opts.ref_model, *split_list(
+                   stage.opts.ref_model_adapters))] if stage.opts.ref_model else None,
                "dtype": "bf16" if t.bf16 else "fp16" if t.fp16 else "fp32", "attention": m.flash_attn,
                "prefix_sharing": stage.shares_prefix, "chunked_loss": m.chunked_loss}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]

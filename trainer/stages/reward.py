@@ -23,7 +23,7 @@ class WithValueHead:
         from trainer.model import value_head
 
         m = self.config.model if self.config is not None else None
-        adapters = [a.strip() for a in (m.adapter_name_or_path or "").split(",") if a.strip()] if m else []
+        adapters = m.adapters if m else []
         saved_in = [*reversed(adapters), m.model_name_or_path] if m is not None else []  # the last adapter's first
         self.head = value_head.attach(model, [p for p in saved_in if p])
         self.head.requires_grad_(self.config is None or self.config.training.do_train)

@@ -117,9 +117,9 @@ class ModelReward:
 
 
 def _placed(model) -> bool:
-    from trainer.stages.pairs import _sharded_module
+    from trainer.model.reference import sharded_module
 
-    return _sharded_module(model)
+    return sharded_module(model)
 
 
 def load_reward_adapter(model, folder: str):

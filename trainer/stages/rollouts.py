@@ -67,11 +67,11 @@ def _sampling_seed(args, key: tuple, rank: int):
 def _reference(stage, model):
     """(model, wrapper-or-None, context) to compute the reference's log-probs with."""
     from trainer.model.adapters import reference_context
-    from trainer.stages.pairs import _sharded_module
+    from trainer.model.reference import sharded_module
 
     if stage.reference is not None:
         ref = stage.reference
-        if not _sharded_module(ref):
+        if not sharded_module(ref):
             ref.to(next(model.parameters()).device)
         return ref, stage.reference_wrapper, contextlib.nullcontext()
     return model, None, reference_context(model, stage.reference_adapter)
