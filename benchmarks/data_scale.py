@@ -56,7 +56,7 @@ def _peak_gb(who) -> float:
 
 
 def child_tokenize(args) -> dict:
-    from trainer.config import DataArguments
+    from trainer.data.options import DataArguments
     from trainer.data.packing import pack_dataset
     from trainer.data.processing import tokenized_dataset
     from trainer.data.templates import get_template

@@ -70,7 +70,7 @@ def token_slots(model_dir: str, data_dir: Path, cutoff: int, batch: int) -> dict
     order: its sampler shuffles, so this is an estimate of the same size)."""
     from transformers import AutoTokenizer
 
-    from trainer.config import DataArguments
+    from trainer.data.options import DataArguments
     from trainer.data.collators import Collator
     from trainer.data.packing import unpacked_dataset
     from trainer.data.processing import tokenized_dataset
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from trainer.config import cpu_supports_bf16
+    from trainer.engine.hardware import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-dpo-bench-"))
     model_dir = benchmark_model(args.quick, work)

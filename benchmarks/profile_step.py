@@ -47,7 +47,7 @@ def group_of(name: str) -> str:
 def profiled_run(cfg: dict, warmup: int, steps: int):
     import torch
 
-    from trainer.config import build_config
+    from trainer.run import build_config
     from trainer.engine import trainer as engine
     from trainer.run import run
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from trainer.config import cpu_supports_bf16
+    from trainer.engine.hardware import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-profile-"))
     from benchmarks.throughput import benchmark_model

@@ -87,7 +87,7 @@ def real_token_count(model_dir: str, samples: int, cutoff: int) -> tuple[int, in
     """(real tokens, example lengths) of the benchmark set, as zerotune's ChatML template renders them."""
     from transformers import AutoTokenizer
 
-    from trainer.config import DataArguments
+    from trainer.data.options import DataArguments
     from trainer.data.processing import tokenized_dataset
     from trainer.data.templates import get_template
 
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
-    from trainer.config import cpu_supports_bf16
+    from trainer.engine.hardware import cpu_supports_bf16
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-bench-"))
     model_dir = benchmark_model(args.quick, work)
