@@ -166,3 +166,25 @@ def test_logged_loss_is_the_token_mean_of_the_global_batch(tiny_model_dir, many_
                           per_device_train_batch_size=48 // ga, forward_batch_size=48 // ga)
         _, state = train_with(cfg)
         assert _history(state, "loss")[0] == pytest.approx(reference, rel=1e-5), ga
+
+
+def test_the_head_mode_lasts_one_call_and_is_refused_on_an_unwrapped_model(tiny_model_dir, packed_rows):
+    """The loss mode rides on the head of the model being run, for that one forward only: afterwards the same model
+    returns ordinary logits, and a model whose head was never given the modes says so instead of returning logits
+    where token losses were asked for."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data.collators import Collator, model_inputs
+    from trainer.model.wrapper import MODE, ModelWrapper
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    batch = Collator(0)([packed_rows[0]])
+    plain = model(**model_inputs(batch), use_cache=False).logits
+    wrapper = ModelWrapper(model)
+    nll, mask = wrapper.token_nll(model, batch)
+    assert nll.shape == mask.shape == batch["labels"].shape and bool(mask.any())
+    assert MODE not in model.lm_head.__dict__
+    torch.testing.assert_close(model(**model_inputs(batch), use_cache=False).logits, plain)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(RuntimeError, match="has no loss modes"):
+        wrapper.token_nll(other, batch)

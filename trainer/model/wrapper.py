@@ -1,19 +1,21 @@
 """The one model wrapper every stage uses: per-token losses (or values) through the model's own forward.
 
-The model's lm_head is given two more modes. While `targets` are set (a context variable, so the
-call still goes through DDP / DeepSpeed / FSDP wrappers and their hooks), the head returns the
-per-token negative log-likelihood computed in chunks instead of the [tokens x vocab] logits. While a
-value head is set (the rm stage), the head hands the final hidden states to it and returns its per-token
-values, computing no logits at all. A policy request (the ppo stage) asks for both at once: each labelled token's
-log-probability at the sampling temperature and the critic's value at every position, plus, without gradient, the
-entropy. With none set (generation, plain use) it is the ordinary Linear. Models whose head cannot take the loss path (soft-capped logits, a head that is not a plain
-Linear) fall back to full logits, and say so.
+The model's output head answers in one of a few explicit modes, each a small object that says what the head
+computes from the final hidden states in place of the [tokens x vocab] logits: TokenNLL (each labelled token's
+negative log-likelihood, in chunks), Values (a value head's value at every token: the rm stage's scores), and
+PolicyChannels (ppo: each labelled token's log-probability at the sampling temperature, the critic's value at every
+position and, without gradient, the entropy). A wrapper method passes its mode for exactly one forward
+(`_engaged`): the mode sits on the head module of the model being run, not in any global or ambient state, and the
+method reads the forward's output back through the same mode, so no caller ever sees `.logits` meaning anything
+else. Without a mode (generation, plain use) the head is the ordinary Linear. The mode has to ride on the head rather
+than be passed as an argument because the call goes through the DDP / DeepSpeed / FSDP wrappers and their hooks,
+which call the model's own forward. Models whose head cannot take the loss path (soft-capped logits, a head that is
+not a plain Linear) fall back to full logits, and say so.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import logging
 import types
@@ -27,64 +29,82 @@ from trainer.model.losses import IGNORE_INDEX, chunked_token_entropy, chunked_to
 
 logger = logging.getLogger(__name__)
 
-_TARGETS: contextvars.ContextVar = contextvars.ContextVar("zerotune_head_targets", default=None)
+MODE = "zerotune_head_mode"  # the attribute of the head module that holds the engaged mode
 
 
 @dataclasses.dataclass
-class _PolicyRequest:
+class TokenNLL:
+    """[B, T]: the loss of predicting each target (IGNORE_INDEX: not computed, 0)."""
+    targets: torch.Tensor
+    chunk_size: int
+    liger: bool = False
+
+    def __call__(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), self.targets.reshape(-1)
+        if self.liger:  # Liger's Triton kernel: the same per-token loss, fused on CUDA
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+            nll = liger_fused_linear_cross_entropy(flat, head.weight, targets, head.bias, reduction="none")
+        else:
+            nll = chunked_token_nll(flat, head.weight, head.bias, targets, self.chunk_size)
+        return nll.view(hidden.shape[:-1])
+
+
+@dataclasses.dataclass
+class Values:
+    """[B, T, 1]: a value head's value at every token; no logits are computed."""
+    value_head: nn.Module
+
+    def __call__(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        return self.value_head(hidden)
+
+
+@dataclasses.dataclass
+class PolicyChannels:
+    """[..., C]: the nll of each target at temperature T (logits / T), then the value head's value, then the
+    entropy, as requested."""
     targets: torch.Tensor
     chunk_size: int
     temperature: float
     value_head: nn.Module | None
     entropy: bool
 
-
-def _policy_channels(head: nn.Linear, hidden: torch.Tensor, request: _PolicyRequest) -> torch.Tensor:
-    """[..., C]: the nll of each target at temperature T (logits / T), then the value head's value, then the
-    entropy, as requested."""
-    flat, targets = hidden.reshape(-1, hidden.shape[-1]), request.targets.reshape(-1)
-    scaled = flat / request.temperature if request.temperature != 1.0 else flat
-    bias = None if head.bias is None else head.bias / request.temperature
-    channels = [chunked_token_nll(scaled, head.weight, bias, targets, request.chunk_size)]
-    if request.value_head is not None:
-        channels.append(request.value_head(flat).squeeze(-1).float())
-    if request.entropy:
-        channels.append(chunked_token_entropy(scaled, head.weight, bias, targets, request.chunk_size))
-    return torch.stack(channels, dim=-1).view(*hidden.shape[:-1], len(channels))
+    def __call__(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        flat, targets = hidden.reshape(-1, hidden.shape[-1]), self.targets.reshape(-1)
+        scaled = flat / self.temperature if self.temperature != 1.0 else flat
+        bias = None if head.bias is None else head.bias / self.temperature
+        channels = [chunked_token_nll(scaled, head.weight, bias, targets, self.chunk_size)]
+        if self.value_head is not None:
+            channels.append(self.value_head(flat).squeeze(-1).float())
+        if self.entropy:
+            channels.append(chunked_token_entropy(scaled, head.weight, bias, targets, self.chunk_size))
+        return torch.stack(channels, dim=-1).view(*hidden.shape[:-1], len(channels))
 
 
-def _loss_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    request = _TARGETS.get()
-    if request is None:
-        return F.linear(hidden, self.weight, self.bias)
-    if isinstance(request, nn.Module):  # a value head: its values come out as the model's "logits", [B, T, 1]
-        return request(hidden)
-    if isinstance(request, _PolicyRequest):
-        return _policy_channels(self, hidden, request)
-    targets, chunk_size, liger = request
-    flat, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    if liger:  # Liger's Triton kernel: the same per-token loss, fused on CUDA
-        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+def _mode_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    mode = self.__dict__.get(MODE)
+    return F.linear(hidden, self.weight, self.bias) if mode is None else mode(self, hidden)
 
-        nll = liger_fused_linear_cross_entropy(flat, self.weight, flat_targets, self.bias, reduction="none")
-    else:
-        nll = chunked_token_nll(flat, self.weight, self.bias, flat_targets, chunk_size)
-    return nll.view(hidden.shape[:-1])
+
+def _head_of(model: nn.Module) -> nn.Module:
+    """The output head of the causal LM inside DDP / DeepSpeed engines and PEFT."""
+    while isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module
+    return _base_model(model).get_output_embeddings()
 
 
 @contextlib.contextmanager
-def _targets(targets: torch.Tensor | None, chunk_size: int, liger: bool = False):
-    with _request(None if targets is None else (targets, chunk_size, liger)):
-        yield
-
-
-@contextlib.contextmanager
-def _request(request):
-    token = _TARGETS.set(request)
+def _engaged(model: nn.Module, mode):
+    """The model's head answers in `mode` for the forward passes inside this block."""
+    head = _head_of(model)
+    if getattr(head.forward, "__func__", None) is not _mode_head_forward:
+        raise RuntimeError(f"the output head of {type(model).__name__} has no loss modes: build a ModelWrapper over "
+                           "this model (or a copy of one) before asking it for token losses")
+    head.__dict__[MODE] = mode
     try:
         yield
     finally:
-        _TARGETS.reset(token)
+        head.__dict__.pop(MODE, None)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -112,7 +132,7 @@ class ModelWrapper:
         self.chunked = chunked and self.patched and not self.post_processes
         self.liger = liger and self.chunked
         if self.patched:  # the loss and value modes; the plain Linear otherwise
-            head.forward = types.MethodType(_loss_head_forward, head)
+            head.forward = types.MethodType(_mode_head_forward, head)
         if self.chunked:
             if self.liger:
                 logger.info("Loss: Liger fused linear cross-entropy, no full logits.")
@@ -128,7 +148,7 @@ class ModelWrapper:
         inputs = model_inputs(batch)
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:
-            with _targets(targets, self.chunk_size, self.liger):
+            with _engaged(model, TokenNLL(targets, self.chunk_size, self.liger)):
                 nll = model(**inputs).logits
         else:
             logits = model(**inputs).logits.float()
@@ -143,7 +163,7 @@ class ModelWrapper:
         if self.patched and not self.post_processes:
             # The head's output must be what the model returns (not a side channel): ZeRO-3 fetches and releases
             # the head's weights for backward on hooks around its output and input.
-            with _request(value_head):
+            with _engaged(model, Values(value_head)):
                 return model(**inputs).logits.squeeze(-1)
         # A model that soft-caps or scales its logits would do that to the values too: the final hidden states
         # instead (the full logits are computed and dropped).
@@ -161,8 +181,7 @@ class ModelWrapper:
         targets = shift_targets(batch["labels"])
         inputs = model_inputs(batch)
         inputs["use_cache"] = False
-        request = _PolicyRequest(targets, self.chunk_size, float(temperature), value_head, entropy)
-        with _request(request):
+        with _engaged(model, PolicyChannels(targets, self.chunk_size, float(temperature), value_head, entropy)):
             channels = model(**inputs).logits
         out = {"logps": -channels[..., 0], "mask": targets.ne(IGNORE_INDEX)}
         if value_head is not None:
