@@ -204,3 +204,44 @@ def test_lora_bf16_keeps_the_frozen_base_in_bf16_and_trains(tiny_model_dir, data
 
 def _losses_of(state: dict) -> list[float]:
     return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+
+def test_a_comma_list_of_adapters_trains_as_in_llama_factory(tiny_model_dir, data_dir, tmp_path):
+    """adapter_name_or_path: a,b merges a into the base and trains b further (LLaMA-Factory's reading). The first
+    step's loss equals that of plain peft's base + a merged + b, and b is what the run saves."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.data.collators import Collator
+    from trainer.model.wrapper import ModelWrapper
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    train_with(base_config(tiny_model_dir, data_dir, first, max_steps=3, learning_rate=5e-2))
+    train_with(base_config(tiny_model_dir, data_dir, second, max_steps=3, learning_rate=5e-2, seed=11))
+    _, state = train_with(base_config(tiny_model_dir, data_dir, tmp_path / "ab", max_steps=1, learning_rate=0.0,
+                                      adapter_name_or_path=f"{first},{second}", per_device_train_batch_size=24))
+    loss = state["log_history"][0]["loss"]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    merged = PeftModel.from_pretrained(base, str(first)).merge_and_unload()
+    reference = PeftModel.from_pretrained(merged, str(second))
+    from trainer.data.options import DataArguments
+    from trainer.data.processing import tokenized_dataset
+    from trainer.data.templates import get_template
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data, _ = tokenized_dataset(["alpaca"], DataArguments(dataset_dir=str(data_dir), template="chatml", cutoff_len=128),
+                                "supervised", tok, get_template("chatml", tok), rebuild=False)
+    items = [{"input_ids": r["input_ids"], "labels": r["labels"], "lengths": [len(r["input_ids"])]} for r in data]
+    batch = Collator(tok.pad_token_id)(items)
+    with torch.no_grad():
+        nll, mask = ModelWrapper(reference).token_nll(reference, batch)
+    assert loss == pytest.approx((nll * mask).sum().item() / mask.sum().item(), rel=1e-4)
+    from safetensors.torch import load_file
+
+    saved, trained = (load_file(str(f / "adapter_model.safetensors")) for f in (tmp_path / "ab", second))
+    assert saved.keys() == trained.keys()  # at learning rate 0, b itself, continued
+    for name in saved:
+        torch.testing.assert_close(saved[name], trained[name])
