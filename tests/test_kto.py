@@ -146,8 +146,6 @@ def test_guard_rails(tiny_model_dir, tagged_dir, tmp_path):
         build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", padding_free=False))
     with pytest.raises(ConfigError, match=r"packing: kto keeps one example a row"):
         build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", packing=True))
-    with pytest.raises(ConfigError, match=r"kto_chosen_weight is a key of stage kto; this run's stage is dpo"):
-        build_config(base_config(tiny_model_dir, tagged_dir, tmp_path / "o", stage="dpo", kto_chosen_weight=1.0))
 
 
 def test_the_kto_example_runs_through_the_cli(tiny_model_dir, tmp_path):

@@ -78,14 +78,17 @@ def _history(state, key):
     return [e[key] for e in state["log_history"] if key in e and "eval_loss" not in e]
 
 
-def test_stage_keys_are_parsed_validated_and_refused_for_other_stages(tiny_model_dir, rows_dir, tmp_path,
-                                                                      probe_stage):
+def test_stage_keys_are_parsed_validated_and_ignored_for_other_stages(tiny_model_dir, rows_dir, tmp_path,
+                                                                      probe_stage, caplog):
     base = base_config(tiny_model_dir, rows_dir, tmp_path / "o")
     cfg = build_config({**base, "stage": "probe", "probe_weight": "0.5", "probe_mode": "mean"})
     assert cfg.stage_options == ProbeOptions(probe_weight=0.5, probe_mode="mean")
     assert build_config({**base, "stage": "probe"}).stage_options == ProbeOptions()
-    with pytest.raises(ConfigError, match=r"probe_weight is a key of stage probe; this run's stage is sft"):
-        build_config({**base, "probe_weight": 0.5})
+    # Another stage's key (one YAML toggled between stages, as LLaMA-Factory users do): a warning, and kept as given.
+    with caplog.at_level("WARNING"):
+        cfg = build_config({**base, "probe_weight": 0.5})
+    assert "Ignoring probe_weight: a key of stage probe, and this run's stage is sft" in caplog.text
+    assert cfg.raw["probe_weight"] == 0.5 and cfg.stage_options is not None
     with pytest.raises(ConfigError, match=r"probe_wieght.*Did you mean: probe_weight"):
         build_config({**base, "stage": "probe", "probe_wieght": 0.5})
     with pytest.raises(ConfigError, match=r"probe_weight: 'heavy' is not a number"):

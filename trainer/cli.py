@@ -155,6 +155,22 @@ def inference(command: str, config: str, overrides: list[str], message: str | No
     return 0
 
 
+def _options_first(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """The command's own --options moved before its config and overrides, so that `chat cfg.yaml --message hi
+    max_new_tokens=40` parses (argparse ends a list of positionals at the first option). Overrides may be written
+    --key=value too, so only the command's named options move."""
+    head, moved, rest, i = argv[:1], [], [], 1
+    while i < len(argv):
+        word = argv[i]
+        if word in options and i + 1 < len(argv):
+            moved += argv[i:i + 2]
+            i += 2
+            continue
+        (moved if word.split("=", 1)[0] in options else rest).append(word)
+        i += 1
+    return head + moved + rest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="zerotune", description=USAGE,
@@ -174,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("config")
     p_export.add_argument("overrides", nargs="*")
     sub.add_parser("version", help="print the version")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_options_first(argv, ("--message",)))
     if args.command == "version":
         print(f"zerotune {__version__}")
         return 0

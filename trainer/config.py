@@ -201,14 +201,13 @@ def build_inference_config(raw: dict, stages, source: str = "") -> InferenceConf
 
 
 def _stage_options(stage: str, cls, given: dict, staged: dict[str, list[str]]):
-    """The stage's own keys, coerced into its options dataclass; a key of another stage is refused by name."""
+    """The stage's own keys, coerced into its options dataclass. A key of another stage is ignored with a warning (as
+    LLaMA-Factory accepts it: one YAML toggled between stages keeps its pref_beta), and kept in the saved config."""
     fields = fields_of(cls.options)
-    foreign = [k for k in given if k not in fields]
-    if foreign:
-        raise ConfigError("\n".join(
-            f"{k} is a key of stage {' / '.join(staged[k])}; this run's stage is {stage}. Remove it, or set the "
-            "stage it belongs to." for k in foreign))
-    values = {k: coerce_field(k, v, *fields[k]) for k, v in given.items()}
+    for k in [k for k in given if k not in fields]:
+        logger.warning("Ignoring %s: a key of stage %s, and this run's stage is %s (kept in the run's saved config as "
+                       "given).", k, " / ".join(staged[k]), stage)
+    values = {k: coerce_field(k, v, *fields[k]) for k, v in given.items() if k in fields}
     try:
         return cls.options(**values)
     except ConfigError:

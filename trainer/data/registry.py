@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from trainer.errors import ConfigError
+from trainer.options import did_you_mean
 
 FORMATTINGS = ("alpaca", "sharegpt", "openai", "text")
 FILE_BUILDERS = {
@@ -56,6 +58,28 @@ def read_dataset_info(dataset_dir: str) -> dict[str, Any]:
     return info
 
 
+# The `columns` roles of dataset_info.json that zerotune reads, and those it refuses by name: a mapped column is
+# either used or refused, never dropped silently.
+COLUMN_ROLES = ("prompt", "query", "response", "history", "messages", "system", "chosen", "rejected", "kto_tag")
+REFUSED_ROLES = {
+    "images": "multimodal inputs (images, videos, audios) are not supported: zerotune trains text models",
+    "videos": "multimodal inputs (images, videos, audios) are not supported: zerotune trains text models",
+    "audios": "multimodal inputs (images, videos, audios) are not supported: zerotune trains text models",
+    "tools": "tool definitions are not rendered by zerotune's templates yet, so training on them would drop them",
+}
+
+
+def _check_column_roles(name: str, info_path: Path, columns: dict) -> None:
+    for role in columns:
+        if role in REFUSED_ROLES:
+            raise ConfigError(f"{info_path}: dataset {name!r} maps a {role!r} column ({columns[role]!r}), and "
+                              f"{REFUSED_ROLES[role]}. Remove \"{role}\" from its columns to train on the text alone.")
+        if role not in COLUMN_ROLES:
+            raise ConfigError(f"{info_path}: dataset {name!r} maps an unknown column role {role!r}."
+                              f"{did_you_mean(role, COLUMN_ROLES + tuple(REFUSED_ROLES))} Known: "
+                              f"{', '.join(COLUMN_ROLES)}.")
+
+
 def get_spec(name: str, dataset_dir: str) -> DatasetSpec:
     info = read_dataset_info(dataset_dir)
     info_path = Path(dataset_dir) / "dataset_info.json"
@@ -75,6 +99,7 @@ def get_spec(name: str, dataset_dir: str) -> DatasetSpec:
         if unsupported in entry and "file_name" not in entry and "hf_hub_url" not in entry:
             raise ConfigError(f"{info_path}: entry {name!r} uses {unsupported}, which zerotune does not support; "
                               "use file_name (a local file) or hf_hub_url.")
+    _check_column_roles(name, info_path, dict(entry.get("columns") or {}))
     formatting = entry.get("formatting", "alpaca")
     if formatting not in FORMATTINGS:
         raise ConfigError(f"{info_path}: entry {name!r} has formatting {formatting!r}; choose one of {FORMATTINGS}.")
@@ -112,6 +137,11 @@ def load_rows(spec: DatasetSpec, cache_dir: str | None = None):
         if len(builders) > 1:
             raise ConfigError(f"dataset {spec.name!r}: {spec.path} mixes file types {sorted(builders)}; use one.")
         builder = builders.pop()
+        empty = [f for f in files if _holds_no_rows(f, builder)]
+        if empty:
+            raise ConfigError(f"dataset {spec.name!r}: file {empty[0]} holds no rows"
+                              f"{' (an empty JSON list)' if builder == 'json' and Path(empty[0]).stat().st_size else ''}"
+                              "; add rows or remove it from dataset_info.json.")
         try:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=cache_dir)
         except Exception as err:  # datasets wraps parse errors in several types
@@ -126,10 +156,33 @@ def load_rows(spec: DatasetSpec, cache_dir: str | None = None):
                 f"dataset {spec.name!r}: could not load hub dataset {spec.path!r} ({type(err).__name__}: {err}). "
                 "Without network access, download it and use file_name instead."
             ) from None
+    if len(ds) == 0:
+        raise ConfigError(f"dataset {spec.name!r}: {spec.path} holds no rows; add rows or remove it from "
+                          "dataset_info.json.")
     ds = ds.add_column("_row", list(range(1, len(ds) + 1)))
     if spec.num_samples is not None:
         ds = ds.select(range(min(spec.num_samples, len(ds))))
     return ds
+
+
+def _holds_no_rows(path: str, builder: str) -> bool:
+    """An empty file (or only whitespace), a JSON file that is an empty list, a CSV file of a header alone: the
+    datasets library's own errors for these name neither the file nor the reason."""
+    if os.path.getsize(path) > (1 << 20):
+        return False  # a file this size holds something; reading it here would only cost time
+    if builder in ("parquet", "arrow"):
+        return os.path.getsize(path) == 0
+    text = Path(path).read_text(encoding="utf-8", errors="replace").strip()
+    if not text:
+        return True
+    if builder == "csv":
+        return len([line for line in text.splitlines() if line.strip()]) <= 1  # a header alone
+    if builder == "json" and text[0] == "[":
+        try:
+            return json.loads(text) == []
+        except json.JSONDecodeError:
+            return False
+    return False
 
 
 def json_syntax_errors(files: list[str]) -> str:

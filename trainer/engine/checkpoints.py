@@ -108,12 +108,20 @@ def clear_stale_staging(output_dir: str) -> None:
 
 def set_aside_previous_run(output_dir: str) -> str | None:
     """overwrite_output_dir: the earlier run's checkpoints belong to that run. Move them into
-    output_dir/previous-run-<time>/ (nothing is deleted), so `resume_from_checkpoint: true` can only pick this
-    run's. Returns the folder, or None when there was nothing to move."""
+    output_dir/previous-run-<time>/, so `resume_from_checkpoint: true` can only pick this run's. Only the run just
+    overwritten is kept: the folders that earlier overwrites set aside are deleted (and the log says so), or every
+    rerun would keep another full set. Returns the folder, or None when there was nothing to move."""
     found = complete_checkpoints(output_dir)
     if not found:
         return None
     import time
+
+    older = sorted(p for p in Path(output_dir).glob("previous-run-*") if p.is_dir())
+    for folder in older:
+        shutil.rmtree(folder)
+    if older:
+        logger.warning("overwrite_output_dir: deleted %s, set aside by an earlier overwrite (only the run just "
+                       "overwritten is kept).", ", ".join(p.name for p in older))
 
     aside = Path(output_dir) / f"previous-run-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     aside.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from trainer.errors import ConfigError
-from trainer.model.params import parameter_count
+from trainer.model.params import human_count, parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +162,9 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
         apply_lean_ops(model)
         lean_rotary(model)
     model.config.use_cache = False
-    logger.info("Loaded %s%s (%s, %.1fM parameters) with %s attention, weights in %s.", path,
-                "".join(f" + {a}" for a in adapters), type(model).__name__, parameter_count(model.parameters()) / 1e6, impl, dtype)
+    logger.info("Loaded %s%s (%s, %s parameters) with %s attention, weights in %s.", path,
+                "".join(f" + {a}" for a in adapters), type(model).__name__,
+                human_count(parameter_count(model.parameters())), impl, dtype)
     return model
 
 

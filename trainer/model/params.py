@@ -12,3 +12,11 @@ def numel(p) -> int:
 
 def parameter_count(params: Iterable) -> int:
     return sum(numel(p) for p in params)
+
+
+def human_count(n: int) -> str:
+    """134.5M, 7.2B, 44.3K: a count at a glance."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
