@@ -9,20 +9,23 @@ setup(
     install_requires=[
         # torch.distributed.fsdp.fully_shard (FSDP2) is public from 2.6; SDPA's enable_gqa needs 2.5.
         "torch>=2.6",
-        "deepspeed>=0.16",
-        # The engine overrides private Trainer methods (trainer/engine/trainer.py, OVERRIDDEN): capped at the
-        # releases it is tested with; tests/test_versions.py names any change.
+        # zerotune overrides or relies on internals of these four (trainer/upstream.py lists each one): each is capped
+        # at the releases it is tested with, the ranges of upstream.TESTED (tests/test_versions.py checks both agree;
+        # tests/test_upstream.py names any changed internal). 0.x packages change internals between minor releases,
+        # so they are capped after the minor series tested (deepspeed 0.19, peft 0.21), accelerate after its major.
+        "deepspeed>=0.16,<0.20",
         "transformers>=5.0,<5.25",
-        "peft>=0.17",
+        "peft>=0.17,<0.22",
         "datasets>=3.0",
-        "accelerate>=1.4",
+        "accelerate>=1.4,<2",
         "numpy",
         "pyyaml",
         "wandb",
         "matplotlib",
     ],
     extras_require={
-        "gpu": ["flash-attn", "liger-kernel>=0.8.5"],
+        # liger-kernel: the 0.8 series from 0.8.5 (the newest release; it needs CUDA, so the CPU tests cannot run it).
+        "gpu": ["flash-attn", "liger-kernel>=0.8.5,<0.9"],
         "metrics": ["jieba", "nltk", "rouge-chinese"],  # predict's BLEU-4 and ROUGE, as LLaMA-Factory computes them
         "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese"],
     },

@@ -18,14 +18,14 @@ import torch.nn.functional as F
 CALLS: list[dict] = []
 
 
-def _attend(q, k, v, causal: bool, scale):
-    """q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D]."""
+def _attend(q, k, v, causal: bool, scale, bottom_right: bool = True):
+    """q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D]; flash-attn before 2.1 aligned the causal mask top-left."""
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
     mask = None
     if causal:
         lq, lk = q.shape[0], k.shape[0]
-        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq)
+        mask = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril(diagonal=lk - lq if bottom_right else 0)
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask,
                                          scale=scale)
     return out.transpose(0, 1)
@@ -33,13 +33,29 @@ def _attend(q, k, v, causal: bool, scale):
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None,
-                           deterministic=False, return_attn_probs=False, block_table=None):
+                           deterministic=False, return_attn_probs=False, block_table=None, _bottom_right=True):
     CALLS.append({"fn": "varlen", "cu_seqlens_q": cu_seqlens_q.clone(), "cu_seqlens_k": cu_seqlens_k.clone(),
                   "max_seqlen_q": int(max_seqlen_q), "max_seqlen_k": int(max_seqlen_k)})
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    pieces = [_attend(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], causal, softmax_scale)
+    pieces = [_attend(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], causal, softmax_scale, _bottom_right)
               for i in range(len(cq) - 1)]
     return torch.cat(pieces)
+
+
+def flash_attn_module(release: str):
+    """A stand-in `flash_attn` module of that release, for sys.modules: its varlen function aligns the causal mask
+    as that release does (bottom-right from 2.1, top-left before)."""
+    import functools
+    import importlib.machinery
+    import re
+    import types
+
+    module = types.ModuleType("flash_attn")
+    module.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
+    module.__version__ = release
+    bottom_right = tuple(int(p) for p in re.findall(r"\d+", release)[:2]) >= (2, 1)
+    module.flash_attn_varlen_func = functools.partial(flash_attn_varlen_func, _bottom_right=bottom_right)
+    return module
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,

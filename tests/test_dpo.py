@@ -2,8 +2,10 @@
 batch of pairs equal separate unpadded forwards, the first step of a LoRA run sits exactly at each loss's
 policy = reference value, and training on an obvious preference raises rewards/accuracies."""
 
+import importlib.metadata
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -108,12 +110,17 @@ def _alone_logps(model, items):
     return torch.tensor(out, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("path", ["segments", "flash varlen"])
+@pytest.mark.parametrize("path", ["segments", "flash-attn 2.6.3", "flash-attn 2.0.9"])
 def test_prefix_shared_pairs_logps_equal_separate_forwards(path, tiny_model_dir, monkeypatch):
     """The prompt computed once a pair (the rejected answer attending to the chosen sequence's prompt, positions
     continuing from it) gives every sequence the log-prob of a forward of that sequence alone, on zerotune_segments'
-    SDPA and on its FlashAttention-2 varlen call (a pure-torch flash_attn_varlen_func with flash-attn's bottom-right
-    causal alignment, put where the kernel looks for it). Without the shared-prefix layout the same row is wrong."""
+    SDPA and on its FlashAttention-2 varlen call. Without the shared-prefix layout the same row is wrong.
+
+    The varlen call is a pure-torch stand-in installed as the `flash_attn` module of a given release, aligning the
+    causal mask as that release does; kernels' own gate decides from the release whether to call it. Only what a
+    CPU cannot have is faked: CUDA and a half-precision query (_flash_device) and flash-attn being installed. With
+    2.6.3 the gate takes the varlen path (bottom-right alignment: right); with 2.0.9, whose top-left alignment gives
+    a shared prompt's sequences wrong attention, it must fall back to SDPA per segment, or the log-probs differ."""
     from transformers import AutoModelForCausalLM
 
     import flash_standin
@@ -127,10 +134,15 @@ def test_prefix_shared_pairs_logps_equal_separate_forwards(path, tiny_model_dir,
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.5)
-    if path == "flash varlen":
-        monkeypatch.setattr(kernels, "_flash_fits", lambda q: True)
-        monkeypatch.setattr(kernels, "_flash_varlen", lambda: flash_standin.flash_attn_varlen_func)
-        flash_standin.CALLS.clear()
+    if path.startswith("flash-attn"):
+        release = path.split()[1]
+        real_version = importlib.metadata.version
+        monkeypatch.setitem(sys.modules, "flash_attn", flash_standin.flash_attn_module(release))
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name: release if name == "flash-attn" else real_version(name))
+        monkeypatch.setattr(kernels, "has_flash_attn", lambda: True)  # it asks for CUDA too, which this CPU lacks
+        monkeypatch.setattr(kernels, "_flash_device", lambda query: True)
+    flash_standin.CALLS.clear()
     items = _synthetic_pairs()
     expected = _alone_logps(model, items)
     batch = Collator(0, share_prefix=True)(items)
@@ -140,9 +152,11 @@ def test_prefix_shared_pairs_logps_equal_separate_forwards(path, tiny_model_dir,
     with torch.no_grad():
         shared, _ = DPO()._sequence_logps(wrapper, model, batch)
         torch.testing.assert_close(shared.double(), expected, rtol=1e-5, atol=1e-5)
-        if path == "flash varlen":
+        if path == "flash-attn 2.6.3":
             call = flash_standin.CALLS[-1]
             assert not torch.equal(call["cu_seqlens_q"], call["cu_seqlens_k"])  # the shared keys went in
+        else:
+            assert not flash_standin.CALLS  # SDPA per segment
         del batch["shared_prefix"]
         wrong, _ = DPO()._sequence_logps(wrapper, model, batch)
     assert (wrong.double() - expected).abs().max() > 1e-2

@@ -26,57 +26,9 @@ from trainer.engine import checkpoints, fsdp
 from trainer.engine.metrics import device_peak_flops, flops_per_token, forward_flops_per_token, peak_memory_gb
 from trainer.engine.secrets import redacted_args
 from trainer.errors import ConfigError, TrainingHalted
+from trainer.upstream import check_trainer_api
 
 logger = logging.getLogger(__name__)
-
-
-# The transformers.Trainer methods ZeroTrainer overrides, with the parameters it relies on. Private ones can change in
-# any release: check_trainer_api (run by the tests and at start) names what changed instead of failing obscurely.
-TESTED_TRANSFORMERS = "5.24"
-OVERRIDDEN = {
-    "_get_num_items_in_batch": ("self", "batch_samples", "device"),
-    "compute_loss": ("self", "model", "inputs", "return_outputs", "num_items_in_batch"),
-    "prediction_step": ("self", "model", "inputs", "prediction_loss_only", "ignore_keys"),
-    "training_step": ("self", "model", "inputs", "num_items_in_batch"),
-    "_get_output_dir": ("self", "trial"),
-    "_save_checkpoint": ("self", "model", "trial"),
-    "_push_from_checkpoint": ("self", "checkpoint_folder"),
-    "_save": ("self", "output_dir", "state_dict"),
-    "_move_model_to_device": ("self", "model", "device"),
-    "_wrap_model": ("self", "model", "training", "dataloader"),
-    "_save_optimizer_and_scheduler": ("self", "output_dir"),
-    "_load_from_checkpoint": ("self", "resume_from_checkpoint", "model"),
-    "_load_best_model": ("self",),
-    "_load_optimizer_and_scheduler": ("self", "checkpoint"),
-    "_get_train_sampler": ("self", "train_dataset"),
-    "floating_point_ops": ("self", "inputs"),
-}
-
-
-def trainer_api_changes() -> list[str]:
-    """What differs between this transformers' Trainer and the methods ZeroTrainer overrides (empty: all as tested)."""
-    import inspect
-
-    changes = []
-    for name, expected in OVERRIDDEN.items():
-        method = getattr(Trainer, name, None)
-        if method is None:
-            changes.append(f"Trainer.{name} no longer exists")
-            continue
-        params = tuple(p for p in inspect.signature(method).parameters if p not in ("args", "kwargs"))
-        if params != expected:
-            changes.append(f"Trainer.{name}{params} was Trainer.{name}{expected}")
-    return changes
-
-
-def check_trainer_api() -> None:
-    changes = trainer_api_changes()
-    if changes:
-        import transformers
-
-        logger.warning("transformers %s changed Trainer methods zerotune overrides (tested with %s): %s. Install "
-                       "'transformers<5.25' if training misbehaves.", transformers.__version__, TESTED_TRANSFORMERS,
-                       "; ".join(changes))
 
 
 class ZeroTrainer(Trainer):

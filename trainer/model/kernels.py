@@ -80,7 +80,12 @@ def _row_lengths(batch: int, q_len: int, position_ids, cu_seq_lens) -> list[list
 
 
 def _flash_fits(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_bottom_right()
+    return _flash_device(query) and _flash_bottom_right()
+
+
+def _flash_device(query: torch.Tensor) -> bool:
+    """flash-attn's kernels take CUDA tensors in fp16 or bf16 only."""
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
 
 
 def _flash_bottom_right() -> bool:
