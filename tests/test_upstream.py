@@ -289,3 +289,16 @@ def test_every_override_of_an_upstream_class_is_listed():
             if any(hasattr(b, name) or _sets_on_self(b, name) for b in owners) and name not in listed:
                 unlisted.add(f"{cls.__name__}.{name} (set on self, also upstream's)")
     assert not unlisted, f"not listed in trainer/upstream.py: {sorted(unlisted)}"
+
+
+def test_each_entry_names_files_that_exist():
+    """The list says where zerotune relies on each internal: files that moved must be followed (a stale path sends
+    a reader to the wrong place when upstream changes)."""
+    from pathlib import Path
+
+    from trainer import upstream
+
+    root = Path(__file__).resolve().parents[1]
+    missing = [(e.name, f) for e in upstream.INTERNALS for f in (x.strip().split(" ")[0] for x in e.used_in.split(","))
+               if not (root / f).is_file()]
+    assert missing == []

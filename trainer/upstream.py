@@ -490,7 +490,7 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
     Internal("transformers.trainer_callback.ProgressCallback.training_bar", "trainer/stages/ppo.py",
              "ppo shows rollouts and reward on the Trainer's progress bar",
              reads("transformers.trainer_callback.ProgressCallback.on_train_begin", "self.training_bar = ")),
-    Internal("transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK", "trainer/config.py",
+    Internal("transformers.integrations.integration_utils.INTEGRATION_TO_CALLBACK", "trainer/engine/training_args.py",
              "report_to names are checked (did-you-mean, missing package) before a run", _all(
                  _integrations, signature(
                      "transformers.integrations.integration_utils.get_available_reporting_integrations"))),
@@ -514,7 +514,7 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              "the decoder layer classes FSDP2 shards one by one", _no_split_modules),
     Internal("transformers.PreTrainedModel._keys_to_ignore_on_save", "trainer/model/value_head.py",
              "the value head hangs off the model but is saved in its own file", _keys_ignored_on_save, slow=True),
-    Internal("transformers.PreTrainedConfig._attn_implementation", "trainer/stages/pairs.py",
+    Internal("transformers.PreTrainedConfig._attn_implementation", "trainer/stages/pairs.py, trainer/model/reference.py",
              "a reference or reward model is loaded with the policy's attention", _attn_implementation),
     # ---- transformers attention
     Internal("transformers.AttentionInterface.register", "trainer/model/kernels.py",
@@ -553,7 +553,7 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
                  signature("peft.tuners.lora.layer.Linear.forward", "self", "x"), _lora_forward)),
     # ---- DeepSpeed
     Internal("deepspeed.runtime.zero.partition_parameters.Init", "trainer/model/adapters.py, "
-             "trainer/model/value_head.py, trainer/model/lean_ops.py, trainer/engine/metrics.py, trainer/plan.py",
+             "trainer/model/value_head.py, trainer/model/lean_ops.py, trainer/model/params.py, trainer/plan.py",
              "ZeRO-3 parameters are recognised by ds_id and counted by ds_numel (they hold 0 elements locally)",
              reads("deepspeed.runtime.zero.partition_parameters", "param.ds_numel = ", "param.ds_id = ")),
     Internal("deepspeed.launcher.launch", "trainer/engine/signals.py",
