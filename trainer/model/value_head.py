@@ -105,8 +105,22 @@ def head_state(head: ValueHead, state_dict: dict | None) -> dict[str, torch.Tens
     return out
 
 
-def save(head: ValueHead, folder: str, state_dict: dict | None = None) -> None:
+# What a saved head scores: a reward model's head scores answers (rm); a critic estimates ppo's values and is no
+# reward model. The file names and tensor names are TRL's for both, so the role rides in the file's metadata.
+ROLES = ("reward", "critic")
+
+
+def save(head: ValueHead, folder: str, state_dict: dict | None = None, role: str = "reward") -> None:
     from safetensors.torch import save_file
 
+    assert role in ROLES, role
     os.makedirs(folder, exist_ok=True)
-    save_file(head_state(head, state_dict), os.path.join(folder, FILE), metadata={"format": "pt"})
+    save_file(head_state(head, state_dict), os.path.join(folder, FILE), metadata={"format": "pt", "role": role})
+
+
+def saved_role(path: str) -> str:
+    """The role a head file was saved with ("reward" for files without one: rm runs and LLaMA-Factory's)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return (f.metadata() or {}).get("role", "reward")

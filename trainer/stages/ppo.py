@@ -124,6 +124,7 @@ class PPO(WithValueHead, Stage):
     item_name = "prompts"
     plotted = ("loss", "reward", "kl")  # LLaMA-Factory's ppo plots loss and reward
     options = PPOOptions
+    head_role = "critic"  # its value head estimates values: never a reward model (export leaves it out)
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)

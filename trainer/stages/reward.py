@@ -17,6 +17,7 @@ class WithValueHead:
     """A stage that trains a value head on the causal LM (rm's scorer, ppo's critic): `self.head`, written as
     value_head.safetensors with every save and read back on resume."""
     head = None
+    head_role = "reward"  # what the saved head is (value_head.ROLES): the rm stage's scorer
 
     def attach_head(self, model):
         """The head of the model's last adapter or model folder if one holds it (an earlier rm run), else a new one."""
@@ -33,7 +34,7 @@ class WithValueHead:
         from trainer.model import value_head
 
         if self.head is not None:
-            value_head.save(self.head, folder, state_dict)
+            value_head.save(self.head, folder, state_dict, role=self.head_role)
 
     def load_extra(self, folder: str) -> None:
         import os

@@ -84,6 +84,9 @@ def load_value_head(folder: str, hidden_size: int):
     if not os.path.isfile(path):
         raise ConfigError(f"reward_model: {folder} has no {value_head.FILE}; give the output_dir of an rm run "
                           "(zerotune or LLaMA-Factory stage: rm).")
+    if value_head.saved_role(path) == "critic":
+        raise ConfigError(f"reward_model: {folder} holds a ppo run's critic (its value estimates), not a reward "
+                          "model; give the output_dir of an rm run (zerotune or LLaMA-Factory stage: rm).")
     head = value_head.ValueHead(hidden_size)
     value_head.load_into(head, path)
     return head.requires_grad_(False).eval()

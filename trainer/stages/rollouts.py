@@ -50,7 +50,9 @@ def _precision(trainer):
     a = trainer.args
     if trainer.is_deepspeed_enabled or not (a.bf16 or a.fp16):
         return contextlib.nullcontext()
-    return torch.autocast(a.device.type, dtype=torch.bfloat16 if a.bf16 else torch.float16)
+    from trainer.engine.hardware import half_dtype
+
+    return torch.autocast(a.device.type, dtype=half_dtype(a))
 
 
 @contextlib.contextmanager
