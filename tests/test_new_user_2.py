@@ -143,3 +143,20 @@ def test_overwriting_keeps_only_the_last_previous_run(tiny_model_dir, data_dir, 
         train_with({**cfg, "overwrite_output_dir": True})
     assert f"deleted {aside[0].name}, set aside by an earlier overwrite" in caplog.text
     assert len(list(out.glob("previous-run-*"))) == 1
+
+
+def test_a_ppo_critic_is_no_reward_model(tmp_path):
+    """ppo saves its critic under the names TRL and LLaMA-Factory give a reward head; the file's metadata says which
+    it is, so a critic is never taken for a reward model (reward_model) nor exported as one."""
+    from trainer.model import value_head
+    from trainer.stages.ppo import PPO
+    from trainer.stages.reward import RM
+    from trainer.stages.rewards import load_value_head
+
+    assert (PPO.head_role, RM.head_role) == ("critic", "reward")
+    for role in value_head.ROLES:
+        value_head.save(value_head.ValueHead(8), str(tmp_path / role), role=role)
+        assert value_head.saved_role(str(tmp_path / role / value_head.FILE)) == role
+    assert load_value_head(str(tmp_path / "reward"), 8) is not None
+    with pytest.raises(ConfigError, match=r"holds a ppo run's critic"):
+        load_value_head(str(tmp_path / "critic"), 8)
