@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny import base_config, train_with, write_dataset_dir
+from tiny import base_config, train_with
 from trainer.errors import ConfigError
 from trainer.run import build_config
 

@@ -11,7 +11,6 @@
 - Automatic decisions are agreed by every process.
 """
 
-import dataclasses
 import json
 import shutil
 from dataclasses import dataclass, field
