@@ -166,7 +166,7 @@ def test_untrained_stop_token_is_reported(tiny_model_dir, tmp_path):
     from trainer.model.options import FinetuningArguments
     from trainer.model.adapters import untrained_token_rows, warn_untrained_stop_tokens
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).requires_grad_(False)  # frozen, as LoRA leaves it
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
     im_end = tok.convert_tokens_to_ids("<|im_end|>")

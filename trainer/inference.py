@@ -37,11 +37,13 @@ def inference_dtype(choice: str, model_dtype) -> torch.dtype:
     return torch.float32
 
 
-def load(config, device: str | None = None, dtype_choice: str | None = None):
-    """(model with adapters merged, tokenizer, template), ready to generate."""
+def load(config, device: str | None = None, dtype_choice: str | None = None, refuse_untrained: bool = False):
+    """(model with adapters merged, tokenizer, template), ready to generate. A template stop token whose rows are
+    new to the base model and untouched by the adapters is refused (refuse_untrained) or warned about."""
     from transformers import AutoConfig
 
     from trainer.data.templates import get_template
+    from trainer.model.adapters import merge_adapter, untrained_rows
     from trainer.model.loading import _check_local, load_causal_lm, load_tokenizer
 
     m = config.model
@@ -56,15 +58,40 @@ def load(config, device: str | None = None, dtype_choice: str | None = None):
                   token=m.hf_hub_token)
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, **common)
     dtype = inference_dtype(dtype_choice or config.inference.infer_dtype, getattr(model_config, "dtype", None))
-    model = load_causal_lm(m, dtype=dtype, adapters=m.adapters)
+    model = load_causal_lm(m, dtype=dtype)
+    stops = template.stop_token_ids(tokenizer)
+    base_rows = untrained_rows(model, stops)  # judged on the base, before the adapters: see _check_stop_rows
+    for adapter in m.adapters:
+        model = merge_adapter(model, adapter)
+    _check_stop_rows(model, base_rows, tokenizer, template, config, refuse_untrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
-    stops = template.stop_token_ids(tokenizer)
     model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     logger.info("Loaded %s%s in %s on %s.", m.model_name_or_path,
                 f" + {m.adapter_name_or_path}" if m.adapter_name_or_path else "", dtype, device)
     return model, tokenizer, template
+
+
+def _check_stop_rows(model, base_rows: dict, tokenizer, template, config, refuse: bool) -> None:
+    """A stop token whose embedding or head row looks untrained in the base model (new tokens) and that the adapters
+    left exactly as it was: the model would not stop. A row the adapters changed at all was trained, however
+    little (judging the trained row by its look alone refused rows that a few steps had trained)."""
+    from trainer.model.adapters import rows_left_as_they_were
+
+    left = rows_left_as_they_were(model, base_rows)
+    if not left:
+        return
+    names = ", ".join(tokenizer.convert_ids_to_tokens(left))
+    adapters = "the adapters" if config.model.adapters else "any adapter"
+    why = (f"template {template.name!r} stops at {names}, whose embedding rows in {config.model.model_name_or_path} "
+           f"look never trained (new tokens) and are unchanged by {adapters}: "
+           "the model would not stop. Train them (LoRA trains them unless train_new_token_rows: false; or "
+           "additional_target: embed_tokens,lm_head; or finetuning_type: full), or use the template the model was "
+           "trained with")
+    if refuse:
+        raise ConfigError(why + "; export_untrained_stop_tokens: true exports anyway.")
+    logger.warning("STOP TOKEN NOT TRAINED: %s.", why)
 
 
 # ---- chat -------------------------------------------------------------------------------------------------------
@@ -135,7 +162,6 @@ def chat(config, message: str | None = None, stdin: TextIO = sys.stdin, stdout: 
 def export(config) -> str:
     from trainer.data.templates import chat_template
     from trainer.model import value_head
-    from trainer.model.adapters import untrained_token_rows
 
     e = config.export
     if not e.export_dir:
@@ -143,15 +169,8 @@ def export(config) -> str:
     if e.export_size <= 0:
         raise ConfigError(f"export_size: {e.export_size} must be a positive number of GB per shard.")
     device = "cpu" if e.export_device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer, template = load(config, device=device, dtype_choice=e.export_dtype)
-    stops = template.stop_token_ids(tokenizer)
-    untrained = untrained_token_rows(model, stops)
-    if untrained:
-        names = ", ".join(tokenizer.convert_ids_to_tokens(untrained))
-        raise ConfigError(
-            f"template {template.name!r} stops at {names}, whose embedding rows in this model look never trained (new "
-            "tokens): an exported model would not stop. Train them (LoRA: additional_target: embed_tokens,lm_head; "
-            "or finetuning_type: full), or use the template the model was trained with.")
+    model, tokenizer, template = load(config, device=device, dtype_choice=e.export_dtype,
+                                      refuse_untrained=not e.export_untrained_stop_tokens)
     out = e.export_dir
     os.makedirs(out, exist_ok=True)
     model.config.use_cache = True  # a served model generates with its cache

@@ -182,7 +182,7 @@ def run(config: RunConfig) -> dict:
     from trainer.engine.plot import plot_loss
     from trainer.engine.signals import GracefulStop, LauncherWatch, Preempted
     from trainer.engine.trainer import ZeroTrainer
-    from trainer.model.adapters import prepare_trainable, warn_untrained_stop_tokens
+    from trainer.model.adapters import WatchedTokens, prepare_trainable, warn_untrained_stop_tokens
     from trainer.model.loading import load_model, load_tokenizer
     from trainer.model.wrapper import ModelWrapper
     m, d, f, t = config.model, config.data, config.finetuning, config.training
@@ -209,6 +209,10 @@ def run(config: RunConfig) -> dict:
         template = dataclasses.replace(template, default_system=d.default_system)
     with t.main_process_first(local=False, desc="tokenizing the data"):
         train, evaluation, efficiency = build_datasets(config, stage, tokenizer, template)
+    watched = None
+    if t.do_train:  # what the run teaches the model to emit: a LoRA run trains these tokens' rows if they are new
+        labels = train.label_ids() if hasattr(train, "label_ids") else None  # None: a stream, not known ahead
+        watched = WatchedTokens(tokenizer, template.stop_token_ids(tokenizer) if template else [], labels)
     if train is not None:
         train = stage.train_items(train)
     if t.eval_strategy != "no" and evaluation is None:
@@ -222,10 +226,10 @@ def run(config: RunConfig) -> dict:
     # Loading consumes the RNG differently under ZeRO-3 (zero.Init initialises weights before loading them) than
     # in one process: seed again, so the new adapters start the same however the model was loaded.
     set_seed(t.seed)
-    model = prepare_trainable(model, f, m, is_trainable=t.do_train)
+    model = prepare_trainable(model, f, m, is_trainable=t.do_train, watched=watched)
     model = stage.extend_model(model)
-    if template is not None and t.do_train:
-        warn_untrained_stop_tokens(model, tokenizer, template.stop_token_ids(tokenizer), f)
+    if watched is not None:
+        warn_untrained_stop_tokens(model, tokenizer, watched.stop_ids, f)
     from trainer.engine.agree import agreed_choice
 
     agreed_choice("forward_batch_size", (t.per_device_train_batch_size, t.gradient_accumulation_steps))

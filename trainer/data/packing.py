@@ -92,6 +92,13 @@ class Items(torch.utils.data.Dataset):
             item[name] = table[members].reshape(-1).tolist()
         return item
 
+    def label_ids(self) -> list[int]:
+        """Every token id the labels hold, read in one pass over the arrow column (what a run teaches to emit)."""
+        import pyarrow.compute as pc
+
+        labels = self.data.select_columns(["labels"]).with_format("arrow")[:]["labels"]
+        return sorted(i for i in pc.unique(pc.list_flatten(labels)).to_pylist() if i is not None and i >= 0)
+
     def _partner_answer(self, i: int) -> dict:
         from trainer.data.collators import last_trained_span
 

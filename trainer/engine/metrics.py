@@ -25,6 +25,14 @@ GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
              "RTX 4090": 165e12, "A6000": 155e12, "V100": 125e12}
 
 
+def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
+    """The output head's weight parameter. PEFT's row-trained head (trainable_token_indices: a LoRA run's new tokens)
+    keeps it in its base layer; its .weight is a merged copy, no parameter: the head would be counted twice."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(getattr(head, "token_adapter", None), "base_layer", head)
+    return getattr(head, "weight", None)
+
+
 def flops_per_token(model: torch.nn.Module) -> tuple[float, float, float]:
     """(linear FLOPs per real token, attention FLOPs per query-key pair, head FLOPs per trained token).
 
@@ -32,8 +40,7 @@ def flops_per_token(model: torch.nn.Module) -> tuple[float, float, float]:
     those alone, so charging it for every token would flatter MFU. Input embeddings are lookups, not
     matmuls, and count nothing.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_weight = getattr(head, "weight", None)
+    head_weight = _head_weight(model)
     skip = {id(head_weight)} if head_weight is not None else set()
     params = [(n, p) for n, p in model.named_parameters() if id(p) not in skip and "embed" not in n]
     total = sum(numel(p) for _, p in params)
@@ -51,8 +58,7 @@ def flops_per_token(model: torch.nn.Module) -> tuple[float, float, float]:
 def forward_flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
     """(linear FLOPs per token, head FLOPs per labelled token) of a forward pass alone: 2 per parameter touched.
     What a reference model's no-grad forward costs (the attention pairs cost a third of flops_per_token's)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head_weight = getattr(head, "weight", None)
+    head_weight = _head_weight(model)
     skip = {id(head_weight)} if head_weight is not None else set()
     body = sum(numel(p) for n, p in model.named_parameters() if id(p) not in skip and "embed" not in n
                and "lora_" not in n)  # the reference runs without the adapters

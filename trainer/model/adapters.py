@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -42,7 +44,8 @@ def merge_adapter(model, path: str, key: str = "adapter_name_or_path"):
     from peft import PeftModel
 
     _check_adapter(path, key)
-    model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    with _adapter_fits(model, path, key):
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
     logger.info("Merged the adapter %s.", path)
     return model
 
@@ -53,16 +56,40 @@ def _check_adapter(path: str, key: str) -> None:
                           "one).")
 
 
-def apply_lora(model, args, adapters: list[str], is_trainable: bool):
+@contextlib.contextmanager
+def _adapter_fits(model, path: str, key: str):
+    """An adapter trained on another base model fails deep in PEFT with torch's 'size mismatch' for every weight:
+    say instead which base it was trained on (its adapter_config.json names it) and which one it met."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "size mismatch" not in str(err):
+            raise
+        try:
+            with open(os.path.join(path, "adapter_config.json")) as f:
+                named = json.load(f).get("base_model_name_or_path")
+            trained_on = repr(named) if named else "an unnamed base model"
+        except (OSError, ValueError):
+            trained_on = "an unknown base model"
+        given = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+        first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
+        raise ConfigError(f"{key} {path!r} was trained on {trained_on}, and its weights do not fit the model it is "
+                          f"applied to, {given!r} (model_name_or_path): {first} Use the base model the adapter was "
+                          "trained on.") from None
+
+
+def apply_lora(model, args, adapters: list[str], is_trainable: bool, watched: WatchedTokens | None = None):
     """New adapters, or adapter_name_or_path as LLaMA-Factory reads a comma list: all but the last merged into the
-    base, the last one loaded to train further (or to evaluate)."""
+    base, the last one loaded to train further (or to evaluate). New adapters also train the rows of `watched`'s
+    tokens that look never trained (new_token_rows)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if adapters:
         for path in adapters[:-1]:
             model = merge_adapter(model, path)
         _check_adapter(adapters[-1], "adapter_name_or_path")
-        model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable)
+        with _adapter_fits(model, adapters[-1], "adapter_name_or_path"):
+            model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable)
         lean_lora(model)
         logger.info("Loaded LoRA adapter from %s.", adapters[-1])
         return model
@@ -72,8 +99,10 @@ def apply_lora(model, args, adapters: list[str], is_trainable: bool):
     if missing:
         raise ConfigError(f"lora_target: {missing} match no module of this model; its linear layers are "
                           f"{all_linear_names(model)} (or use all).")
+    rows = new_token_rows(model, args, watched) if is_trainable else None
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=targets, modules_to_save=args.additional_target, task_type="CAUSAL_LM")
+                        target_modules=targets, modules_to_save=args.additional_target, task_type="CAUSAL_LM",
+                        trainable_token_indices=rows)
     model = get_peft_model(model, config)
     lean_lora(model)
     logger.info("LoRA r=%d alpha=%d on %s.", args.lora_rank, args.lora_alpha, ",".join(targets))
@@ -126,10 +155,11 @@ def _extra_modules(model, layers, names: list[str]) -> list:
     return chosen
 
 
-def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
+def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool, watched: WatchedTokens | None = None):
+    """`watched`: the tokens a training run teaches (WatchedTokens), whose new rows a LoRA run trains."""
     kind = finetuning_args.finetuning_type
     if kind == "lora":
-        model = apply_lora(model, finetuning_args, model_args.adapters, is_trainable)
+        model = apply_lora(model, finetuning_args, model_args.adapters, is_trainable, watched)
     elif kind == "freeze":
         apply_freeze(model, finetuning_args)
     if not is_trainable:
@@ -145,50 +175,122 @@ def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool):
     return model
 
 
-def untrained_token_rows(model, token_ids: list[int]) -> list[int]:
-    """Token ids whose input or output embedding row looks never trained.
+def _embeddings(model) -> dict[str, nn.Module]:
+    """{"input": the input embedding, "output": the head} of a model, inside PEFT's wrapper (a PEFT-wrapped
+    module's .weight is the weight it computes with: the trained rows put in)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {"input": base.get_input_embeddings(), "output": base.get_output_embeddings()}
+
+
+def untrained_rows(model, token_ids) -> dict[tuple[str, int], torch.Tensor]:
+    """{(which embedding, "input" or "output", token id): a copy of the row} for the rows of `token_ids` that look
+    never trained.
 
     A model can ship tokens it never saw in pre-training (a base model's chat tokens, tokens added to a
     tokenizer later). Their rows are zeros, tiny, or the mean of all rows. If such a token is the
     template's stop token and the rows stay frozen (LoRA, freeze), the model never learns to stop.
     """
-    suspicious = set()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for emb in (base.get_input_embeddings(), base.get_output_embeddings()):
+    found = {}
+    ids = sorted({int(i) for i in token_ids if i is not None and i >= 0})
+    for which, emb in _embeddings(model).items():
         weight = getattr(emb, "weight", None)
         if weight is None or weight.ndim != 2 or weight.shape[0] < 8:
             continue
-        with torch.no_grad():
+        valid = [i for i in ids if i < weight.shape[0]]
+        if not valid:
+            continue
+        with torch.no_grad():  # vectorized: the labels of a run can hold most of the vocabulary
             w = weight.float()
             norms = w.norm(dim=1)
-            median = norms.median()
-            mean_row = w.mean(dim=0)
-            for tid in token_ids:
-                if tid is None or tid >= w.shape[0]:
-                    continue
-                row = w[tid]
-                near_mean = torch.nn.functional.cosine_similarity(row, mean_row, dim=0) > 0.999
-                if norms[tid] < 0.1 * median or near_mean:
-                    suspicious.add(tid)
-    return sorted(suspicious)
+            near_mean = torch.nn.functional.cosine_similarity(w[valid], w.mean(dim=0)[None], dim=1) > 0.999
+            tiny = norms[valid] < 0.1 * norms.median()
+            for tid, bad in zip(valid, (near_mean | tiny).tolist()):
+                if bad:
+                    found[(which, tid)] = weight[tid].detach().clone()
+    return found
+
+
+def untrained_token_rows(model, token_ids) -> list[int]:
+    """Token ids whose input or output embedding row looks never trained (untrained_rows)."""
+    return sorted({tid for _, tid in untrained_rows(model, token_ids)})
+
+
+def rows_left_as_they_were(model, base_rows: dict[tuple[str, int], torch.Tensor]) -> list[int]:
+    """Token ids some of whose rows that looked untrained in the base model (untrained_rows of it) are exactly as
+    they were in `model` (the base with adapters merged). A row that changed at all was trained: after a few steps
+    at a small learning rate it can still look like the mean row, so the look of the trained row cannot tell."""
+    embs = _embeddings(model)
+    with torch.no_grad():
+        return sorted({tid for (which, tid), row in base_rows.items()
+                       if torch.equal(embs[which].weight[tid].to(row.device, row.dtype), row)})
+
+
+@dataclasses.dataclass
+class WatchedTokens:
+    """The tokens a training run teaches the model to emit: the template's stop tokens and every token id in the
+    training labels (None: not known ahead, a stream; then the stop tokens alone)."""
+    tokenizer: object
+    stop_ids: list[int]
+    label_ids: list[int] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return sorted(set(self.stop_ids) | set(self.label_ids or []))
+
+    def names(self, ids) -> list[str]:
+        return self.tokenizer.convert_ids_to_tokens(list(ids))
+
+
+def new_token_rows(model, args, watched: WatchedTokens | None) -> dict[str, list[int]] | None:
+    """trainable_token_indices for a new LoRA adapter: the rows of the input embedding and the head (those that
+    additional_target does not already train whole) of the watched tokens that look never trained. LoRA leaves
+    those rows frozen, so a template token new to the model (SmolLM2 with llama3's <|eot_id|>) would never be
+    emitted: the tuned model would not stop. PEFT trains just those rows and saves them with the adapter, and
+    PeftModel.from_pretrained puts them back. None: nothing to train that way (or train_new_token_rows: false)."""
+    if watched is None or not args.train_new_token_rows:
+        return None
+    ids = untrained_token_rows(model, watched.ids)
+    if not ids:
+        return None
+    whole = set(args.additional_target or [])
+    modules = [name.split(".")[-1] for name, module in model.named_modules()
+               if any(module is emb for emb in _embeddings(model).values())]
+    modules = [m for m in dict.fromkeys(modules) if m not in whole]  # PEFT refuses a module both ways
+    if not modules:
+        return None
+    logger.info("Training the %s rows of %s (new tokens whose rows look untrained: LoRA alone would leave them "
+                "frozen, and the model could not learn to emit them), saved with the adapter as PEFT's "
+                "trainable_token_indices. train_new_token_rows: false turns this off.",
+                " and ".join(modules), ", ".join(watched.names(ids)))
+    return {m: ids for m in modules}
+
+
+def _rows_train(module: nn.Module, tid: int) -> bool:
+    """Does this embedding's row of token `tid` train: the whole weight (full, additional_target), or the token is
+    among the rows PEFT trains (trainable_token_indices)?"""
+    adapter = getattr(module, "token_adapter", None)
+    if adapter is not None:
+        return any(tid in ids for name, ids in adapter.token_indices.items() if name in adapter.active_adapters)
+    weight = getattr(module, "weight", None)
+    return weight is not None and weight.requires_grad
 
 
 def warn_untrained_stop_tokens(model, tokenizer, stop_ids: list[int], finetuning_args) -> None:
+    """After the trained parameters are chosen: the stop tokens whose rows look untrained, and whether they train."""
     bad = untrained_token_rows(model, stop_ids)
     if not bad:
         return
-    names = [tokenizer.convert_ids_to_tokens(i) for i in bad]
-    trains_rows = finetuning_args.finetuning_type == "full" or (
-        finetuning_args.finetuning_type == "lora"
-        and {"embed_tokens", "lm_head"} <= set(finetuning_args.additional_target or []))
-    if trains_rows:
+    names = tokenizer.convert_ids_to_tokens(bad)
+    embs = _embeddings(model).values()
+    if all(_rows_train(emb, tid) for emb in embs for tid in bad):
         logger.warning("Stop token(s) %s have untrained embedding rows; this run trains those rows.", names)
     else:
         logger.warning(
             "STOP TOKEN NOT TRAINED: %s ends every reply in this template, but its embedding rows look untrained "
             "and %s keeps them frozen, so the tuned model may never stop generating. Use "
-            "finetuning_type: full, or lora with additional_target: embed_tokens,lm_head, or a template whose "
-            "stop token the model knows.", names, finetuning_args.finetuning_type)
+            "finetuning_type: full, or lora with train_new_token_rows: true (the default) or additional_target: "
+            "embed_tokens,lm_head, or a template whose stop token the model knows.", names,
+            finetuning_args.finetuning_type)
 
 
 # ---- several adapters on one model: the frozen ones a stage switches to (ppo's reward model, a reference) ----------
@@ -206,10 +308,12 @@ def peft_model(model):
         model = inner
 
 
-def load_frozen_adapter(model, folder: str, name: str) -> None:
-    """A LoRA adapter as another, frozen adapter of the model (switched on with use_adapter)."""
+def load_frozen_adapter(model, folder: str, name: str, key: str = "adapter_name_or_path") -> None:
+    """A LoRA adapter as another, frozen adapter of the model (switched on with use_adapter); `key` names the YAML
+    key it came from, for errors."""
     peft = peft_model(model)
-    peft.load_adapter(folder, adapter_name=name, is_trainable=False)
+    with _adapter_fits(peft, folder, key):
+        peft.load_adapter(folder, adapter_name=name, is_trainable=False)
     for key, p in peft.named_parameters():
         if f".{name}." in key:
             p.requires_grad_(False)

@@ -40,6 +40,9 @@ class FinetuningArguments:
     lora_alpha: int | None = field(default=None, metadata={"help": "Default: 2 * lora_rank."})
     lora_dropout: float = 0.0
     additional_target: list[str] | None = None
+    train_new_token_rows: bool = field(default=True, metadata={
+        "help": "LoRA: train the embedding and head rows of the template's stop tokens and the labels' tokens whose "
+                "rows look never trained (new tokens), saved with the adapter (PEFT's trainable_token_indices)."})
     freeze_trainable_layers: int = 2
     freeze_trainable_modules: list[str] = field(default_factory=lambda: ["all"])
     freeze_extra_modules: list[str] | None = None
@@ -66,6 +69,8 @@ class ExportArguments:
     export_legacy_format: bool = field(default=False, metadata={"help": "true: .bin files instead of safetensors."})
     export_dtype: str | None = field(default=None, metadata={
         "choices": INFER_DTYPES, "help": "The exported weights' dtype (default: infer_dtype's choice)."})
+    export_untrained_stop_tokens: bool = field(default=False, metadata={
+        "help": "true: export even though a stop token's rows are new and untouched by the adapters (a warning)."})
 
 
 def check_backend(inference: InferenceArguments) -> None:

@@ -10,7 +10,7 @@ method reads the forward's output back through the same mode, so no caller ever 
 else. Without a mode (generation, plain use) the head is the ordinary Linear. The mode has to ride on the head rather
 than be passed as an argument because the call goes through the DDP / DeepSpeed / FSDP wrappers and their hooks,
 which call the model's own forward. Models whose head cannot take the loss path (soft-capped logits, a head that is
-not a plain Linear) fall back to full logits, and say so.
+not a plain Linear, or PEFT's row-trained Linear) fall back to full logits, and say so.
 """
 
 from __future__ import annotations
@@ -39,14 +39,14 @@ class TokenNLL:
     chunk_size: int
     liger: bool = False
 
-    def __call__(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         flat, targets = hidden.reshape(-1, hidden.shape[-1]), self.targets.reshape(-1)
         if self.liger:  # Liger's Triton kernel: the same per-token loss, fused on CUDA
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
-            nll = liger_fused_linear_cross_entropy(flat, head.weight, targets, head.bias, reduction="none")
+            nll = liger_fused_linear_cross_entropy(flat, weight, targets, bias, reduction="none")
         else:
-            nll = chunked_token_nll(flat, head.weight, head.bias, targets, self.chunk_size)
+            nll = chunked_token_nll(flat, weight, bias, targets, self.chunk_size)
         return nll.view(hidden.shape[:-1])
 
 
@@ -55,7 +55,7 @@ class Values:
     """[B, T, 1]: a value head's value at every token; no logits are computed."""
     value_head: nn.Module
 
-    def __call__(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         return self.value_head(hidden)
 
 
@@ -69,21 +69,40 @@ class PolicyChannels:
     value_head: nn.Module | None
     entropy: bool
 
-    def __call__(self, head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         flat, targets = hidden.reshape(-1, hidden.shape[-1]), self.targets.reshape(-1)
         scaled = flat / self.temperature if self.temperature != 1.0 else flat
-        bias = None if head.bias is None else head.bias / self.temperature
-        channels = [chunked_token_nll(scaled, head.weight, bias, targets, self.chunk_size)]
+        bias = None if bias is None else bias / self.temperature
+        channels = [chunked_token_nll(scaled, weight, bias, targets, self.chunk_size)]
         if self.value_head is not None:
             channels.append(self.value_head(flat).squeeze(-1).float())
         if self.entropy:
-            channels.append(chunked_token_entropy(scaled, head.weight, bias, targets, self.chunk_size))
+            channels.append(chunked_token_entropy(scaled, weight, bias, targets, self.chunk_size))
         return torch.stack(channels, dim=-1).view(*hidden.shape[:-1], len(channels))
 
 
-def _mode_head_forward(self: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+def _mode_head_forward(self: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     mode = self.__dict__.get(MODE)
-    return F.linear(hidden, self.weight, self.bias) if mode is None else mode(self, hidden)
+    return type(self).forward(self, hidden) if mode is None else mode(*_head_weights(self), hidden)
+
+
+def _rows_trained(head: nn.Module) -> bool:
+    """A head PEFT trains some rows of (trainable_token_indices, a LoRA run's new tokens) over a plain Linear."""
+    adapter = getattr(head, "token_adapter", None)
+    return adapter is not None and type(adapter.base_layer) is nn.Linear
+
+
+def _head_weights(head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) the head computes with. A row-trained head (_rows_trained): the base weight with the trained
+    rows put in, as PEFT's own forward computes (gradients reach just those rows); the base alone while its adapters
+    are off (a reference model run as the base) or merged into the base."""
+    if not _rows_trained(head):
+        return head.weight, head.bias
+    adapter = head.token_adapter
+    base = adapter.base_layer
+    if adapter.disable_adapters or not adapter.active_adapters or adapter.merged:
+        return base.weight, base.bias
+    return adapter.get_merged_weights(adapter.active_adapters), base.bias
 
 
 def _head_of(model: nn.Module) -> nn.Module:
@@ -127,7 +146,7 @@ class ModelWrapper:
         self.chunk_size = chunk_size
         base = _base_model(model)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-        self.patched = type(head) is nn.Linear
+        self.patched = type(head) is nn.Linear or _rows_trained(head)
         self.post_processes = _post_processes_logits(base.config)
         self.chunked = chunked and self.patched and not self.post_processes
         self.liger = liger and self.chunked
@@ -138,6 +157,9 @@ class ModelWrapper:
                 logger.info("Loss: Liger fused linear cross-entropy, no full logits.")
             else:
                 logger.info("Loss: chunked linear cross-entropy (%d tokens a chunk), no full logits.", chunk_size)
+            if _rows_trained(head):
+                logger.info("The head trains some of its rows (new tokens): its weight gradient is formed in one "
+                            "vocab x hidden fp32 buffer, as when the whole head trains, and only those rows keep it.")
         else:
             why = "disabled" if not chunked else "the model's head is not a plain Linear or post-processes its logits"
             logger.warning("Loss: full logits (%s).", why)

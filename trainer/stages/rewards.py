@@ -135,5 +135,5 @@ def load_reward_adapter(model, folder: str):
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise ConfigError(f"reward_model: {folder} holds no LoRA adapter (adapter_config.json); for a whole reward "
                           "model set reward_model_type: full.")
-    load_frozen_adapter(model, folder, REWARD_ADAPTER)
+    load_frozen_adapter(model, folder, REWARD_ADAPTER, key="reward_model")
     logger.info("Reward model: the adapter in %s on the policy's base (no second copy of the base).", folder)
