@@ -160,3 +160,20 @@ def test_a_ppo_critic_is_no_reward_model(tmp_path):
     assert load_value_head(str(tmp_path / "reward"), 8) is not None
     with pytest.raises(ConfigError, match=r"holds a ppo run's critic"):
         load_value_head(str(tmp_path / "critic"), 8)
+
+
+def test_export_leaves_a_ppo_critic_out_and_keeps_a_reward_head(tiny_model_dir, data_dir, tmp_path):
+    from trainer import inference
+    from trainer.model import value_head
+    from trainer.run import load_inference_config
+
+    adapter = tmp_path / "adapter"
+    train_with(base_config(tiny_model_dir, data_dir, adapter, max_steps=1))
+    hidden = json.loads((Path(tiny_model_dir) / "config.json").read_text())["hidden_size"]
+    for role, kept in (("critic", False), ("reward", True)):
+        value_head.save(value_head.ValueHead(hidden), str(adapter), role=role)
+        out = tmp_path / f"export-{role}"
+        cfg = load_inference_config(None, [f"model_name_or_path={tiny_model_dir}", f"adapter_name_or_path={adapter}",
+                                           "template=chatml", f"export_dir={out}"])
+        inference.export(cfg)
+        assert (out / value_head.FILE).is_file() == kept, role

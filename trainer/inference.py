@@ -180,7 +180,10 @@ def export(config) -> str:
     for folder in [*reversed(config.model.adapters), config.model.model_name_or_path]:  # a reward model's value head
         head = os.path.join(folder, value_head.FILE)
         if os.path.isfile(head):
-            shutil.copyfile(head, os.path.join(out, value_head.FILE))
+            if value_head.saved_role(head) == "critic":  # ppo's value estimates: no part of a served model
+                logger.info("Left out %s: a ppo run's critic, not a reward model.", head)
+            else:
+                shutil.copyfile(head, os.path.join(out, value_head.FILE))
             break
     logger.info("Exported to %s: weights in %s (shards of at most %d GB), the tokenizer with template %r as its "
                 "chat_template, generation stopping at %s.", out, next(model.parameters()).dtype, e.export_size,
