@@ -68,8 +68,7 @@ def load(config, device: str | None = None, dtype_choice: str | None = None, ref
     model.to(device).eval()
     model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    logger.info("Loaded %s%s in %s on %s.", m.model_name_or_path,
-                f" + {m.adapter_name_or_path}" if m.adapter_name_or_path else "", dtype, device)
+    logger.info("Generating on %s%s.", device, " with the adapters merged" if m.adapters else "")
     return model, tokenizer, template
 
 
