@@ -375,9 +375,9 @@ def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir
 
 @pytest.mark.parametrize("precompute", [False, True])
 def test_kto_two_processes_match_one(precompute, tiny_model_dir, tmp_path):
-    """kto's reference point z is summed over every process's mismatched pairs, and neighbours pair within a batch,
-    so a batch split over 2 processes trains exactly like the whole batch in 1; with precomputed reference
-    log-probs (partners fixed ahead, the pass split over the processes) too."""
+    """kto's reference point z is summed over every process's mismatched pairs (each example's fixed dataset
+    neighbour), so a batch split over 2 processes trains exactly like the whole batch in 1; with precomputed
+    reference log-probs (the pass split over the processes) too."""
     data = tmp_path / "tagged"
     data.mkdir()
     rows = [{"instruction": f"Question {i}?", "kto_tag": bool(i % 2),

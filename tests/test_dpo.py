@@ -45,9 +45,9 @@ def test_pairs_tokenize_with_labels_on_each_answer_only(pairs_dir, tiny_tokenize
 
 def test_pairs_truncate_the_llama_factory_way(pairs_dir, tiny_tokenizer):
     """Prompt and the longer answer share cutoff_len (LLaMA-Factory's infer_seqlen), so both sequences fit."""
-    assert processing._llama_factory_budget(10, 100, 64) == (10, 54)  # a short prompt keeps all of it
-    assert processing._llama_factory_budget(100, 10, 64) == (54, 10)  # a short answer keeps all of it
-    assert processing._llama_factory_budget(100, 100, 64) == (32, 32)  # else both shrink in proportion
+    assert processing.llama_factory_budget(10, 100, 64) == (10, 54)  # a short prompt keeps all of it
+    assert processing.llama_factory_budget(100, 10, 64) == (54, 10)  # a short answer keeps all of it
+    assert processing.llama_factory_budget(100, 100, 64) == (32, 32)  # else both shrink in proportion
     template = get_template("chatml", tiny_tokenizer)
     args = DataArguments(dataset_dir=str(pairs_dir), cutoff_len=16)
     data, report = processing.tokenized_dataset(["pairs"], args, "pairwise", tiny_tokenizer, template, True)

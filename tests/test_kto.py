@@ -1,6 +1,8 @@
-"""kto end to end: tagged data in LLaMA-Factory's layout (bad tags reported by row), mismatched pairs built from the
-batch that really are mismatched, the loss against the paper's formula, step 0 at policy = reference, and
-training on an obvious pattern widening the margin between desirable and undesirable rewards."""
+"""kto end to end: tagged data in LLaMA-Factory's layout (bad tags reported by row), long prompts shortened as in
+LLaMA-Factory, mismatched pairs fixed ahead as dataset neighbours, the reference point over the whole optimizer step
+(batch 1 x 8 trains as 8 x 1; z against an independent computation), the loss against the paper's formula, step 0
+at policy = reference, and training on an obvious pattern widening the margin between desirable and undesirable
+rewards."""
 
 import json
 import math
@@ -56,28 +58,43 @@ def test_tagged_rows_tokenize_with_their_tags_and_bad_tags_are_reported(tagged_d
     assert tiny_tokenizer.decode(item["input_ids"][start:end]) == "Yes, I agree.<|im_end|>"
 
 
-def test_mismatched_pairs_come_from_the_batch_and_never_pair_an_example_with_itself(tagged_dir, tiny_tokenizer):
+def _sequences(batch):
+    ids, bounds = batch["input_ids"][0].tolist(), batch["cu_seq_lens_q"].tolist()
+    return [ids[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def test_mismatched_pairs_are_fixed_dataset_neighbours_whatever_the_batch(tagged_dir, tiny_tokenizer):
+    """Each example's mismatched pair is its prompt with its dataset neighbour's answer (0 and 1 swap, 2 and 3, ...;
+    an odd last one takes the one before), the same whichever examples share its batch: a batch of one has its
+    pair too. The examples and their mismatched pairs come as two batches."""
     template = get_template("chatml", tiny_tokenizer)
     args = DataArguments(dataset_dir=str(tagged_dir), cutoff_len=256)
     data, _ = processing.tokenized_dataset(["tagged"], args, "kto", tiny_tokenizer, template, True)
-    items = [unpacked_dataset(data)[i] for i in range(5)]
-    batch = KtoPairs(Collator(0))(items)
-    ids, bounds = batch["input_ids"][0].tolist(), batch["cu_seq_lens_q"].tolist()
-    seqs = [ids[a:b] for a, b in zip(bounds, bounds[1:])]
-    assert len(seqs) == 10 and batch["kl_valid"].tolist() == [1.0] * 5
+    data = data.select(range(5))
+    dataset = unpacked_dataset(data, partners=True)
+    collate = KtoPairs(Collator(0), cutoff_len=256)
+    items = [dataset[i] for i in range(5)]
     answers = [it["input_ids"][slice(*last_trained_span(it["labels"]))] for it in items]
     prompts = [it["input_ids"][:last_trained_span(it["labels"])[0]] for it in items]
-    partners = []
-    for i in range(5):
-        assert seqs[2 * i] == items[i]["input_ids"]  # the example itself
-        mismatched = seqs[2 * i + 1]
-        assert mismatched[:len(prompts[i])] == prompts[i]  # its own prompt...
-        partner = [j for j in range(5) if mismatched[len(prompts[i]):] == answers[j]]
-        assert partner and partner[0] != i  # ...with another example's answer
-        partners.append(partner[0])
-    assert partners == [1, 0, 3, 2, 3]
-    assert batch["kto_tag"].tolist() == [bool(it["kto_tag"][0]) for it in items]
-    assert KtoPairs(Collator(0))(items[:1])["kl_valid"].tolist() == [0.0]
+    partner = [1, 0, 3, 2, 3]
+    for order in ([0, 1, 2, 3, 4], [4, 2, 0], [3], [1]):
+        batch = collate([items[i] for i in order])
+        assert _sequences(batch) == [items[i]["input_ids"] for i in order]  # the examples themselves
+        assert _sequences(batch["kl"]) == [prompts[i] + answers[partner[i]] for i in order]
+        assert batch["kto_tag"].tolist() == [bool(items[i]["kto_tag"][0]) for i in order]
+    assert all(prompts[i] != prompts[partner[i]] or answers[i] != answers[partner[i]] for i in range(5))
+    lone = KtoPairs(Collator(0))([unpacked_dataset(data.select([0]), partners=True)[0]])
+    assert (lone["kl"]["labels"] != -100).sum() == 0  # no partner: no trained token, left out of z
+
+
+def test_a_stream_pairs_its_examples_as_neighbours_too():
+    from trainer.data.packing import neighbour_partners
+
+    examples = [{"input_ids": [10 * i, 10 * i + 1, 10 * i + 2], "labels": [-100, 10 * i + 1, 10 * i + 2],
+                 "lengths": [3]} for i in range(3)]
+    paired = list(neighbour_partners(examples))
+    assert [p["partner_ids"] for p in paired] == [[11, 12], [1, 2], []]  # 0 and 1 swap; a lone last one has none
+    assert [p["input_ids"] for p in paired] == [e["input_ids"] for e in examples]
 
 
 def test_loss_against_the_formula():
@@ -138,10 +155,6 @@ def test_guard_rails(tiny_model_dir, tagged_dir, tmp_path):
     from trainer.run import build_config
     from trainer.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"per_device_train_batch_size: kto pairs each example's prompt"):
-        build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", per_device_train_batch_size=1))
-    with pytest.raises(ConfigError, match=r"per_device_train_batch_size: kto pairs"):  # split into passes of 1
-        build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", forward_batch_size="1"))
     with pytest.raises(ConfigError, match=r"padding_free: false lays one sequence a row; stage kto"):
         build_config(_kto(tiny_model_dir, tagged_dir, tmp_path / "o", padding_free=False))
     with pytest.raises(ConfigError, match=r"packing: kto keeps one example a row"):
@@ -166,3 +179,114 @@ def test_a_kind_absent_from_a_window_is_left_out_not_logged_as_zero():
     figures = KTO().summarize({"rewards/chosen": (0.0, 0.0), "rewards/rejected": (-3.0, 2.0), "loss": (1.0, 2.0),
                                "count/desirable": (0.0, None)})
     assert figures == {"rewards/rejected": -1.5, "loss": 0.5, "count/desirable": 0.0}  # and no rewards/margins
+
+
+def test_a_long_prompt_is_shortened_and_its_answer_kept_whole(tagged_dir, tiny_tokenizer):
+    """As in LLaMA-Factory (infer_seqlen), a prompt longer than cutoff_len is shortened and a short answer kept whole:
+    the example trains (counted as truncated) instead of being dropped with no answer left. Its mismatched pair
+    shares cutoff_len the same way between its prompt and the partner's answer."""
+    long_rows = [{"instruction": "Tell me. " + "Long question words here. " * 40, "input": "", "output": "Yes.",
+                  "kto_tag": True},
+                 {"instruction": "Short?", "input": "", "output": "No, " + "not at all, " * 30 + "no.",
+                  "kto_tag": False}]
+    (tagged_dir / "long.json").write_text(json.dumps(long_rows))
+    info = json.loads((tagged_dir / "dataset_info.json").read_text())
+    info["long"] = {**info["tagged"], "file_name": "long.json"}
+    (tagged_dir / "dataset_info.json").write_text(json.dumps(info))
+    template = get_template("chatml", tiny_tokenizer)
+    full = template.encode_batch(tiny_tokenizer, [([{"role": "user", "content": long_rows[0]["instruction"]},
+                                                    {"role": "assistant", "content": "Yes."}], "")])[0][0]
+    cutoff = 64
+    assert len(full) > 2 * cutoff  # the prompt alone is far over cutoff_len
+    args = DataArguments(dataset_dir=str(tagged_dir), cutoff_len=cutoff)
+    data, report = processing.tokenized_dataset(["long"], args, "kto", tiny_tokenizer, template, True)
+    assert (report.examples, report.no_labels, report.truncated) == (2, 0, 2)
+    item = unpacked_dataset(data, partners=True)[0]
+    start, end = last_trained_span(item["labels"])
+    assert tiny_tokenizer.decode(item["input_ids"][start:end]) == "Yes.<|im_end|>"  # the whole answer
+    assert len(item["input_ids"]) == cutoff and item["input_ids"][:start] == full[:start]  # the prompt's start
+    mismatched = _sequences(KtoPairs(Collator(0), cutoff_len=cutoff)([item])["kl"])[0]
+    prompt, partner = item["input_ids"][:start], item["partner_ids"]
+    keep_prompt, keep_answer = processing.llama_factory_budget(len(prompt), len(partner), cutoff)
+    assert keep_prompt < len(prompt) and keep_answer < len(partner)  # a long prompt and a long answer: both shortened
+    assert mismatched == prompt[:keep_prompt] + partner[:keep_answer] and len(mismatched) == cutoff
+
+
+def _steps(state, *keys):
+    return [tuple(e[k] for k in keys) for e in state["log_history"] if "loss" in e and "grad_norm" in e]
+
+
+def _mostly_agreeing(folder, n: int):
+    """n examples, three in four desirable ("Yes, I agree."): training raises the agreeing answer under every prompt,
+    so the mismatched pairs' log-ratio, z, rises above 0 within a step or two."""
+    folder.mkdir()
+    rows = [{"instruction": f"Question {i}: do you agree?", "input": "", "kto_tag": i % 4 != 3,
+             "output": "Yes, I agree." + " Yes" * (i % 3) if i % 4 != 3 else "No."} for i in range(n)]
+    (folder / "t.json").write_text(json.dumps(rows))
+    (folder / "dataset_info.json").write_text(json.dumps({"t": {"file_name": "t.json", "columns": {
+        "prompt": "instruction", "query": "input", "response": "output", "kto_tag": "kto_tag"}}}))
+    return folder
+
+
+def test_batch_one_by_eight_trains_as_eight_by_one(tiny_model_dir, tmp_path):
+    """LLaMA-Factory's kto recipe shape (per-device batch 1, accumulation 8) trains, exactly as batch 8 x 1 on the
+    same data and seed: each example's mismatched pair is fixed ahead and z is the whole step's, so neither depends
+    on how the step is split into micro-batches."""
+    data = _mostly_agreeing(tmp_path / "data", 24)
+    common = dict(stage="kto", dataset="t", max_steps=3, learning_rate=5e-2, seed=11)
+    _, one = train_with(base_config(tiny_model_dir, data, tmp_path / "1x8", per_device_train_batch_size=1,
+                                    gradient_accumulation_steps=8, **common))
+    _, eight = train_with(base_config(tiny_model_dir, data, tmp_path / "8x1", per_device_train_batch_size=8,
+                                      gradient_accumulation_steps=1, **common))
+    keys = ("loss", "grad_norm", "kl", "rewards/margins")
+    a, b = _steps(one, *keys), _steps(eight, *keys)
+    assert len(a) == len(b) == 3
+    for step_a, step_b in zip(a, b):
+        assert step_a == pytest.approx(step_b, rel=1e-4, abs=1e-7)
+    assert a[-1][2] > 1e-3 and a[-1][0] != pytest.approx(0.5, abs=1e-3)  # z moved and the loss with it
+
+
+def test_kl_is_the_whole_steps_mean_mismatched_log_ratio(tiny_model_dir, tmp_path):
+    """z of step 2, logged, against an independent computation: a step holding the whole data set (8 examples,
+    batch 1 x accumulation 8, so the shuffle cannot change its examples), the adapter saved after step 1, and each
+    example's prompt with its dataset neighbour's answer scored by plain transformers forwards with the adapter on
+    and off; z = max(0, the mean log-ratio)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data_dir = _mostly_agreeing(tmp_path / "data", 8)
+    out = tmp_path / "run"
+    _, state = train_with(base_config(tiny_model_dir, data_dir, out, stage="kto", dataset="t", max_steps=2,
+                                      save_steps=1, per_device_train_batch_size=1, gradient_accumulation_steps=8,
+                                      learning_rate=5e-2))
+    logged = _steps(state, "kl", "count/desirable")
+    assert logged[1][1] == 6  # step 2 holds every example
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    template = get_template("chatml", tokenizer)
+    args = DataArguments(dataset_dir=str(data_dir), cutoff_len=128)
+    data, _ = processing.tokenized_dataset(["t"], args, "kto", tokenizer, template, True)
+    examples = [unpacked_dataset(data)[i] for i in range(8)]
+    spans = [last_trained_span(e["labels"]) for e in examples]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                      str(out / "checkpoint-1")).eval()
+
+    def answer_logp(ids, start):
+        logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+        logps = torch.log_softmax(logits[:-1], dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        return float(logps[start - 1:].sum())
+
+    ratios = []
+    with torch.no_grad():
+        for i in range(8):
+            j = i ^ 1
+            prompt = examples[i]["input_ids"][:spans[i][0]]
+            ids = prompt + examples[j]["input_ids"][spans[j][0]:spans[j][1]]
+            policy = answer_logp(ids, len(prompt))
+            with model.disable_adapter():
+                reference = answer_logp(ids, len(prompt))
+            ratios.append(policy - reference)
+    expected = max(0.0, sum(ratios) / len(ratios))
+    assert expected > 1e-3  # a reference point that moved, not the clamp
+    assert logged[1][0] == pytest.approx(expected, rel=1e-3, abs=1e-6)
+    assert logged[0][0] == pytest.approx(0.0, abs=1e-7)  # step 1: policy = reference

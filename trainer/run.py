@@ -114,9 +114,10 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
         evaluation = tokenized(d.eval_dataset) if d.eval_dataset else None
         if evaluation is not None:
             evaluation = packing.pack_dataset(evaluation, d.cutoff_len)[0] if d.packing else \
-                packing.unpacked_dataset(evaluation)
+                packing.unpacked_dataset(evaluation, DATA_KINDS.lookup(stage.data_kind).partners)
         return train, evaluation, None
-    by_document = DATA_KINDS.lookup(stage.data_kind).documents  # all pieces of a document on one side
+    kind = DATA_KINDS.lookup(stage.data_kind)
+    by_document = kind.documents  # all pieces of a document on one side
     if t.do_train:
         train = tokenized(d.dataset, d.tokenized_path)
         train, evaluation = processing.split_validation(train, d.val_size, t.seed, by_document)
@@ -135,8 +136,8 @@ def build_datasets(config: RunConfig, stage, tokenizer, template):
         if evaluation is not None:
             evaluation, _ = packing.pack_dataset(evaluation, d.cutoff_len)
     else:
-        train = packing.unpacked_dataset(train) if train is not None else None
-        evaluation = packing.unpacked_dataset(evaluation) if evaluation is not None else None
+        train = packing.unpacked_dataset(train, kind.partners) if train is not None else None
+        evaluation = packing.unpacked_dataset(evaluation, kind.partners) if evaluation is not None else None
     return train, evaluation, efficiency
 
 

@@ -21,6 +21,9 @@ class DataKind:
     formatting: str | None = None  # every dataset of this kind is read with this formatting (pretrain: text)
     documents: bool = False  # examples are pieces of documents: val_size splits whole documents
     segmented: bool = False  # an example is several sequences end to end (its `segments` column lists them)
+    # each example also carries the answer of a partner fixed ahead, its neighbour in dataset (or stream) order (kto's
+    # mismatched pairs): the pairs never depend on the shuffle or on how a step is split into micro-batches
+    partners: bool = False
     # the kind's own columns besides input_ids and labels: name -> (type, a bad row's value); each one but `segments`
     # travels with its example to the collator (one value an example)
     columns: dict = field(default_factory=dict)

@@ -49,9 +49,10 @@ class Items(torch.utils.data.Dataset):
     Each item is {input_ids, labels, lengths}: the examples' tokens end to end and each example's length, plus,
     for each table in `extra` (name -> array with one row per example, filled in later: the preference stages'
     precomputed reference log-probs), the rows of its examples, flattened, and the data kind's own columns (kto's
-    tag), one value an example. With `partners` (a stage whose examples pair with a neighbour's answer, fixed ahead
-    when the pairs' reference log-probs are precomputed), an unpacked item also carries the answer of its fixed
-    partner, the neighbouring example in dataset order (partner_ids, partner_labels).
+    tag), one value an example. With `partners` (a data kind whose examples pair with a neighbour's answer: kto's
+    mismatched pairs), an unpacked item also carries the answer of its fixed partner, the neighbouring example in
+    dataset order (partner_ids, partner_labels), so the pairs are the same whatever the shuffle and however a step
+    is split into micro-batches or processes.
     """
 
     def __init__(self, data, bins: list[list[int]] | None = None, partners: bool = False):
@@ -100,12 +101,29 @@ class Items(torch.utils.data.Dataset):
         return sorted(i for i in pc.unique(pc.list_flatten(labels)).to_pylist() if i is not None and i >= 0)
 
     def _partner_answer(self, i: int) -> dict:
-        from trainer.data.collators import last_trained_span
+        j = i ^ 1 if (i ^ 1) < len(self.data) else i - 1  # 0 and 1 swap answers, 2 and 3, ...; an odd last one
+        return partner_answer(self.data[j] if j >= 0 else None)  # takes the one before (a lone example: none)
 
-        j = i ^ 1 if (i ^ 1) < len(self.data) else max(i - 1, 0)
-        other = self.data[j]
-        start, end = last_trained_span(other["labels"])
-        return {"partner_ids": other["input_ids"][start:end], "partner_labels": other["labels"][start:end]}
+
+def partner_answer(partner: dict | None) -> dict:
+    """An example's fixed partner's last answer (and its stop token), as its partner_ids / partner_labels; empty
+    without a partner (a mismatched pair with no trained token, left out of the reference point)."""
+    from trainer.data.collators import last_trained_span
+
+    if partner is None:
+        return {"partner_ids": [], "partner_labels": []}
+    start, end = last_trained_span(partner["labels"])
+    return {"partner_ids": partner["input_ids"][start:end], "partner_labels": partner["labels"][start:end]}
+
+
+def neighbour_partners(examples):
+    """Items' partners over a stream: its examples in twos, each carrying the other's answer."""
+    examples = iter(examples)
+    for first in examples:
+        second = next(examples, None)
+        yield {**first, **partner_answer(second)}
+        if second is not None:
+            yield {**second, **partner_answer(first)}
 
 
 def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:
@@ -124,6 +142,6 @@ def pack_dataset(data, cutoff_len: int) -> tuple[Items, float]:
     return Items(data, bins), efficiency
 
 
-def unpacked_dataset(data) -> Items:
-    """One example an item."""
-    return Items(data)
+def unpacked_dataset(data, partners: bool = False) -> Items:
+    """One example an item (partners: each with its fixed partner's answer, the data kind's `partners`)."""
+    return Items(data, partners=partners)

@@ -97,7 +97,7 @@ def encode_pretrain(examples: list[dict], tokenizer, template, data_args) -> lis
     return out
 
 
-def _llama_factory_budget(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+def llama_factory_budget(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
     """How LLaMA-Factory shares cutoff_len between a prompt and an answer (its infer_seqlen): a short answer keeps
     all of it, else a short prompt does, else both shrink in proportion. Returns (prompt, answer) lengths."""
     if target_len * 2 < cutoff_len:
@@ -108,6 +108,24 @@ def _llama_factory_budget(source_len: int, target_len: int, cutoff_len: int) -> 
         max_target = int(cutoff_len * (target_len / (source_len + target_len)))
     target = min(max_target, target_len)
     return min(max(cutoff_len - target, 0), source_len), target
+
+
+def prompt_and_answer(ids: list[int], trained: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
+    """An encoded conversation -> (prompt ids, answer ids, the answer's trained mask): the answer runs from the first
+    to the last trained token; what follows it (a template's suffix) goes, as in LLaMA-Factory, which budgets only
+    the prompt and the answer."""
+    first, last = int(np.argmax(trained)), len(trained) - int(np.argmax(trained[::-1]))
+    return ids[:first], ids[first:last], trained[first:last]
+
+
+def budgeted(prompt: list[int], answer: list[int], trained: np.ndarray, keep_prompt: int,
+             keep_answer: int) -> tuple[list[int], list[int], int]:
+    """The prompt cut to keep_prompt tokens and the answer to keep_answer, as one sequence: (ids, labels, trained
+    tokens; position 0 is never predicted)."""
+    prompt, answer, trained = prompt[:keep_prompt], answer[:keep_answer], trained[:keep_answer]
+    labels = [IGNORE_INDEX] * len(prompt) + np.where(trained, np.asarray(answer, dtype=np.int64),
+                                                     IGNORE_INDEX).tolist()
+    return prompt + answer, labels, int(trained.sum()) if len(prompt) else int(trained[1:].sum())
 
 
 def encode_pairwise(examples: list[dict], tokenizer, template: Template, data_args) -> list[list[dict]]:
@@ -122,23 +140,18 @@ def encode_pairwise(examples: list[dict], tokenizer, template: Template, data_ar
     encoded = template.encode_batch(tokenizer, conversations, train_on_prompt=False, mask_history=True)
     out = []
     for i in range(len(examples)):
-        parts = []
-        for ids, trained in encoded[2 * i:2 * i + 2]:
-            first, last = int(np.argmax(trained)), len(trained) - int(np.argmax(trained[::-1]))
-            parts.append((ids[:first], ids[first:last], trained[first:last]))  # the suffix after the answer goes
+        parts = [prompt_and_answer(ids, trained) for ids, trained in encoded[2 * i:2 * i + 2]]
         source = max(len(p) for p, _, _ in parts)
-        keep_prompt, keep_answer = _llama_factory_budget(source, max(len(a) for _, a, _ in parts),
-                                                         data_args.cutoff_len)
+        keep_prompt, keep_answer = llama_factory_budget(source, max(len(a) for _, a, _ in parts),
+                                                        data_args.cutoff_len)
         truncated = keep_prompt < source or any(len(a) > keep_answer for _, a, _ in parts)
         ids, labels, segments, counts = [], [], [], []
         for prompt, answer, trained in parts:
-            prompt, answer, trained = prompt[:keep_prompt], answer[:keep_answer], trained[:keep_answer]
-            seq = prompt + answer
-            labels += [IGNORE_INDEX] * len(prompt) + np.where(trained, np.asarray(answer, dtype=np.int64),
-                                                              IGNORE_INDEX).tolist()
+            seq, seq_labels, count = budgeted(prompt, answer, trained, keep_prompt, keep_answer)
             ids += seq
+            labels += seq_labels
             segments.append(len(seq))
-            counts.append(int(trained.sum()) if len(prompt) else int(trained[1:].sum()))
+            counts.append(count)
         out.append([{"input_ids": ids, "labels": labels, "segments": segments, "trained": sum(counts),
                      "_truncated": truncated, "_no_labels": min(counts) == 0}])
     return out

@@ -107,7 +107,12 @@ def packed_stream(names: list[str], data_args, data_kind: str, tokenizer, templa
 
     capacity = row_capacity(data_args.cutoff_len, DATA_KINDS.lookup(data_kind).segmented)
     row: dict = {"input_ids": [], "labels": [], "lengths": []}
-    for ex in endless(names, data_args, data_kind, tokenizer, template):
+    examples = endless(names, data_args, data_kind, tokenizer, template)
+    if DATA_KINDS.lookup(data_kind).partners:
+        from trainer.data.packing import neighbour_partners
+
+        examples = neighbour_partners(examples)
+    for ex in examples:
         n = len(ex["input_ids"])
         if row["lengths"] and (not pack or len(row["input_ids"]) + n > capacity):
             yield row

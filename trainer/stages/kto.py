@@ -7,12 +7,15 @@ same log-ratio over mismatched pairs (each prompt with another example's answer)
 summed over every process and clamped at 0. As in the paper and TRL, a desirable example's loss is
 w_d (1 − σ(β (Δ − z))) and an undesirable one's w_u (1 − σ(β (z − Δ))); rewards are β Δ.
 
-The mismatched pairs are built by the collator from the batch itself (kto_data.KtoPairs: each example's prompt
-with a neighbour's answer; with precompute_ref_log_probs, with its neighbour's in dataset order, fixed ahead so
-that the pass before training computes the same pairs). Each example and its mismatched pair go through the model
-together, sharing the prompt like a preference pair (pref_prefix_sharing), in the same padding-free forward. The
-reference is the pair stages' (trainer/stages/pairs.py): the LoRA base with adapters off, a frozen copy placed
-like the policy, or ref_model.
+Each example's mismatched pair is fixed ahead: its prompt with its dataset neighbour's answer (the data kind's
+partners, as TRL and LLaMA-Factory pair them in dataset order). In training, z is the mean over every mismatched
+pair of the optimizer step (every micro-batch, every process), computed in before_step, where the engine hands the
+stage the step's micro-batches before the first loss: one no-grad pass of the policy (and of the reference, unless
+precomputed) over the step's mismatched sequences. So neither the pairs nor z depend on how a step is split into
+micro-batches and processes: batch 1 x accumulation 8 trains exactly as 8 x 1. TRL computes z per micro-batch
+(gathered over processes), which is the same for a step of one micro-batch. An eval batch's z is its own
+mismatched pairs' (over every process), as in TRL. The reference is the pair stages' (trainer/stages/pairs.py): the
+LoRA base with adapters off, a frozen copy placed like the policy, or ref_model.
 """
 
 from __future__ import annotations
@@ -55,32 +58,32 @@ class KTO(ReferenceStage):
     item_name = "examples"
     options = KTOOptions
 
-    @property
-    def fixed_partners(self) -> bool:
-        """With precomputed reference log-probs, each example's mismatched pair is fixed ahead (its neighbour in
-        dataset order, as TRL pairs them), so the pass before training computes exactly the pairs training uses."""
-        return self.precomputes
+    wants_segments = False  # no shared prompts: an example and its mismatched pair run in separate passes
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)
-        if config is not None:
-            t = config.training
-            if config.data.packing:
-                raise ConfigError("packing: kto keeps one example a row with its mismatched pair; set packing: false "
-                                  "(batches are padding-free anyway).")
-            for key in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-                if getattr(t, key) < 2:  # after forward_batch_size's split: what one forward (and collator) holds
-                    raise ConfigError(f"{key}: kto pairs each example's prompt with another example's answer of the "
-                                      "same forward pass (its KL reference point); a batch of 1 has none. Set it "
-                                      "to 2 or more (TRL refuses 1 too), and forward_batch_size to auto or 2 or "
-                                      "more.")
+        self.shares_prefix = False
+        if config is not None and config.data.packing:
+            raise ConfigError("packing: kto keeps one example a row with its fixed mismatched pair; set packing: "
+                              "false (batches are padding-free anyway).")
         self._warned_one_kind = False
+        self._step_kl = None  # the reference point of the optimizer step being trained (before_step)
 
     def collator(self, pad_token_id: int, padding_free: bool = True):
         from trainer.data.collators import Collator
 
-        return KtoPairs(Collator(pad_token_id, padding_free=padding_free, share_prefix=self.shares_prefix),
+        return KtoPairs(Collator(pad_token_id, padding_free=padding_free),
                         cutoff_len=self.config.data.cutoff_len if self.config is not None else None)
+
+    def count_items(self, batch: dict):
+        return batch["item_lengths"].new_tensor(len(batch["item_lengths"]))  # one example a dataset item
+
+    def reference_rows(self, wrapper, model, batch):
+        """The precomputed table's rows: each example's reference log-prob and its mismatched pair's."""
+        import torch
+
+        return torch.stack([self.reference_logps(wrapper, model, batch),
+                            self.reference_logps(wrapper, model, batch["kl"])], dim=1)
 
     def before_training(self, trainer) -> None:
         super().before_training(trainer)
@@ -100,40 +103,82 @@ class KTO(ReferenceStage):
                            "recommends 1 to 4/3. With kto_rejected_weight: %g, set kto_chosen_weight between %.3g "
                            "and %.3g.", ratio, o.kto_rejected_weight, low, low * 4 / 3)
 
-    def compute(self, wrapper, model, batch: dict) -> StageOutput:
+    def before_step(self, trainer, batch_samples: list[dict]) -> None:
+        """The step's reference point, before its first loss: its mismatched pairs (taken out of the micro-batches,
+        which then hold the examples alone) through the policy and the reference, without gradient."""
         import torch
 
-        logps, tokens = self._sequence_logps(wrapper, model, batch)
-        ref, reference_passes = self.reference_for(wrapper, model, batch)
-        ref = ref.to(logps.device, logps.dtype)
-        delta, n_tokens = logps[0::2] - ref[0::2], tokens[0::2]
-        mismatched = (logps[1::2] - ref[1::2]).detach()
-        valid = batch["kl_valid"].to(delta.dtype)
-        totals = torch.stack([(mismatched * valid).sum(), valid.sum()]).double()
+        from trainer.data.collators import BOOKKEEPING
+
+        model = trainer.model
+        # In training mode, as training_step sets it (an eval may have just run): the mismatched pairs see the
+        # policy as the step's examples do (dropout included, as in TRL's KL forward), and a full run's reference
+        # can never silently be the moved policy (reference_logps refuses it in training).
+        model.train()
+        totals = torch.zeros(2, dtype=torch.float64, device=trainer.args.device)
+        with torch.no_grad(), trainer.accelerator.autocast():
+            for batch in batch_samples:
+                mismatched = trainer._prepare_inputs({k: v for k, v in batch.pop("kl").items() if k not in BOOKKEEPING})
+                totals += self._mismatched_totals(trainer.wrapper, model, mismatched).to(totals.device)
+        self._step_kl = self._reference_point(totals)
+        tags = torch.cat([b["kto_tag"] for b in batch_samples])
+        if not self._warned_one_kind and (tags.all() or not tags.any()):
+            self._warned_one_kind = True
+            logger.warning("An optimizer step holds only %s examples; it still trains (its loss moves those rewards "
+                           "alone). Shuffled data with both kinds in each step trains KTO as intended.",
+                           "desirable" if tags.all() else "undesirable")
+
+    def _mismatched_totals(self, wrapper, model, mismatched: dict):
+        """(sum of the mismatched pairs' log-ratios, how many) of one batch of them. A pair without a trained token
+        (a lone example has no partner) is left out."""
+        import torch
+
+        logps, tokens = self._sequence_logps(wrapper, model, mismatched)
+        ref, _ = self.reference_for(wrapper, model, mismatched)
+        valid = (tokens > 0).to(torch.float64)
+        return torch.stack([((logps.double() - ref.to(logps.device).double()) * valid).sum(), valid.sum()])
+
+    @staticmethod
+    def _reference_point(totals):
+        """z: the mean log-ratio of the mismatched pairs of every process, clamped at 0 (as in the paper and TRL)."""
+        import torch
+
         if torch.distributed.is_available() and torch.distributed.is_initialized() and \
                 torch.distributed.get_world_size() > 1:
             torch.distributed.all_reduce(totals)  # every process's mismatched pairs make one reference point
-        kl = (totals[0] / totals[1].clamp(min=1)).clamp(min=0).to(delta.dtype)
+        return (totals[0] / totals[1].clamp(min=1)).clamp(min=0)
+
+    def compute(self, wrapper, model, batch: dict) -> StageOutput:
+        import torch
+
+        mismatched = batch.pop("kl", None)
+        logps, tokens = self._sequence_logps(wrapper, model, batch)
+        ref, reference_passes = self.reference_for(wrapper, model, batch)
+        delta = logps - ref.to(logps.device, logps.dtype)
+        if mismatched is not None:  # an eval batch (no before_step): its own mismatched pairs
+            with torch.no_grad():
+                kl = self._reference_point(self._mismatched_totals(wrapper, model, mismatched))
+        elif self._step_kl is None:
+            raise RuntimeError("kto: a training batch without its step's reference point (before_step runs first)")
+        else:
+            kl = self._step_kl
+        kl = kl.to(delta.device, delta.dtype)
         desirable = batch["kto_tag"].to(delta.device).bool()
-        if not self._warned_one_kind and model.training and (desirable.all() or not desirable.any()):
-            self._warned_one_kind = True
-            logger.warning("A batch holds only %s examples; it still trains (its loss moves those rewards alone). "
-                           "Shuffled data with both kinds in each batch trains KTO as intended.",
-                           "desirable" if desirable.all() else "undesirable")
         o = self.opts
         losses = kto_losses(delta, kl, desirable, o.pref_beta, o.kto_chosen_weight, o.kto_rejected_weight)
         if o.pref_ftx:  # LLaMA-Factory's pref_ftx: the desirable answers' SFT loss (per token)
-            losses = losses + o.pref_ftx * desirable * (-logps[0::2] / n_tokens.clamp(min=1))
+            losses = losses + o.pref_ftx * desirable * (-logps / tokens.clamp(min=1))
         rewards = (o.pref_beta * delta).detach()
         good, bad, one = desirable.to(delta.dtype), (~desirable).to(delta.dtype), torch.ones_like(delta)
-        policy = logps[0::2].detach()
+        policy = logps.detach()
+        # One example a dataset item (kto never packs): the statistics are per item as they stand.
         stats = {"loss": (losses.detach(), one),
                  "rewards/chosen": (rewards * good, good), "rewards/rejected": (rewards * bad, bad),
                  "logps/chosen": (policy * good, good), "logps/rejected": (policy * bad, bad),
                  "kl": (kl.detach().expand_as(delta), one),
                  "count/desirable": (good, None), "count/undesirable": (bad, None)}
-        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=self.by_item(stats, batch),
-                           head_tokens=tokens.sum(), reference_passes=reference_passes)
+        return StageOutput(loss_sum=losses.sum(), items=one.sum(), stats=stats, head_tokens=tokens.sum(),
+                           reference_passes=reference_passes)
 
     def summarize(self, totals: dict) -> dict:
         out = super().summarize(totals)

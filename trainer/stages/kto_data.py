@@ -1,17 +1,18 @@
 """kto's own data: examples tagged desirable or not (the data kind "kto", registered here for data/ to tokenize), and
-its collator, which lays each example beside its mismatched pair (KtoPairs)."""
+its collator, which batches the examples with their mismatched pairs (KtoPairs)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from trainer.data import formats
 from trainer.data.collators import Collator, last_trained_span
 from trainer.data.kinds import DATA_KINDS, DataKind
-from trainer.data.processing import IGNORE_INDEX, labelled
+from trainer.data.processing import IGNORE_INDEX, budgeted, llama_factory_budget, prompt_and_answer
 from trainer.errors import ConfigError
 
 
@@ -50,48 +51,54 @@ def check_kto_rows(spec, columns: list[str]) -> None:
 
 def encode_kto(examples: list[dict], tokenizer, template, data_args) -> list[list[dict]]:
     """Tagged conversations -> one example each, labels on the last answer only (the tagged completion), and the
-    tag (1 desirable, 0 undesirable)."""
+    tag (1 desirable, 0 undesirable). As in LLaMA-Factory (infer_seqlen) and the pair stages, the prompt and the
+    answer share cutoff_len: a long prompt is shortened and a short answer kept whole, so an example whose prompt
+    alone exceeds cutoff_len still trains (and is counted as truncated) instead of being left with no answer."""
     encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
                                     train_on_prompt=False, mask_history=True)
-    return [[{**labelled(ids, trained, data_args.cutoff_len), "kto_tag": int(e["kto_tag"])}]
-            for e, (ids, trained) in zip(examples, encoded)]
+    out = []
+    for e, (ids, trained) in zip(examples, encoded):
+        prompt, answer, mask = prompt_and_answer(ids, np.asarray(trained, dtype=bool))
+        keep_prompt, keep_answer = llama_factory_budget(len(prompt), len(answer), data_args.cutoff_len)
+        ids, labels, count = budgeted(prompt, answer, mask, keep_prompt, keep_answer)
+        out.append([{"input_ids": ids, "labels": labels, "trained": count, "kto_tag": int(e["kto_tag"]),
+                     "_truncated": keep_prompt < len(prompt) or keep_answer < len(answer), "_no_labels": count == 0}])
+    return out
 
 
 DATA_KINDS.register("kto")(DataKind("kto", encode_kto, convert=convert_kto, columns={"kto_tag": ("int8", 0)},
-                                    check=check_kto_rows))
+                                    check=check_kto_rows, partners=True))
 
 
 @dataclass
 class KtoPairs:
-    """kto's batches: each example followed by its mismatched pair, its own prompt with a neighbour's answer
-    (examples 0 and 1 swap answers, 2 and 3, ...; an odd last one takes the one before), so that the pair shares the
-    example's prompt like a preference pair. Pairing within neighbours keeps a batch split over processes pairing
-    exactly as it does whole. Items may bring a partner's answer fixed ahead instead (Items' partners). `kl_valid`
-    is 0 for a batch of one without one, whose only pair would be the example itself; `kto_tag` carries each
-    example's tag."""
+    """kto's batches: the examples, and under "kl" their mismatched pairs as a batch of their own, each example's
+    prompt with the answer of its partner fixed ahead (the data kind's partners: its neighbour in dataset order), so
+    that the pairs never depend on the shuffle or on how a step is split. The mismatched pairs run in a pass of their
+    own (kto.py: the step's, before its first loss; an eval batch's, beside it). A mismatched sequence shares
+    cutoff_len between its prompt and the partner's answer as an example does (LLaMA-Factory's infer_seqlen, which
+    LLaMA-Factory applies to its KL sequences too). `kto_tag` carries each example's tag; with precomputed reference
+    log-probs each item's pair (example, mismatched) goes to the two batches."""
     collate: Collator
     cutoff_len: int | None = None
 
     def __call__(self, items: list[dict]) -> dict:
-        spans = [last_trained_span(it["labels"]) for it in items]
-        pairs = []
-        for i, item in enumerate(items):
-            if "partner_ids" in item:  # a partner fixed ahead (kto with precomputed reference log-probs)
-                answer, answer_labels = item["partner_ids"], item["partner_labels"]
-            else:
-                j = i ^ 1 if (i ^ 1) < len(items) else max(i - 1, 0)
-                answer = items[j]["input_ids"][spans[j][0]:spans[j][1]]
-                answer_labels = items[j]["labels"][spans[j][0]:spans[j][1]]
-            prompt = spans[i][0]
-            ids = item["input_ids"][:prompt] + answer
-            labels = [IGNORE_INDEX] * prompt + answer_labels
-            if self.cutoff_len:
-                ids, labels = ids[:self.cutoff_len], labels[:self.cutoff_len]
-            pairs.append({"input_ids": item["input_ids"] + ids, "labels": item["labels"] + labels,
-                          "lengths": [len(item["input_ids"]), len(ids)],
-                          **({"ref_logps": item["ref_logps"]} if "ref_logps" in item else {})})
-        batch = self.collate(pairs)
+        examples, mismatched = [], []
+        for item in items:
+            if "partner_ids" not in item:
+                raise ValueError("a kto item without its partner's answer: kto's data kind fixes partners ahead "
+                                 "(Items(partners=True), or neighbour_partners over a stream)")
+            ref = item.get("ref_logps")
+            prompt = item["input_ids"][:last_trained_span(item["labels"])[0]]
+            answer, trained = item["partner_ids"], np.asarray(item["partner_labels"]) != IGNORE_INDEX
+            keep = llama_factory_budget(len(prompt), len(answer), self.cutoff_len) if self.cutoff_len else \
+                (len(prompt), len(answer))
+            ids, labels, _ = budgeted(prompt, answer, trained, *keep)
+            examples.append({"input_ids": item["input_ids"], "labels": item["labels"], "lengths": item["lengths"],
+                             **({"ref_logps": ref[:1]} if ref else {})})
+            mismatched.append({"input_ids": ids, "labels": labels, "lengths": [len(ids)],
+                               **({"ref_logps": ref[1:]} if ref else {})})
+        batch = self.collate(examples)
+        batch["kl"] = self.collate(mismatched)
         batch["kto_tag"] = torch.tensor([it["kto_tag"][0] for it in items], dtype=torch.bool)
-        fixed = "partner_ids" in items[0]
-        batch["kl_valid"] = torch.full((len(items),), float(len(items) > 1 or fixed))
         return batch

@@ -1,11 +1,12 @@
 """What the stages on pairs share: the pair layout (Pairwise) and the reference model (ReferenceStage).
 
-Pairwise: one item of the loss is two sequences end to end (a preference pair's chosen and rejected answers, or a
-kto example and its mismatched pair), laid padding-free with the other items of the micro-batch; with
+Pairwise: one item of the loss is two sequences end to end (a preference pair's chosen and rejected answers), laid
+padding-free with the other items of the micro-batch; with
 pref_prefix_sharing (the default where the attention path reads it) the second sequence attends to the first
 one's prompt instead of computing it again (collators.shared_prompt, kernels.segment_attention).
 
-ReferenceStage: the reference model of dpo and kto. A LoRA run's is the same weights with the adapters switched off
+ReferenceStage: the reference model of dpo and kto (whose item is one example, with its mismatched pair in a batch
+of its own: kto.py). A LoRA run's is the same weights with the adapters switched off
 (no second copy); a full or freeze run keeps a frozen copy of its starting weights in the compute dtype, placed
 like the policy; ref_model (+ ref_model_adapters) loads a separate one, placed the same way (model/reference.py). precompute_ref_log_probs (reference_logps.py) computes the reference's
 log-probs in one pass before training, so training runs the policy alone and full/freeze runs need no copy.
@@ -184,10 +185,12 @@ class ReferenceStage(Pairwise):
 
         for name, items in (("train", trainer.train_dataset), ("eval", trainer.eval_dataset)):
             if isinstance(items, Items):
-                items.partners = self.fixed_partners
                 items.extra["ref_logps"] = reference_table(self, trainer, items, name)
 
-    fixed_partners = False  # kto: its mismatched pairs are fixed ahead when their reference log-probs are
+    def reference_rows(self, wrapper, model, batch):
+        """[items, 2] reference log-probs of a collated batch, one row a table row: a pair's chosen and rejected
+        sequences (kto: an example and its mismatched pair)."""
+        return self.reference_logps(wrapper, model, batch).view(-1, 2)
 
     def reference_for(self, wrapper, model, batch):
         """(each sequence's reference log-prob, reference forwards run): precomputed when the batch carries them."""

@@ -95,9 +95,9 @@ def _one_pass(stage, trainer, items) -> np.ndarray:
                 batch = trainer.data_collator([one_each[i] for i in indices])
                 for key in BOOKKEEPING:
                     batch.pop(key, None)
-                logps = stage.reference_logps(trainer.wrapper, model, trainer._prepare_inputs(batch))
+                logps = stage.reference_rows(trainer.wrapper, model, trainer._prepare_inputs(batch))
                 if counts:
-                    rows.update(zip(indices, logps.float().view(-1, 2).cpu().numpy()))
+                    rows.update(zip(indices, logps.float().cpu().numpy()))
     finally:
         model.train(was_training)
     rows = gathered(rows, world)
