@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tiny import base_config, build_model, train_with
+from tiny import base_config, train_with
 from trainer.errors import ConfigError, TrainingHalted
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -71,7 +71,7 @@ def _adapter_fits(model, path: str, key: str):
             trained_on = repr(named) if named else "an unnamed base model"
         except (OSError, ValueError):
             trained_on = "an unknown base model"
-        given = getattr(getattr(model, "config", None), "_name_or_path", "") or getattr(model, "name_or_path", "")
+        given = getattr(model, "name_or_path", "")  # the folder or hub id it was loaded from
         first = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "")
         raise ConfigError(f"{key} {path!r} was trained on {trained_on}, and its weights do not fit the model it is "
                           f"applied to, {given!r} (model_name_or_path): {first} Use the base model the adapter was "
