@@ -177,3 +177,19 @@ def test_forward_batch_size_splits_the_batch_and_names_bad_values(tmp_path):
     values = {"per_device_train_batch_size": 6}
     split_batch(values, "auto", whole=True)  # GPU, or a padding-free batch: the whole batch a pass
     assert values == {"per_device_train_batch_size": 6}
+
+
+def test_a_refused_deepspeed_config_leaves_the_environment_alone(tmp_path, monkeypatch):
+    """DeepSpeed's one-process rendezvous is process-wide (RANK, WORLD_SIZE, MASTER_PORT): set only for a config that
+    passed every check, right before TrainingArguments start DeepSpeed. A refused config leaving it behind made every
+    later run in the same process (and its subprocesses) join a process group on a port already taken."""
+    import os
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(ConfigError, match="Set fsdp or deepspeed, not both"):
+        build_config(_base(tmp_path, deepspeed="ds_configs/ds_z2_config.json", fsdp="full_shard"))
+    with pytest.raises(ConfigError, match="forward_batch_size"):
+        build_config(_base(tmp_path, deepspeed={"train_micro_batch_size_per_gpu": 4}, forward_batch_size="2",
+                           per_device_train_batch_size=4))
+    assert not any(k in os.environ for k in ("WORLD_SIZE", "MASTER_PORT"))

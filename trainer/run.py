@@ -18,8 +18,6 @@ logger = logging.getLogger("trainer")
 
 def build_config(raw: dict, source: str = "") -> RunConfig:
     """A merged YAML's RunConfig, validated against the registered stages."""
-    if raw.get("deepspeed"):
-        _single_process_rendezvous()  # before TrainingArguments exist: they set DeepSpeed up
     return configuration.build_config(raw, STAGES, source)
 
 
@@ -30,19 +28,6 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | di
 def load_inference_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> InferenceConfig:
     return configuration.build_inference_config(configuration.read_config(path, overrides), STAGES,
                                                 source=str(path or ""))
-
-
-def _single_process_rendezvous() -> None:
-    """DeepSpeed without a launcher looks for MPI; give it a one-process torch rendezvous instead."""
-    if "WORLD_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
-        return
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
 
 
 def setup_logging(main_process: bool) -> None:

@@ -4,6 +4,7 @@ transformers needs, the report_to check, and each per-device batch split into pa
 from __future__ import annotations
 
 import logging
+import os
 
 from trainer.engine.hardware import cpu_supports_bf16
 from trainer.engine.options import EngineArguments, deepspeed_dict
@@ -78,6 +79,10 @@ def training_arguments(values: dict, engine: EngineArguments, streaming: bool = 
         # batches are one row, so every process reads the stream and keeps its own share of the items instead.
         values.setdefault("accelerator_config", {"dispatch_batches": False})
     split_batch(values, engine.forward_batch_size, cuda or not split_rows)
+    if values.get("deepspeed"):
+        # Only now, with a config that passed every check: the process-wide environment it sets would otherwise
+        # outlive a refused config in the same process.
+        single_process_rendezvous()
     from transformers import TrainingArguments
 
     try:
@@ -119,3 +124,17 @@ def split_batch(values: dict, forward_batch_size: str, whole: bool) -> None:
         return  # the user's DeepSpeed config fixes the batch shape: leave it as written
     values["per_device_train_batch_size"] = rows
     values["gradient_accumulation_steps"] = int(values.get("gradient_accumulation_steps", 1)) * (per // rows)
+
+
+def single_process_rendezvous() -> None:
+    """DeepSpeed without a launcher looks for MPI; TrainingArguments set it up as they are built: give it a
+    one-process torch rendezvous instead. Launched runs (torchrun, deepspeed) keep theirs."""
+    if "WORLD_SIZE" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
