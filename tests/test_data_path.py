@@ -17,20 +17,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _reference_encode(template, tokenizer, messages, system, train_on_prompt, mask_history):
-    """The per-row path zerotune had before batching: render, tokenize one text, a Python loop over offsets."""
-    pieces = template.render(messages, system)
-    n_turns = 1 + max((turn for _, turn in pieces), default=-1)
-    text, char_trained = "", []
-    for piece, turn in pieces:
-        trained = train_on_prompt or (turn >= 0 and (not mask_history or turn == n_turns - 1))
-        text += piece
-        char_trained += [trained] * len(piece)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    trained = []
-    for start, end in enc["offset_mapping"]:
-        pos = start if start < end else max(start - 1, 0)
-        trained.append(bool(char_trained[pos]) if pos < len(char_trained) else False)
-    return enc["input_ids"], trained
+    """The per-row path, LLaMA-Factory's way: each element of each message encoded on its own in a Python loop;
+    replies (odd messages) trained, only the last with mask_history, everything with train_on_prompt."""
+    from trainer.data.templates import BOS, EOS, THOUGHT
+
+    per_message = template.messages_elements(messages, system, mask_history=mask_history)
+    ids, trained = [], []
+    for i, elements in enumerate(per_message):
+        reply = i % 2 == 1 and (not mask_history or i == len(per_message) - 1)
+        for e in elements:
+            if e == BOS:
+                piece = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+            elif e == EOS:
+                piece = [tokenizer.convert_tokens_to_ids(template.eos)]
+            else:
+                piece = tokenizer.encode(template.empty_thought if e == THOUGHT else e, add_special_tokens=False)
+            ids += piece
+            trained += [train_on_prompt or reply] * len(piece)
+    return ids, trained
 
 
 @pytest.mark.parametrize("name", ["chatml", "llama3", "default", "gemma"])

@@ -14,47 +14,9 @@ import torch
 import yaml
 
 from tiny import base_config, train_with
-from trainer.data.templates import TEMPLATES, chat_template, get_template
+from trainer.data.templates import get_template
 
 ROOT = Path(__file__).resolve().parents[1]
-
-CONVERSATIONS = [
-    ([{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"}], ""),
-    ([{"role": "user", "content": "First {content} 'quoted' \\ back"}, {"role": "assistant", "content": "One."},
-      {"role": "user", "content": "Second\nline"}, {"role": "assistant", "content": "Two."}], "Be brief.\nAlways."),
-    ([{"role": "user", "content": "Call it"}, {"role": "assistant", "content": "calling"},
-      {"role": "observation", "content": "42"}, {"role": "assistant", "content": "It is 42."}], "Tools on."),
-]
-
-
-def _hf_messages(messages, system):
-    return ([{"role": "system", "content": system}] if system else []) + messages
-
-
-@pytest.mark.parametrize("name", sorted(TEMPLATES))
-def test_chat_template_renders_what_training_encodes(name, tiny_tokenizer):
-    """Every template's Jinja rendering equals its own rendering (text and ids), for multi-turn conversations with
-    and without a system prompt, and for generation prompts."""
-    template = get_template(name, tiny_tokenizer)
-    jinja = chat_template(template)
-    for messages, system in CONVERSATIONS:
-        hf = _hf_messages(messages, system)
-        text = tiny_tokenizer.apply_chat_template(hf, chat_template=jinja, tokenize=False)
-        assert text == template.render_text(messages, system), (name, text)
-        ids = tiny_tokenizer.apply_chat_template(hf, chat_template=jinja, tokenize=True, return_dict=False)
-        assert list(ids) == template.encode(tiny_tokenizer, messages, system)[0]
-        prompt = tiny_tokenizer.apply_chat_template(hf[:-1], chat_template=jinja, tokenize=True, return_dict=False,
-                                                    add_generation_prompt=True)
-        assert list(prompt) == template.encode_prompt(tiny_tokenizer, messages[:-1], system)
-
-
-def test_an_empty_system_message_falls_back_to_the_default_system(tiny_tokenizer):
-    template = get_template("qwen", tiny_tokenizer)
-    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    text = tiny_tokenizer.apply_chat_template([{"role": "system", "content": ""}] + messages,
-                                              chat_template=chat_template(template), tokenize=False)
-    assert text == template.render_text(messages, "") and "You are Qwen" in text
-
 
 def test_predict_refuses_train_on_prompt(tiny_model_dir, tmp_path):
     from tiny import write_dataset_dir
@@ -117,9 +79,11 @@ def test_export_merges_the_adapter_and_stops_where_training_taught(tiny_model_di
         assert (reference(ids).logits - base).abs().max() > 1e-2  # the adapter changed the model
 
     template = get_template("chatml", tokenizer)
-    messages, system = CONVERSATIONS[1]
-    assert tokenizer.apply_chat_template(_hf_messages(messages, system), tokenize=True, return_dict=False) == \
-        template.encode(tokenizer, messages, system)[0]
+    messages = [{"role": "user", "content": "First 'quoted' \\ back"}, {"role": "assistant", "content": "One."},
+                {"role": "user", "content": "Second\nline"}, {"role": "assistant", "content": "Two."}]
+    hf = [{"role": "system", "content": "Be brief.\nAlways."}] + messages
+    assert tokenizer.apply_chat_template(hf, tokenize=True, return_dict=False) == \
+        template.encode(tokenizer, messages, "Be brief.\nAlways.")[0]
     stop = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert stop in exported.generation_config.eos_token_id
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Say something 3"}],

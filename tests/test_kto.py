@@ -55,7 +55,7 @@ def test_tagged_rows_tokenize_with_their_tags_and_bad_tags_are_reported(tagged_d
     assert tags[:2] == [1, 0] and sum(tags) == 16 + 6
     item = unpacked_dataset(data)[0]
     start, end = last_trained_span(item["labels"])
-    assert tiny_tokenizer.decode(item["input_ids"][start:end]) == "Yes, I agree.<|im_end|>"
+    assert tiny_tokenizer.decode(item["input_ids"][start:end]) == "Yes, I agree.<|im_end|>\n"
 
 
 def _sequences(batch):
@@ -203,7 +203,7 @@ def test_a_long_prompt_is_shortened_and_its_answer_kept_whole(tagged_dir, tiny_t
     assert (report.examples, report.no_labels, report.truncated) == (2, 0, 2)
     item = unpacked_dataset(data, partners=True)[0]
     start, end = last_trained_span(item["labels"])
-    assert tiny_tokenizer.decode(item["input_ids"][start:end]) == "Yes.<|im_end|>"  # the whole answer
+    assert tiny_tokenizer.decode(item["input_ids"][start:end]) == "Yes.<|im_end|>\n"  # the whole answer
     assert len(item["input_ids"]) == cutoff and item["input_ids"][:start] == full[:start]  # the prompt's start
     mismatched = _sequences(KtoPairs(Collator(0), cutoff_len=cutoff)([item])["kl"])[0]
     prompt, partner = item["input_ids"][:start], item["partner_ids"]
@@ -218,7 +218,7 @@ def _steps(state, *keys):
 
 def _mostly_agreeing(folder, n: int):
     """n examples, three in four desirable ("Yes, I agree."): training raises the agreeing answer under every prompt,
-    so the mismatched pairs' log-ratio, z, rises above 0 within a step or two."""
+    so the mismatched pairs' log-ratio, z, rises above 0 within a few steps."""
     folder.mkdir()
     rows = [{"instruction": f"Question {i}: do you agree?", "input": "", "kto_tag": i % 4 != 3,
              "output": "Yes, I agree." + " Yes" * (i % 3) if i % 4 != 3 else "No."} for i in range(n)]
@@ -233,14 +233,14 @@ def test_batch_one_by_eight_trains_as_eight_by_one(tiny_model_dir, tmp_path):
     same data and seed: each example's mismatched pair is fixed ahead and z is the whole step's, so neither depends
     on how the step is split into micro-batches."""
     data = _mostly_agreeing(tmp_path / "data", 24)
-    common = dict(stage="kto", dataset="t", max_steps=3, learning_rate=5e-2, seed=11)
+    common = dict(stage="kto", dataset="t", max_steps=4, learning_rate=5e-2, seed=11)
     _, one = train_with(base_config(tiny_model_dir, data, tmp_path / "1x8", per_device_train_batch_size=1,
                                     gradient_accumulation_steps=8, **common))
     _, eight = train_with(base_config(tiny_model_dir, data, tmp_path / "8x1", per_device_train_batch_size=8,
                                       gradient_accumulation_steps=1, **common))
     keys = ("loss", "grad_norm", "kl", "rewards/margins")
     a, b = _steps(one, *keys), _steps(eight, *keys)
-    assert len(a) == len(b) == 3
+    assert len(a) == len(b) == 4
     for step_a, step_b in zip(a, b):
         assert step_a == pytest.approx(step_b, rel=1e-4, abs=1e-7)
     assert a[-1][2] > 1e-3 and a[-1][0] != pytest.approx(0.5, abs=1e-3)  # z moved and the loss with it

@@ -46,7 +46,6 @@ def test_a_key_of_no_stage_keeps_its_did_you_mean(tiny_model_dir, data_dir, tmp_
 @pytest.mark.parametrize("role,message", [
     ("images", "maps a 'images' column .'images'., and multimodal inputs"),
     ("videos", "multimodal inputs"),
-    ("tools", "tool definitions are not rendered"),
     ("imgs", r"unknown column role 'imgs'. Did you mean: images\?"),
 ])
 def test_a_mapped_column_zerotune_does_not_use_is_refused_by_name(tiny_model_dir, tmp_path, role, message):

@@ -1,5 +1,6 @@
 """zerotune check, and the checkpointing decision it shares with training."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,10 @@ def test_check_prints_plan_with_packing_and_zero_memory(tiny_model_dir, data_dir
     for stage in ("ZeRO-0 (DDP)", "ZeRO-2 + offload", "ZeRO-3 + offload"):
         assert stage in out
     assert not (tmp_path / "o").exists()  # nothing trained or written
+    # the first example as the model sees it: the prompt plain, the reply (with its stop token) in [[...]]
+    example = out[out.index("example "):]
+    assert "template chatml" in example and "<|im_start|>user\n" in example
+    assert re.search(r"<\|im_start\|>assistant\n *\[\[[^\[\]]+<\|im_end\|>\n *\]\]", example), example
 
 
 @pytest.mark.parametrize("trained", [8_000_000_000, 40_000_000])

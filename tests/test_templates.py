@@ -1,42 +1,36 @@
-"""Templates: exact token ids against hand-written reference renderings and the demo tokenizer's own
-chat template; labels only on assistant replies (plus their stop token)."""
+"""Templates: exact token ids against hand-written renderings of four model formats (LLaMA-Factory's semantics: a
+reply's whole format is trained, e.g. ChatML's newline after <|im_end|>) and the demo tokenizer's own chat
+template. tests/test_template_goldens.py checks every template against LLaMA-Factory's own ids and labels."""
 
 import pytest
 
 from trainer.data.options import DataArguments
 from trainer.data.processing import IGNORE_INDEX, encode_supervised
-from trainer.data.templates import TEMPLATES, get_template
+from trainer.data.templates import get_template
 from trainer.errors import ConfigError
 
 SYSTEM = "Be brief."
 CONV = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How are you?"},
         {"role": "user", "content": "Fine {content} thanks"}, {"role": "assistant", "content": "Good to hear."}]
 
-# (template, full reference text, the trained parts in order)
+# (template, full reference text, the trained parts in order); the tiny tokenizer has no bos token
 REFERENCE = {
     "chatml": ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
                "<|im_start|>assistant\nHello! How are you?<|im_end|>\n<|im_start|>user\nFine {content} thanks"
                "<|im_end|>\n<|im_start|>assistant\nGood to hear.<|im_end|>\n",
-               ["Hello! How are you?<|im_end|>", "Good to hear.<|im_end|>"]),
-    "llama3": ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+               ["Hello! How are you?<|im_end|>\n", "Good to hear.<|im_end|>\n"]),
+    "llama3": ("<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
                "<|start_header_id|>user<|end_header_id|>\n\nHi there<|eot_id|><|start_header_id|>assistant"
                "<|end_header_id|>\n\nHello! How are you?<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
                "Fine {content} thanks<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nGood to hear."
                "<|eot_id|>",
                ["Hello! How are you?<|eot_id|>", "Good to hear.<|eot_id|>"]),
-    "mistral": ("<s>[INST] Be brief.\n\nHi there[/INST]Hello! How are you?</s>[INST] Fine {content} thanks[/INST]"
-                "Good to hear.</s>",
-                ["Hello! How are you?</s>", "Good to hear.</s>"]),
-    "gemma": ("<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\n"
-              "Hello! How are you?<end_of_turn>\n<start_of_turn>user\nFine {content} thanks<end_of_turn>\n"
-              "<start_of_turn>model\nGood to hear.<end_of_turn>\n",
-              ["Hello! How are you?<end_of_turn>", "Good to hear.<end_of_turn>"]),
-    "phi": ("<|system|>\nBe brief.<|end|>\n<|user|>\nHi there<|end|>\n<|assistant|>\nHello! How are you?<|end|>\n"
-            "<|user|>\nFine {content} thanks<|end|>\n<|assistant|>\nGood to hear.<|end|>\n",
-            ["Hello! How are you?<|end|>", "Good to hear.<|end|>"]),
-    "default": ("System: Be brief.\nHuman: Hi there\nAssistant: Hello! How are you?<|endoftext|>\n"
-                "Human: Fine {content} thanks\nAssistant: Good to hear.<|endoftext|>\n",
+    "mistral": ("[INST] Be brief.\n\nHi there[/INST] Hello! How are you?<|endoftext|>[INST] Fine {content} thanks"
+                "[/INST] Good to hear.<|endoftext|>",
                 [" Hello! How are you?<|endoftext|>", " Good to hear.<|endoftext|>"]),
+    "default": ("System: Be brief.<|endoftext|>\nHuman: Hi there<|endoftext|>\nAssistant:Hello! How are you?"
+                "<|endoftext|>\nHuman: Fine {content} thanks<|endoftext|>\nAssistant:Good to hear.<|endoftext|>\n",
+                ["Hello! How are you?<|endoftext|>\n", "Good to hear.<|endoftext|>\n"]),
 }
 
 
@@ -73,7 +67,7 @@ def test_qwen_has_default_system_and_chatml_has_none(tiny_tokenizer):
 def test_mask_history_and_train_on_prompt(tiny_tokenizer):
     template = get_template("chatml", tiny_tokenizer)
     ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM, mask_history=True)
-    assert [tiny_tokenizer.decode(s) for s in _trained_spans(ids, trained)] == ["Good to hear.<|im_end|>"]
+    assert [tiny_tokenizer.decode(s) for s in _trained_spans(ids, trained)] == ["Good to hear.<|im_end|>\n"]
     ids, trained = template.encode(tiny_tokenizer, CONV, SYSTEM, train_on_prompt=True)
     assert all(trained)
 
@@ -101,20 +95,16 @@ def test_template_tokens_missing_from_tokenizer_is_a_clear_error(tmp_path):
     assert "llama3" in str(err.value)
 
 
-def test_every_template_has_a_reference():
-    assert set(TEMPLATES) - {"qwen"} == set(REFERENCE)
-
-
 def test_chatml_matches_the_demo_tokenizers_own_template(smollm_tokenizer):
     """Same ids as SmolLM2's apply_chat_template (which always renders a system turn), and the
-    trained tokens are exactly the assistant replies with their <|im_end|>."""
+    trained tokens are exactly the assistant replies with their <|im_end|> and the newline after it."""
     template = get_template("chatml", smollm_tokenizer)
     messages = [{"role": "system", "content": SYSTEM}] + CONV
     expected = smollm_tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
     ids, trained = template.encode(smollm_tokenizer, CONV, SYSTEM)
     assert ids == list(expected)
     spans = [smollm_tokenizer.decode(s) for s in _trained_spans(ids, trained)]
-    assert spans == ["Hello! How are you?<|im_end|>", "Good to hear.<|im_end|>"]
+    assert spans == ["Hello! How are you?<|im_end|>\n", "Good to hear.<|im_end|>\n"]
     prompt = template.encode_prompt(smollm_tokenizer, CONV[:1], SYSTEM)
     expected_prompt = smollm_tokenizer.apply_chat_template(messages[:2], tokenize=True, return_dict=True,
                                                            add_generation_prompt=True)["input_ids"]

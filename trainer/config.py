@@ -87,6 +87,9 @@ class InferenceConfig:
     inference: InferenceArguments
     export: ExportArguments
     source: str = ""
+    enable_thinking: bool = True  # the data keys that shape a rendered conversation (as get_template reads them)
+    preserve_thinking: bool = False
+    tool_format: str | None = None
 
 
 def owners() -> dict[str, tuple[str, Any, Any]]:
@@ -176,7 +179,8 @@ def build_config(raw: dict, stages, source: str = "") -> RunConfig:
 
 
 INFERENCE_GROUPS = ("model", "generation", "inference", "export")
-INFERENCE_KEYS = ("template", "default_system", "finetuning_type")
+TEMPLATE_KEYS = ("enable_thinking", "preserve_thinking", "tool_format")
+INFERENCE_KEYS = ("template", "default_system", "finetuning_type", *TEMPLATE_KEYS)
 
 
 def build_inference_config(raw: dict, stages, source: str = "") -> InferenceConfig:
@@ -193,7 +197,8 @@ def build_inference_config(raw: dict, stages, source: str = "") -> InferenceConf
                              template=chosen.get("template"), default_system=chosen.get("default_system"),
                              generation=GenerationSettings(**groups["generation"]),
                              inference=InferenceArguments(**groups["inference"]),
-                             export=ExportArguments(**groups["export"]), source=source)
+                             export=ExportArguments(**groups["export"]), source=source,
+                             **{k: chosen[k] for k in TEMPLATE_KEYS if k in chosen})
     check_backend(config.inference)
     if model.adapter_name_or_path and config.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
@@ -239,15 +244,7 @@ def _validate(config: RunConfig, stage_class) -> None:
         raise ConfigError("model_name_or_path is required (a local model folder or a hub id).")
     if (t.do_train or t.do_eval) and not d.dataset and not d.eval_dataset:
         raise ConfigError("dataset is required to train or evaluate (a comma list of names in dataset_info.json).")
-    if d.cutoff_len < 2:
-        raise ConfigError(f"cutoff_len: {d.cutoff_len} must be at least 2.")
-    if d.val_size < 0 or (d.val_size >= 1 and not float(d.val_size).is_integer()):
-        raise ConfigError(f"val_size: {d.val_size} must be a fraction in [0, 1) or a whole number of examples.")
-    if d.val_size and d.eval_dataset:
-        raise ConfigError("Set val_size or eval_dataset, not both: val_size would hold examples out of training "
-                          "that eval_dataset then replaces.")
-    if d.max_samples is not None and d.max_samples <= 0:
-        raise ConfigError(f"max_samples: {d.max_samples} must be positive.")
+    d.check()
     if d.neat_packing:
         d.packing = True
     if d.packing is None:

@@ -49,11 +49,7 @@ def load(config, device: str | None = None, dtype_choice: str | None = None, ref
     m = config.model
     _check_local(m.model_name_or_path)
     tokenizer = load_tokenizer(m)
-    template = get_template(config.template, tokenizer)
-    if config.default_system is not None:
-        import dataclasses
-
-        template = dataclasses.replace(template, default_system=config.default_system)
+    template = get_template(config.template, tokenizer, config)
     common = dict(trust_remote_code=m.trust_remote_code, cache_dir=m.cache_dir, revision=m.model_revision,
                   token=m.hf_hub_token)
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, **common)
@@ -159,7 +155,6 @@ def chat(config, message: str | None = None, stdin: TextIO = sys.stdin, stdout: 
 
 # ---- export -----------------------------------------------------------------------------------------------------
 def export(config) -> str:
-    from trainer.data.templates import chat_template
     from trainer.model import value_head
 
     e = config.export
@@ -174,7 +169,7 @@ def export(config) -> str:
     os.makedirs(out, exist_ok=True)
     model.config.use_cache = True  # a served model generates with its cache
     model.save_pretrained(out, max_shard_size=f"{e.export_size}GB", safe_serialization=not e.export_legacy_format)
-    tokenizer.chat_template = chat_template(template)
+    tokenizer.chat_template = template.chat_template()
     tokenizer.save_pretrained(out)
     for folder in [*reversed(config.model.adapters), config.model.model_name_or_path]:  # a reward model's value head
         head = os.path.join(folder, value_head.FILE)

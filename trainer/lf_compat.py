@@ -100,7 +100,6 @@ IGNORED: dict[str, str] = {
     "low_cpu_mem_usage": "weights load lazily anyway",
     "include_effective_tokens_per_second": "real (non-pad) tokens/s is always logged",
     "ignore_pad_token_for_loss": "padding never carries a label",
-    "enable_thinking": "the templates render what the data holds",
     "use_kv_cache": "generation always uses the KV cache",
     "max_length": "max_new_tokens bounds each answer",
 }

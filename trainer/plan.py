@@ -127,6 +127,23 @@ def decide_checkpointing(model, training_args, tokens_per_microbatch: int, shard
     return on, why
 
 
+def labelled_text(tokenizer, ids: list[int], labels: list[int]) -> str:
+    """Decoded ids with every run of trained tokens (label = the token) wrapped in [[...]]."""
+    out, run, trained = [], [], None
+    for token, label in zip(ids, labels):
+        flag = label == token
+        if run and flag != trained:
+            text = tokenizer.decode(run)
+            out.append(f"[[{text}]]" if trained else text)
+            run = []
+        run.append(token)
+        trained = flag
+    if run:
+        text = tokenizer.decode(run)
+        out.append(f"[[{text}]]" if trained else text)
+    return "".join(out)
+
+
 def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
     """The plan; `deepspeed` is the YAML's DeepSpeed config (the check builds the config without DeepSpeed)."""
     from trainer.model.loading import load_tokenizer
@@ -170,7 +187,7 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
 
         stage = build_stage(config)
         tok = load_tokenizer(config.model)
-        template = get_template(d.template, tok) if stage.needs_template else None
+        template = get_template(d.template, tok, d) if stage.needs_template else None
         data, report = processing.tokenized_dataset(d.dataset, d, stage.data_kind, tok, template, False)
         lengths = processing.column_values(data, "length")
         mean = sum(lengths) / len(lengths)
@@ -193,6 +210,11 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
                          "epoch is a single, partly empty step. Lower the batch, the accumulation or the processes.")
         if report.truncated:
             lines.append(f"truncated        {report.truncated} examples longer than cutoff_len={d.cutoff_len}")
+        if len(data):
+            first = data.select_columns(["input_ids", "labels"])[0]
+            lines.append(f"example          the first one as the model sees it (template {d.template}); "
+                         "[[...]]: tokens that carry labels")
+            lines += ["  " + line for line in labelled_text(tok, first["input_ids"], first["labels"]).split("\n")]
     total, trained, largest = parameter_counts(config)
     lines.append(f"parameters       {total / 1e6:.1f}M, trained {trained / 1e6:.2f}M")
     lines.append("model states per device (DeepSpeed estimators; activations not included):")

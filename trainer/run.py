@@ -188,11 +188,7 @@ def run(config: RunConfig) -> dict:
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     stage = build_stage(config)
     tokenizer = load_tokenizer(m)
-    template = get_template(d.template, tokenizer) if stage.needs_template else None
-    if template is not None and d.default_system is not None:
-        import dataclasses
-
-        template = dataclasses.replace(template, default_system=d.default_system)
+    template = get_template(d.template, tokenizer, d) if stage.needs_template else None
     with t.main_process_first(local=False, desc="tokenizing the data"):
         train, evaluation, efficiency = build_datasets(config, stage, tokenizer, template)
     watched = None

@@ -340,11 +340,9 @@ class AutoTemplate:
 
 
 def _known_templates() -> str:
-    try:  # the named-template engine is optional here: only for the list in a message
-        from trainer.data.templates import TEMPLATES
-        return "one that matches the model (" + ", ".join(sorted(TEMPLATES)) + ")."
-    except Exception:
-        return "one that matches the model."
+    from trainer.data.template_table import TABLE  # the names only (templates.py imports this module)
+
+    return "one that matches the model (" + ", ".join(sorted(TABLE)) + ")."
 
 
 # Markers in a rendering -> LLaMA-Factory's template name; first match wins, so specific ones come first.

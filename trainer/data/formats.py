@@ -51,6 +51,7 @@ def alpaca(spec: DatasetSpec) -> Callable[[dict], dict]:
     response_col = spec.column("response", "output")
     history_col = spec.column("history", None)
     system_col = spec.column("system", None)
+    tools_col = spec.column("tools", None)
 
     def convert(row: dict) -> dict:
         messages: list[dict] = []
@@ -69,7 +70,7 @@ def alpaca(spec: DatasetSpec) -> Callable[[dict], dict]:
             return _result([], error=f"empty response (column {response_col!r})")
         messages += [{"role": USER, "content": content}, {"role": ASSISTANT, "content": response}]
         system = _text(row.get(system_col)) if system_col else ""
-        return _result(messages, system=system)
+        return _result(messages, system=system, tools=_text(row.get(tools_col)) if tools_col else "")
 
     return convert
 
@@ -227,7 +228,7 @@ def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = Fals
 def _check_columns(spec: DatasetSpec, columns: list[str], formatting: str, response: bool = True) -> None:
     if formatting == "alpaca":
         needed = [spec.column("prompt", "instruction")] + ([spec.column("response", "output")] if response else [])
-        optional = ("query", "history", "system")
+        optional = ("query", "history", "system", "tools")
     elif formatting == "text":
         needed, optional = [spec.column("prompt", "text")], ()
     else:

@@ -69,7 +69,7 @@ def labelled(ids: list[int], trained: np.ndarray, cutoff_len: int) -> dict:
 
 def encode_supervised(examples: list[dict], tokenizer, template: Template, data_args) -> list[list[dict]]:
     """Conversations -> one example each: the template's ids, labels on the assistant replies."""
-    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
+    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"], e.get("tools") or "") for e in examples],
                                     data_args.train_on_prompt, data_args.mask_history)
     return [[labelled(ids, trained, data_args.cutoff_len)] for ids, trained in encoded]
 
@@ -136,8 +136,9 @@ def encode_pairwise(examples: list[dict], tokenizer, template: Template, data_ar
     conversations = []
     for e in examples:
         for answer in (e["chosen"], e["rejected"]):
-            conversations.append((e["messages"] + [{"role": "assistant", "content": answer}], e["system"]))
-    encoded = template.encode_batch(tokenizer, conversations, train_on_prompt=False, mask_history=True)
+            conversations.append((e["messages"] + [{"role": "assistant", "content": answer}], e["system"],
+                                  e.get("tools") or ""))
+    encoded = template.encode_batch(tokenizer, conversations, oneturn=True)
     out = []
     for i in range(len(examples)):
         parts = [prompt_and_answer(ids, trained) for ids, trained in encoded[2 * i:2 * i + 2]]
@@ -186,20 +187,27 @@ def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: 
     extra = kind.columns
     out: dict[str, list] = {k: [] for k in ("input_ids", "labels") + OUTCOME_COLUMNS + tuple(extra)}
     names = list(batch)
+
+    def bad_row(number: int, error: str) -> None:
+        bad = {"input_ids": [], "labels": [], "length": 0, "trained": 0, "_row": number, "_doc": number + doc_offset,
+               "_error": error, "_truncated": False, "_no_labels": False,
+               **{k: default for k, (_, default) in extra.items()}}
+        for k in out:
+            out[k].append(bad[k])
+
     good, good_rows = [], []
     for i, number in enumerate(batch["_row"]):
         example = convert({k: batch[k][i] for k in names})
         if example["_error"]:
-            bad = {"input_ids": [], "labels": [], "length": 0, "trained": 0, "_row": number,
-                   "_doc": number + doc_offset, "_error": example["_error"], "_truncated": False, "_no_labels": False,
-                   **{k: default for k, (_, default) in extra.items()}}
-            for k in out:
-                out[k].append(bad[k])
+            bad_row(number, example["_error"])
         else:
             good.append(example)
             good_rows.append(number)
     if good:
-        for number, pieces in zip(good_rows, kind.encode(good, tokenizer, template, data_args)):
+        for number, pieces in zip(good_rows, _encode(kind, good, tokenizer, template, data_args)):
+            if isinstance(pieces, str):
+                bad_row(number, pieces)
+                continue
             for piece in pieces:
                 for k in ("input_ids", "labels", "trained", "_truncated", "_no_labels") + tuple(extra):
                     out[k].append(piece[k])
@@ -207,6 +215,22 @@ def process_rows(batch: dict[str, list], spec: registry.DatasetSpec, data_kind: 
                 out["_row"].append(number)
                 out["_doc"].append(number + doc_offset)
                 out["_error"].append("")
+    return out
+
+
+def _encode(kind: DataKind, examples: list[dict], tokenizer, template, data_args) -> list:
+    """A batch encoded in one go; when the template cannot write some example (tool JSON it cannot read, a call its
+    tool format refuses: ValueError), each example alone, the failing ones becoming their reason (a bad row)."""
+    try:
+        return kind.encode(examples, tokenizer, template, data_args)
+    except ValueError:
+        pass
+    out = []
+    for example in examples:
+        try:
+            out += kind.encode([example], tokenizer, template, data_args)
+        except ValueError as e:
+            out.append(f"the template cannot write this row: {e}")
     return out
 
 

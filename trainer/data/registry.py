@@ -60,12 +60,12 @@ def read_dataset_info(dataset_dir: str) -> dict[str, Any]:
 
 # The `columns` roles of dataset_info.json that zerotune reads, and those it refuses by name: a mapped column is
 # either used or refused, never dropped silently.
-COLUMN_ROLES = ("prompt", "query", "response", "history", "messages", "system", "chosen", "rejected", "kto_tag")
+COLUMN_ROLES = ("prompt", "query", "response", "history", "messages", "system", "tools", "chosen", "rejected",
+                "kto_tag")
 REFUSED_ROLES = {
     "images": "multimodal inputs (images, videos, audios) are not supported: zerotune trains text models",
     "videos": "multimodal inputs (images, videos, audios) are not supported: zerotune trains text models",
     "audios": "multimodal inputs (images, videos, audios) are not supported: zerotune trains text models",
-    "tools": "tool definitions are not rendered by zerotune's templates yet, so training on them would drop them",
 }
 
 

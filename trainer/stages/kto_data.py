@@ -54,8 +54,8 @@ def encode_kto(examples: list[dict], tokenizer, template, data_args) -> list[lis
     tag (1 desirable, 0 undesirable). As in LLaMA-Factory (infer_seqlen) and the pair stages, the prompt and the
     answer share cutoff_len: a long prompt is shortened and a short answer kept whole, so an example whose prompt
     alone exceeds cutoff_len still trains (and is counted as truncated) instead of being left with no answer."""
-    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"]) for e in examples],
-                                    train_on_prompt=False, mask_history=True)
+    encoded = template.encode_batch(tokenizer, [(e["messages"], e["system"], e.get("tools") or "") for e in examples],
+                                    oneturn=True)
     out = []
     for e, (ids, trained) in zip(examples, encoded):
         prompt, answer, mask = prompt_and_answer(ids, np.asarray(trained, dtype=bool))
