@@ -109,3 +109,20 @@ def test_chatml_matches_the_demo_tokenizers_own_template(smollm_tokenizer):
     expected_prompt = smollm_tokenizer.apply_chat_template(messages[:2], tokenize=True, return_dict=True,
                                                            add_generation_prompt=True)["input_ids"]
     assert prompt == list(expected_prompt)
+
+
+def test_multimodal_templates_are_refused_by_feature(tiny_tokenizer):
+    with pytest.raises(ConfigError, match=r"qwen2_vl.*multimodal template.*zerotune trains text models"):
+        get_template("qwen2_vl", tiny_tokenizer)
+
+
+def test_tool_format_overrides_the_templates_own(tiny_tokenizer):
+    """LF's tool_format: the tool list and calls in another format, the call written as a plain reply."""
+    tools = '[{"name": "add", "description": "Add", "parameters": {"type": "object", "properties": {}}}]'
+    conv = [{"role": "user", "content": "Add"}, {"role": "function", "content": '{"name": "add", "arguments": {}}'}]
+    own = get_template("chatml", tiny_tokenizer).render_text(conv, "", tools)
+    mistral = get_template("chatml", tiny_tokenizer, DataArguments(tool_format="mistral")).render_text(conv, "", tools)
+    assert "You have access to the following tools" in own and "[AVAILABLE_TOOLS]" not in own
+    assert "[AVAILABLE_TOOLS]" in mistral and mistral.endswith('[{"name": "add", "arguments": {}}]<|im_end|>')
+    with pytest.raises(ConfigError, match="tool_format: 'mistrall' is unknown"):
+        get_template("chatml", tiny_tokenizer, DataArguments(tool_format="mistrall"))

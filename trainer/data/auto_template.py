@@ -139,6 +139,13 @@ class AutoTemplate:
         self._stop_re = re.compile("|".join(map(re.escape, stops))) if stops else None
         self._tail = tail  # what the template writes after a whole conversation only (Phi-4-mini's eos)
 
+    def __repr__(self) -> str:
+        """Stable across runs: the tokenized-data cache is keyed on it (an object address would never hit)."""
+        import hashlib
+
+        digest = hashlib.sha256((self._template or "").encode()).hexdigest()[:16]
+        return f"AutoTemplate(chat_template={digest}, stops={self._stops!r}, tail={self._tail!r})"
+
     # ---- setup -----------------------------------------------------------------------------------------------
     def resolve(self, tokenizer) -> "AutoTemplate":
         template = tokenizer.chat_template
