@@ -245,6 +245,8 @@ def _validate(config: RunConfig, stage_class) -> None:
     if (t.do_train or t.do_eval) and not d.dataset and not d.eval_dataset:
         raise ConfigError("dataset is required to train or evaluate (a comma list of names in dataset_info.json).")
     d.check()
+    if m.rope_scaling and t.do_train and m.model_max_length is None:
+        m.model_max_length = d.cutoff_len  # the context rope_scaling stretches to, as LLaMA-Factory sets it
     if d.neat_packing:
         d.packing = True
     if d.packing is None:

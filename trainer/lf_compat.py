@@ -39,7 +39,6 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
             "OFT is not supported; use finetuning_type lora, freeze or full"),
     "LLaMA Pro": (("use_llama_pro",), "LLaMA Pro block expansion is not supported"),
     "mixture of depths": (("mixture_of_depths",), "mixture-of-depths conversion is not supported"),
-    "RoPE scaling": (("rope_scaling",), "rope_scaling is not supported yet; set it in the model's config.json"),
     "shift short attention": (("shift_attn",), "S^2-Attn (shift_attn) is not supported"),
     "Unsloth": (("use_unsloth", "use_unsloth_gc"),
                 "Unsloth is not supported; zerotune's own kernels and Liger (enable_liger_kernel) are used"),

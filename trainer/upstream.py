@@ -482,6 +482,9 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              reads("transformers.Trainer.training_step", "self.loss_is_scaled_for_ga",
                    "self.model_accepts_loss_kwargs"),
              touches=("model_accepts_loss_kwargs",)),
+    Internal("transformers.Trainer.neftune_noise_alpha", "trainer/engine/trainer.py",
+             "set to None after init so that train() does not add transformers' row-width NEFTune hook beside "
+             "zerotune's per-example one", reads("transformers.Trainer.train", "if self.neftune_noise_alpha is not None")),
     Internal("transformers.Trainer.compute_metrics", "trainer/engine/trainer.py",
              "evaluation_loop sets it for each eval to sum the stage's statistics",
              reads("transformers.Trainer.evaluation_loop", "self.compute_metrics(")),

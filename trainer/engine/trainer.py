@@ -54,6 +54,9 @@ class ZeroTrainer(Trainer):
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
         self.add_callback(_StageHooks(self))
+        if self.neftune_noise_alpha is not None:  # zerotune's, per example (model/neftune.py), not transformers'
+            wrapper.use_neftune(self.model, self.neftune_noise_alpha)
+            self.neftune_noise_alpha = None
 
     # ---- loss -----------------------------------------------------------------------------------
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):

@@ -143,6 +143,9 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
         config = AutoConfig.from_pretrained(path, **common)
     except OSError as err:
         raise _hub_error(path, err) from None
+    from trainer.model.rope import configure_rope
+
+    configure_rope(config, model_args.rope_scaling, model_args.model_max_length)
     impl = attention or attention_implementation(model_args.flash_attn, config, segments_wanted)
     liger = False
     if trains:

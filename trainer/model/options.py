@@ -24,6 +24,12 @@ class ModelArguments:
     enable_liger_kernel: bool = False
     chunked_loss: bool = field(default=True, metadata={"help": "Loss without full logits (chunked head)."})
     use_fast_tokenizer: bool = True
+    rope_scaling: str | None = field(default=None, metadata={
+        "choices": ("linear", "dynamic", "yarn", "llama3"),
+        "help": "Stretch RoPE to cutoff_len (factor ceil(cutoff_len / the model's positions); 2 at inference), as "
+                "LLaMA-Factory (model/rope.py)."})
+    model_max_length: int | None = field(default=None, metadata={
+        "help": "The context rope_scaling stretches to; training sets it to cutoff_len."})
 
     @property
     def adapters(self) -> list[str]:

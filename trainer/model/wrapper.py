@@ -144,6 +144,7 @@ class ModelWrapper:
 
     def __init__(self, model: nn.Module, chunk_size: int = 512, chunked: bool = True, liger: bool = False):
         self.chunk_size = chunk_size
+        self.neftune = None  # use_neftune: noise on the input embeddings of training forwards
         base = _base_model(model)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         self.patched = type(head) is nn.Linear or _rows_trained(head)
@@ -164,16 +165,26 @@ class ModelWrapper:
             why = "disabled" if not chunked else "the model's head is not a plain Linear or post-processes its logits"
             logger.warning("Loss: full logits (%s).", why)
 
+    def use_neftune(self, model: nn.Module, alpha: float) -> None:
+        from trainer.model.neftune import NEFTune
+
+        self.neftune = NEFTune(_base_model(model).get_input_embeddings(), alpha)
+
+    def _noise(self, batch: dict):
+        """NEFTune's per-token lengths for this batch's forward (nothing without NEFTune)."""
+        return self.neftune.batch(batch) if self.neftune is not None else contextlib.nullcontext()
+
     def token_nll(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts."""
         targets = shift_targets(batch["labels"])
         inputs = model_inputs(batch)
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:
-            with _engaged(model, TokenNLL(targets, self.chunk_size, self.liger)):
+            with _engaged(model, TokenNLL(targets, self.chunk_size, self.liger)), self._noise(batch):
                 nll = model(**inputs).logits
         else:
-            logits = model(**inputs).logits.float()
+            with self._noise(batch):
+                logits = model(**inputs).logits.float()
             nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                   reduction="none").view(targets.shape)
         return nll, targets.ne(IGNORE_INDEX)
@@ -185,11 +196,12 @@ class ModelWrapper:
         if self.patched and not self.post_processes:
             # The head's output must be what the model returns (not a side channel): ZeRO-3 fetches and releases
             # the head's weights for backward on hooks around its output and input.
-            with _engaged(model, Values(value_head)):
+            with _engaged(model, Values(value_head)), self._noise(batch):
                 return model(**inputs).logits.squeeze(-1)
         # A model that soft-caps or scales its logits would do that to the values too: the final hidden states
         # instead (the full logits are computed and dropped).
-        hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+        with self._noise(batch):
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
         return value_head(hidden).squeeze(-1)
 
     def policy_outputs(self, model: nn.Module, batch: dict, value_head: nn.Module | None = None,
@@ -203,7 +215,8 @@ class ModelWrapper:
         targets = shift_targets(batch["labels"])
         inputs = model_inputs(batch)
         inputs["use_cache"] = False
-        with _engaged(model, PolicyChannels(targets, self.chunk_size, float(temperature), value_head, entropy)):
+        with _engaged(model, PolicyChannels(targets, self.chunk_size, float(temperature), value_head, entropy)), \
+                self._noise(batch):
             channels = model(**inputs).logits
         out = {"logps": -channels[..., 0], "mask": targets.ne(IGNORE_INDEX)}
         if value_head is not None:
