@@ -2,6 +2,7 @@
 batch of pairs equal separate unpadded forwards, the first step of a LoRA run sits exactly at each loss's
 policy = reference value, and training on an obvious preference raises rewards/accuracies."""
 
+import functools
 import importlib.metadata
 import json
 import math
@@ -140,8 +141,10 @@ def test_prefix_shared_pairs_logps_equal_separate_forwards(path, tiny_model_dir,
         monkeypatch.setitem(sys.modules, "flash_attn", flash_standin.flash_attn_module(release))
         monkeypatch.setattr(importlib.metadata, "version",
                             lambda name: release if name == "flash-attn" else real_version(name))
-        monkeypatch.setattr(kernels, "has_flash_attn", lambda: True)  # it asks for CUDA too, which this CPU lacks
+        # kernels' own probe (import, release, a smoke call of the stand-in), run on the CPU: CUDA is what it lacks
+        monkeypatch.setattr(kernels, "flash_status", functools.cache(lambda: kernels._probe_flash("cpu")))
         monkeypatch.setattr(kernels, "_flash_device", lambda query: True)
+        assert kernels.flash_status().usable  # probed once (its smoke call), before the calls are counted
     flash_standin.CALLS.clear()
     items = _synthetic_pairs()
     expected = _alone_logps(model, items)

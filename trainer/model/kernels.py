@@ -22,9 +22,12 @@ layout) gets its attention mask and runs plain SDPA with it; a batch without pad
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +93,8 @@ def _flash_device(query: torch.Tensor) -> bool:
 
 def _flash_bottom_right() -> bool:
     """flash-attn >= 2.1 aligns its causal mask bottom-right when a sequence has more keys than queries, which is
-    what a shared prompt needs; older releases align it top-left (then: SDPA per segment)."""
-    if not has_flash_attn():
-        return False
-    from importlib.metadata import version
-
-    parts = tuple(int(p) for p in re.findall(r"\d+", version("flash-attn"))[:2])
-    return parts >= (2, 1)
+    what a shared prompt needs; older releases align it top-left (then: SDPA per segment). Decided once (probe)."""
+    return flash_status().bottom_right
 
 
 def _flash_varlen():
@@ -196,24 +194,93 @@ def register() -> None:
     AttentionMaskInterface.register(SEGMENTS, segment_mask)
 
 
+@dataclass(frozen=True)
+class FlashStatus:
+    usable: bool
+    bottom_right: bool = False  # >= 2.1: a shared prompt's causal mask is right
+    why: str = ""
+
+
+def _probe_flash(device: str) -> FlashStatus:
+    """Import flash-attn, read its release and call its varlen function once on `device`: a wheel built for another
+    torch, a broken install or a package that only borrows the `flash_attn` name (FlashAttention-4) fails here, at
+    start, instead of at the first forward."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return FlashStatus(False, why="flash-attn is not installed")
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        release = version("flash-attn")
+    except PackageNotFoundError:
+        return FlashStatus(False, why="a `flash_attn` module without the flash-attn distribution (FlashAttention-4's "
+                                      "package?) does not offer the FlashAttention-2 API zerotune calls")
+    try:
+        from flash_attn import flash_attn_varlen_func
+
+        q = torch.randn(4, 2, 16, device=device, dtype=torch.bfloat16)
+        cu = torch.tensor([0, 1, 4], device=device, dtype=torch.int32)
+        out = flash_attn_varlen_func(q, q, q, cu, cu, 3, 3, causal=True)
+        if not torch.isfinite(out.float()).all():
+            raise RuntimeError("non-finite output")
+    except Exception as err:  # noqa: BLE001 — any failure means: do not use it
+        return FlashStatus(False, why=f"flash-attn {release} failed a smoke call ({type(err).__name__}: {err})")
+    parts = tuple(int(p) for p in re.findall(r"\d+", release)[:2])
+    return FlashStatus(True, bottom_right=parts >= (2, 1), why=f"flash-attn {release}")
+
+
+@functools.cache
+def flash_status() -> FlashStatus:
+    """flash-attn on this process's GPU, probed once (the segment path asks at every layer)."""
+    if not torch.cuda.is_available():
+        return FlashStatus(False, why="no CUDA GPU")
+    status = _probe_flash("cuda")
+    if not status.usable and "not installed" not in status.why:
+        logger.warning("flash-attn left out: %s; attention runs on zerotune_segments/SDPA instead.", status.why)
+    return status
+
+
 def has_flash_attn() -> bool:
-    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+    return flash_status().usable
 
 
 LIGER_MIN = (0, 8, 5)  # earlier releases scale reduction="none" gradients by the first token's upstream grad
 
 
-def liger_available() -> bool:
-    if not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None:
-        return False
-    from importlib.metadata import version
+def _probe_liger() -> str:
+    """'' when liger-kernel imports and is recent enough, else why not (an import that fails — a broken Triton,
+    a wheel for another torch — is a reason, not a crash)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed"
+    from importlib.metadata import PackageNotFoundError, version
 
-    parts = tuple(int(p) for p in re.findall(r"\d+", version("liger-kernel"))[:3])
+    try:
+        release = version("liger-kernel")
+        import liger_kernel.transformers  # noqa: F401  (imports Triton and the kernels)
+    except (PackageNotFoundError, Exception) as err:  # noqa: BLE001
+        return f"liger-kernel does not import ({type(err).__name__}: {err})"
+    parts = tuple(int(p) for p in re.findall(r"\d+", release)[:3])
     if parts < LIGER_MIN:
-        logger.warning("liger-kernel %s is older than %s; using zerotune's own kernels.", version("liger-kernel"),
-                       ".".join(map(str, LIGER_MIN)))
-        return False
-    return True
+        return f"liger-kernel {release} is older than {'.'.join(map(str, LIGER_MIN))}"
+    return ""
+
+
+@functools.cache
+def liger_problem() -> str:
+    """Why Liger cannot run in this process ('' when it can), decided once."""
+    return "no CUDA GPU" if not torch.cuda.is_available() else _probe_liger()
+
+
+def liger_available() -> bool:
+    return not liger_problem()
+
+
+def liger_patch_arguments(patch) -> dict:
+    """The keyword arguments zerotune wants of a model's Liger patch, those its signature takes (Gemma's patch has
+    geglu where Llama's has swiglu): Liger's own fused loss stays off (the wrapper's loss head uses it)."""
+    wanted = dict(rope=True, rms_norm=True, swiglu=True, geglu=True, layer_norm=True, cross_entropy=False,
+                  fused_linear_cross_entropy=False)
+    taken = inspect.signature(patch).parameters
+    return {k: v for k, v in wanted.items() if k in taken}
 
 
 def apply_liger(model_type: str, enabled: bool) -> bool:
@@ -229,8 +296,8 @@ def apply_liger(model_type: str, enabled: bool) -> bool:
         logger.warning("enable_liger_kernel: true, but there is no CUDA GPU; using the pure-torch kernels.")
         return False
     if not liger_available():
-        logger.warning("enable_liger_kernel: true, but liger-kernel >= %s is not installed (pip install "
-                       "'zerotune[gpu]'); using the pure-torch kernels.", ".".join(map(str, LIGER_MIN)))
+        logger.warning("enable_liger_kernel: true, but %s (pip install 'zerotune[gpu]'); using the pure-torch "
+                       "kernels.", liger_problem())
         return False
     from liger_kernel import transformers as liger
 
@@ -238,6 +305,7 @@ def apply_liger(model_type: str, enabled: bool) -> bool:
     if patch is None:
         logger.warning("Liger has no kernels for model type %r; using the pure-torch kernels.", model_type)
         return False
-    patch(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False)
-    logger.info("Liger kernels applied to %s (RoPE, RMSNorm, SwiGLU).", model_type)
+    arguments = liger_patch_arguments(patch)
+    patch(**arguments)
+    logger.info("Liger kernels applied to %s (%s).", model_type, ", ".join(k for k, v in arguments.items() if v))
     return True
