@@ -255,7 +255,7 @@ def _probe_liger() -> str:
 
     try:
         release = version("liger-kernel")
-        import liger_kernel.transformers  # noqa: F401  (imports Triton and the kernels)
+        importlib.import_module("liger_kernel.transformers")  # imports Triton and the kernels
     except (PackageNotFoundError, Exception) as err:  # noqa: BLE001
         return f"liger-kernel does not import ({type(err).__name__}: {err})"
     parts = tuple(int(p) for p in re.findall(r"\d+", release)[:3])
