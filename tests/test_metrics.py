@@ -89,3 +89,18 @@ def test_total_flos_count_is_transformers_own(tiny_model_dir):
         ours.model = theirs.model = model
         assert ZeroTrainer.floating_point_ops(ours, inputs) == Trainer.floating_point_ops(theirs, inputs) > 0
     assert ZeroTrainer.floating_point_ops(ours, {"labels": inputs["input_ids"]}) == 0
+
+
+@pytest.mark.parametrize("name,dtype,peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12), ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "float16", 835e12), ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12), ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA L40S", "bfloat16", 362e12), ("NVIDIA GeForce RTX 4090", "bfloat16", 165e12),
+    ("NVIDIA H100 80GB HBM3", "float32", None),  # TF32 or not is a setting: measured
+    ("Tesla V100-SXM2-16GB", "bfloat16", None),  # no bf16 tensor cores: measured
+    ("NVIDIA Some Future GPU", "bfloat16", None),
+])
+def test_mfu_peak_by_exact_device_name(name, dtype, peak):
+    from trainer.engine.metrics import table_peak
+
+    assert table_peak(name, dtype) == peak

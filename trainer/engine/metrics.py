@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import time
 
 import torch
@@ -20,9 +21,25 @@ from trainer.model.params import numel
 
 logger = logging.getLogger(__name__)
 
-# Dense bf16 peaks (no sparsity), FLOP/s, from the vendors' data sheets.
-GPU_PEAKS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12,
-             "RTX 4090": 165e12, "A6000": 155e12, "V100": 125e12}
+# Dense (no sparsity) 16-bit tensor-core peaks, FLOP/s, from the vendors' data sheets, by the name torch reports;
+# the first pattern that matches wins, so a form factor comes before its family (an H100 PCIe is not an SXM).
+# Float32 is never read from here: whether its matmuls take TF32 tensor cores is a setting, so it is measured.
+GPU_PEAKS = [
+    (r"H100.*PCIe", 756e12), (r"H100.*NVL", 835e12), (r"H100", 989e12),
+    (r"H200.*NVL", 835e12), (r"H200", 989e12), (r"H20\b", 148e12),
+    (r"B200", 2250e12), (r"A100", 312e12), (r"A800", 312e12), (r"L40S", 362e12), (r"L40\b", 181e12),
+    (r"\bL4\b", 121e12), (r"\bA10\b", 125e12), (r"RTX 4090", 165e12), (r"RTX A6000", 155e12),
+    (r"RTX 6000 Ada", 364e12),
+]
+NO_BF16 = (r"V100", r"T4\b")  # bf16 without tensor cores: measured
+
+
+def table_peak(name: str, dtype_name: str) -> float | None:
+    """The data sheet's peak for this device name and dtype; None: not in the table (measure it)."""
+    if dtype_name not in ("bfloat16", "float16") or (dtype_name == "bfloat16" and
+                                                      any(re.search(p, name) for p in NO_BF16)):
+        return None
+    return next((peak for pattern, peak in GPU_PEAKS if re.search(pattern, name)), None)
 
 
 def _head_weight(model: torch.nn.Module) -> torch.Tensor | None:
@@ -70,10 +87,11 @@ def device_peak_flops(dtype_name: str) -> float:
     """Peak FLOP/s of the device in the compute dtype: the data sheet on GPU, a measured matmul on CPU."""
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
-        for key, peak in GPU_PEAKS.items():
-            if key in name:
-                return peak if dtype_name != "float32" else peak / 2
-        logger.warning("Unknown GPU %r: measuring its matmul peak for MFU.", name)
+        peak = table_peak(name, dtype_name)
+        if peak is not None:
+            logger.info("MFU is relative to %s's data-sheet %s peak, %.0f TFLOP/s.", name, dtype_name, peak / 1e12)
+            return peak
+        logger.info("%s in %s is not in the peak table: measuring its matmul peak for MFU.", name, dtype_name)
     return _measured_peak(dtype_name)
 
 
