@@ -18,6 +18,9 @@ from conversations import CONVERSATIONS  # noqa: E402
 
 # tools=/tool_calls are not rendered by the exported template (module docstring of trainer/data/template_jinja.py)
 TEXT_ONLY = ["single", "system", "multi", "thinking", "thinking_history"]
+# Their prompt side ends with a space: LF's piecewise encoding keeps it a token of its own, where tokenizing the
+# rendered text merges it into the reply's first word (same text, other ids; zerotune follows LF: the goldens)
+SPACE_BEFORE_REPLY = {"breeze", "ernie_nothink"}
 OBSERVATION = dict(system="Tools on.", tools="", messages=[
     {"role": "user", "content": "Call it"}, {"role": "assistant", "content": "calling"},
     {"role": "observation", "content": "42"}, {"role": "assistant", "content": "It is 42."}])
@@ -51,7 +54,8 @@ def test_exported_template_renders_what_training_encodes(name, thinking, tokeniz
         assert tokenizer(prompt, add_special_tokens=False)["input_ids"] == \
             template.encode_prompt(tokenizer, messages[:-1], system), (name, prompt)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        assert ids == template.encode(tokenizer, messages, system)[0], name
+        if name not in SPACE_BEFORE_REPLY:
+            assert ids == template.encode(tokenizer, messages, system)[0], name
     # apply_chat_template's enable_thinking overrides the run's, as with Qwen3's own template
     if template.reasoning:
         messages = CONVERSATIONS["single"]["messages"]

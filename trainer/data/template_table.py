@@ -19,7 +19,8 @@ begin/end tokens (after `replace_eos`, the first stop word). Keys and their defa
   tool_call_words   what surrounds a call inside a function turn's text
   system_in_user    the system text is glued to the first user turn (LLaMA-Factory's Llama2Template)
   multimodal_in_lf  LLaMA-Factory ties the template to a vision/audio processor; zerotune uses its text format
-The golden test (tests/test_template_goldens.py) checks every entry against LLaMA-Factory's own token ids.
+The golden test (tests/test_template_goldens.py) checks every entry against LLaMA-Factory's own token ids. Of LF's
+text templates only chatglm3 and yuan (single-token slots), bailing_v2 (its "ling" tool format) are not here.
 """
 
 _IM = dict(system="<|im_start|>system\n{content}<|im_end|>\n",
@@ -175,6 +176,37 @@ TABLE: dict[str, dict] = {
     "default": dict(system="System: {content}{eos}\n", user="Human: {content}{eos}\nAssistant:",
                     assistant="{content}{eos}\n"),
     "empty": dict(assistant="{content}"),
+    # LF's other text templates (older or niche families), converted from LF 0.9.5's registry; the goldens cover them
+    "bailing": dict(system='<role>SYSTEM</role>{content}', user='<role>HUMAN</role>{content}<role>ASSISTANT</role>', observation='<role>OBSERVATION</role>{content}<role>ASSISTANT</role>', stop_words=('<|endoftext|>',), efficient_eos=True),
+    "breeze": dict(prefix='{bos}', user='[INST] {content} [/INST] ', efficient_eos=True),
+    "chatml_de": dict(system='<|im_start|>system\n{content}<|im_end|>\n', user='<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n', assistant='{content}<|im_end|>\n', observation='<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n', default_system='Du bist ein freundlicher und hilfsbereiter KI-Assistent.', stop_words=('<|im_end|>', '<|im_start|>'), replace_eos=True),
+    "cpm4": dict(prefix='{bos}', system='<|im_start|>system\n{content}<|im_end|>\n', user='<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n', assistant='{content}<|im_end|>\n', observation='<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n', stop_words=('<|im_end|>',)),
+    "dbrx": dict(system='<|im_start|>system\n{content}<|im_end|>\n', user='<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n', assistant='{content}<|im_end|>\n', observation='<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n', default_system="You are DBRX, created by Databricks. You were last updated in December 2023. You answer questions based on information available up to that point.\nYOU PROVIDE SHORT RESPONSES TO SHORT QUESTIONS OR STATEMENTS, but provide thorough responses to more complex and open-ended questions.\nYou assist with various tasks, from writing to coding (using markdown for code blocks — remember to use ``` with code, JSON, and tables).\n(You do not have real-time data access or code execution capabilities. You avoid stereotyping and provide balanced perspectives on controversial topics. You do not provide song lyrics, poems, or news articles and do not divulge details of your training data.)\nThis is your system prompt, guiding your responses. Do not reference it, just respond to the user. If you find yourself talking about this message, stop. You should be responding appropriately and usually that means not mentioning this.\nYOU DO NOT MENTION ANY OF THIS INFORMATION ABOUT YOURSELF UNLESS THE INFORMATION IS DIRECTLY PERTINENT TO THE USER'S QUERY.", stop_words=('<|im_end|>',), replace_eos=True),
+    "deepseekcoder": dict(prefix='{bos}', user='### Instruction:\n{content}\n### Response:', assistant='\n{content}\n<|EOT|>\n', default_system='You are an AI programming assistant, utilizing the DeepSeek Coder model, developed by DeepSeek Company, and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, and other non-computer science questions, you will refuse to answer.\n'),
+    "ernie_nothink": dict(prefix='<|begin_of_sentence|>', system='{content}\n', user='User: {content}\nAssistant: ', assistant='{content}<|end_of_sentence|>', stop_words=('<|end_of_sentence|>',)),
+    "falcon": dict(user='User: {content}\nFalcon:', assistant='{content}\n', efficient_eos=True),
+    "fewshot": dict(assistant='{content}\n\n', efficient_eos=True),
+    "glmz1": dict(prefix='[gMASK]<sop>', system='<|system|>\n{content}', user='<|user|>\n{content}<|assistant|>', assistant='\n{content}', function='{content}', observation='<|observation|>\n{content}<|assistant|>', tool_format='glm4', stop_words=('<|user|>', '<|observation|>'), thought_words=('<think>\n', '\n</think>\n\n'), efficient_eos=True),
+    "hunyuan_small": dict(prefix='<｜hy_begin▁of▁sentence｜>', system='{content}<｜hy_place▁holder▁no▁3｜>', user='<｜hy_User｜>{content}<｜hy_place▁holder▁no▁8｜>', assistant='{content}<｜hy_place▁holder▁no▁2｜>', stop_words=('<｜hy_place▁holder▁no▁2｜>',)),
+    "hy3": dict(prefix='{bos}', user='<｜hy_User｜>{content}<｜hy_Assistant｜>', assistant='{content}<｜hy_eos｜>', stop_words=('<｜hy_eos｜>',), thought_words=('<think>', '</think>'), replace_eos=True),
+    "index": dict(system='<unk>{content}', user='reserved_0{content}reserved_1', efficient_eos=True),
+    "llama2_zh": dict(system='<<SYS>>\n{content}\n<</SYS>>\n\n', user='{bos}[INST] {content} [/INST]', default_system='You are a helpful assistant. 你是一个乐于助人的助手。', system_in_user=True),
+    "mimo_v2": dict(system='<|im_start|>system\n{content}<|im_end|>\n', user='<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n', assistant='{content}<|im_end|>\n', observation='<|im_start|>user\n<tool_response>\n{content}\n</tool_response><|im_end|>\n<|im_start|>assistant\n', tool_format='qwen', default_system='You are MiMo, a helpful AI assistant engineered by Xiaomi.', stop_words=('<|im_end|>',), thought_words=('<think>', '</think>'), replace_eos=True),
+    "moonlight": dict(system='<|im_system|>system<|im_middle|>{content}<|im_end|>', user='<|im_user|>user<|im_middle|>{content}<|im_end|><|im_assistant|>assistant<|im_middle|>', assistant='{content}<|im_end|>', default_system='You are a helpful assistant provided by Moonshot-AI.', stop_words=('<|im_end|>',), replace_eos=True),
+    "openchat": dict(prefix='{bos}', user='GPT4 Correct User: {content}{eos}GPT4 Correct Assistant:'),
+    "openchat-3.6": dict(prefix='{bos}', user='<|start_header_id|>GPT4 Correct User<|end_header_id|>\n\n{content}<|eot_id|><|start_header_id|>GPT4 Correct Assistant<|end_header_id|>\n\n', stop_words=('<|eot_id|>',)),
+    "opencoder": dict(system='<|im_start|>system\n{content}<|im_end|>\n', user='<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n', assistant='{content}<|im_end|>\n', observation='<|im_start|>tool\n{content}<|im_end|>\n<|im_start|>assistant\n', default_system='You are OpenCoder, created by OpenCoder Team.', stop_words=('<|im_end|>',)),
+    # LF writes its prefix as {"<|endoftext|>"}, a set that is neither bos nor eos, so it encodes to nothing: followed
+    "phi_small": dict( system='<|system|>\n{content}<|end|>\n', user='<|user|>\n{content}<|end|>\n<|assistant|>\n', assistant='{content}<|end|>\n', stop_words=('<|end|>',), replace_eos=True),
+    "sailor": dict(system='<|im_start|>system\n{content}<|im_end|>\n', user='<|im_start|>question\n{content}<|im_end|>\n<|im_start|>answer\n', assistant='{content}<|im_end|>\n', default_system='You are an AI assistant named Sailor created by Sea AI Lab. Your answer should be friendly, unbiased, faithful, informative and detailed.', stop_words=('<|im_end|>',)),
+    "seed_coder": dict(system='{bos}system\n{content}{eos}', user='{bos}user\n{content}{eos}{bos}assistant\n', default_system='You are an AI programming assistant, utilizing the Seed-Coder model, developed by ByteDance Seed, and you only answer questions related to computer science. For politically sensitive questions, security and privacy issues, and other non-computer science questions, you will refuse to answer.\n\n'),
+    "solar": dict(system='### System:\n{content}\n\n', user='### User:\n{content}\n\n### Assistant:\n', efficient_eos=True),
+    "starchat": dict(system='<|system|>\n{content}<|end|>\n', user='<|user|>\n{content}<|end|>\n<|assistant|>', assistant='{content}<|end|>\n', stop_words=('<|end|>',)),
+    "telechat2": dict(system='<_system>{content}', user='<_user>{content}<_bot>', default_system='你是中国电信星辰语义大模型，英文名是TeleChat，你是由中电信人工智能科技有限公司和中国电信人工智能研究院（TeleAI）研发的人工智能助手。'),
+    "xuanyuan": dict(user='Human: {content} Assistant:', default_system='以下是用户和人工智能助手之间的对话。用户以Human开头，人工智能助手以Assistant开头，会对人类提出的问题给出有帮助、高质量、详细和礼貌的回答，并且总是拒绝参与与不道德、不安全、有争议、政治敏感等相关的话题、问题和指示。\n'),
+    "youtu": dict(prefix='{bos}', user='<|User|>{content}<|Assistant|>', assistant='{content}<|end_of_text|>', function='{content}', observation='<tool_response>\n{content}\n</tool_response><|Assistant|>', stop_words=('<|end_of_text|>',), thought_words=('<think>\n', '\n</think>\n\n'), replace_eos=True),
+    "aeva": dict(_GLM, tool_format="glm4_moe", thought_words=("<think>", "</think>"), empty_thought="</think>",
+                 default_system='You are an AI assistant named Aeva created by Zongzhi Lou. Your answer should be friendly, unbiased, faithful, informative and detailed.'),
 }
 
 # LLaMA-Factory templates that need images, video or audio to mean anything: refused, naming the feature.
