@@ -329,7 +329,8 @@ if self.state.global_step == 2 and os.environ.get("RANK") == "0":
                                                ("dpo", "full", "zero3"), ("dpo", "freeze", "zero3"),
                                                ("dpo", "lora", "fsdp"), ("rm", "full", "fsdp"),
                                                ("dpo", "full", "fsdp"), ("dpo", "freeze", "fsdp"),
-                                               ("dpo", "freeze", "zero2"), ("rm", "lora", "zero2")])
+                                               ("dpo", "freeze", "zero2"), ("rm", "lora", "zero2"),
+                                               ("rm", "full", "ddp")])
 def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir, tmp_path):
     """The pair stages on the same engine: dpo's reference (LoRA adapters switched off), rm's value head (added
     after ZeRO-3 partitioned the model at load, or sharded with the root under FSDP) and the pair layout hold under
@@ -340,7 +341,8 @@ def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir
     metric = "rewards/margins" if stage == "dpo" else "margin"
     launch, extra = {"zero3": (_deepspeed, {"deepspeed": str(ROOT / "ds_configs/ds_z3_config.json")}),
                      "zero2": (_deepspeed, {"deepspeed": str(ROOT / "ds_configs/ds_z2_config.json")}),
-                     "fsdp": (_torchrun, {"fsdp": "full_shard auto_wrap"})}[layout]
+                     "fsdp": (_torchrun, {"fsdp": "full_shard auto_wrap"}),
+                     "ddp": (_torchrun, {})}[layout]  # rm full: the untied lm_head computes nothing (DDP's unused check)
     data = tmp_path / "pairs"
     data.mkdir()
     pairs = [{"instruction": f"Question {i}?", "chosen": "Yes." + " yes" * (i % 3), "rejected": "No." + " no" * (i % 4)}

@@ -1,7 +1,7 @@
 """rm: a reward model trained on preference pairs (LLaMA-Factory's stage rm).
 
 The causal LM gets a value head (trainer/model/value_head.py); a sequence's score is the head's value at its last
-token (the answer's stop token), and a pair's loss is -log sigma(r_chosen - r_rejected) (Ouyang et al. 2022). The
+token (the reply format's last: its stop token, or what the template writes after it, as LLaMA-Factory scores it), and a pair's loss is -log sigma(r_chosen - r_rejected) (Ouyang et al. 2022). The
 pair's two sequences go through the model in the same padding-free forward as every other pair, and the head
 computes no logits. Logged: accuracy (r_chosen > r_rejected) and margin (r_chosen - r_rejected), plus each side's
 mean score; eval gives eval_accuracy over the whole eval set, as LLaMA-Factory's rm does.
@@ -46,6 +46,25 @@ class WithValueHead:
             value_head.load_into(self.head, path)
 
 
+def _freeze_unused_lm_head(model) -> None:
+    """A reward model never computes logits, so an untied output head gets no gradient: left trainable (full
+    fine-tuning) it would only make DDP stop at its unused-parameter check (find_unused_parameters is off, as it
+    should be) and hold optimizer state for nothing. A head tied to the input embeddings is used and stays."""
+    import logging
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    if head is None or embed is None or head.weight is embed.weight:
+        return
+    trained = [p for p in head.parameters() if p.requires_grad]
+    if trained:
+        for p in trained:
+            p.requires_grad_(False)
+        logging.getLogger(__name__).info("rm: the output head (lm_head, %d parameters) is frozen: a reward model "
+                                         "computes no logits, so it would get no gradient.",
+                                         sum(p.numel() for p in trained))
+
+
 @register
 class RM(WithValueHead, Pairwise):
     name = "rm"
@@ -54,6 +73,7 @@ class RM(WithValueHead, Pairwise):
     def extend_model(self, model):
         model = super().extend_model(model)
         self.attach_head(model)
+        _freeze_unused_lm_head(model)
         return model
 
     def compute(self, wrapper, model, batch: dict) -> StageOutput:
