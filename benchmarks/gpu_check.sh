@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness check (no internet needed). First correctness: the GPU tests (real flash-attn keeping padding-free
+# GPU readiness check (no internet needed). First correctness: every gpu-marked test (real flash-attn keeping padding-free
 # packed batches apart, Liger's fused loss against the chunked loss, batched generation) and the layout tests with
 # every attention path; then speed: a random-init Llama-shaped model, packed steps with FlashAttention-2 + Liger +
 # chunked loss; prints tokens/s, MFU and peak memory.
@@ -8,6 +8,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-"$PY" -m pytest -q -rs -m gpu tests/test_gpu.py
+"$PY" -m pytest -q -rs -m gpu tests  # every gpu-marked test, whichever file holds it
 "$PY" -m pytest -q tests/test_layout.py
 exec "$PY" -m benchmarks.gpu_check "$@"
