@@ -463,6 +463,8 @@ _OVERRIDES = {
                                       "fsdp"),
     "_get_train_sampler": (("self", "train_dataset"), "the stage's sampler (ppo's rollout batches)"),
     "floating_point_ops": (("self", "inputs"), "total_flos without walking every parameter on each step"),
+    "create_optimizer": (("self", "model"), "builds what the optimizer keys ask for (engine/optimizers.py) and logs "
+                                            "every group; under DeepSpeed it is the client optimizer ZeRO wraps"),
 }
 OVERRIDDEN = {name: params for name, (params, _) in _OVERRIDES.items()}
 TRAINER_OVERRIDES = [
@@ -482,6 +484,9 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              reads("transformers.Trainer.training_step", "self.loss_is_scaled_for_ga",
                    "self.model_accepts_loss_kwargs"),
              touches=("model_accepts_loss_kwargs",)),
+    Internal("transformers.Trainer.optimizer", "trainer/engine/trainer.py",
+             "create_optimizer stores the built optimizer there, where the Trainer's own create_optimizer keeps it",
+             reads("transformers.Trainer.create_optimizer", "self.optimizer =", "return self.optimizer")),
     Internal("transformers.Trainer.compute_metrics", "trainer/engine/trainer.py",
              "evaluation_loop sets it for each eval to sum the stage's statistics",
              reads("transformers.Trainer.evaluation_loop", "self.compute_metrics(")),
