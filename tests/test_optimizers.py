@@ -403,3 +403,16 @@ def test_check_names_the_optimizer_and_counts_its_state(tiny_model_dir, data_dir
     assert "optimizer        Muon (torch.optim.Muon, one fp32 momentum: 4 B/param) on 14 2-D hidden" in outputs["muon"]
     assert "ZeRO-3             refused with use_muon" in outputs["muon"]
     assert "GaLore rank 16" in outputs["galore"]
+
+
+@pytest.mark.parametrize("name", ["muon (full)", "galore", "apollo"])
+def test_resume_gives_the_same_next_losses(name, tiny_model_dir, data_dir, tmp_path):
+    """The optimizer state comes back from a checkpoint: Muon's two halves, GaLore's and APOLLO's projectors."""
+    cfg = base_config(tiny_model_dir, data_dir, tmp_path / "o", max_steps=4, save_steps=2, **RUNS[name])
+    _, whole = train_with(cfg)
+    _, resumed = train_with(dict(cfg, resume_from_checkpoint=str(tmp_path / "o" / "checkpoint-2")))
+
+    def losses(state):
+        return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+    assert [losses(resumed)[s] for s in (3, 4)] == [losses(whole)[s] for s in (3, 4)]

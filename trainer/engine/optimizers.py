@@ -248,6 +248,13 @@ def _projected_optimizer(s: Setting, method: str, cls: type, group_keys: dict, e
     return cls(groups, **kwargs), labels
 
 
+def _allow_projectors_in_checkpoints(*classes: type) -> None:
+    """GaLore's and APOLLO's optimizer state holds their projector objects; transformers reloads optimizer.pt with
+    torch.load(weights_only=True), which refuses unknown classes: allow these (torch's own allow-list), so a run
+    resumes from its checkpoints."""
+    torch.serialization.add_safe_globals(list(classes))
+
+
 @builder("galore")
 def _galore(s: Setting) -> Built:
     import galore_torch
@@ -258,13 +265,15 @@ def _galore(s: Setting) -> Built:
     o = s.options
     keys = {"rank": o.galore_rank, "update_proj_gap": o.galore_update_interval, "scale": o.galore_scale,
             "proj_type": o.galore_proj_type}
+    _allow_projectors_in_checkpoints(galore_torch.galore_projector.GaLoreProjector)
     return _projected_optimizer(s, "galore", cls, keys, {"no_deprecation_warning": True})
 
 
 @builder("apollo")
 def _apollo(s: Setting) -> Built:
-    from apollo_torch import APOLLOAdamW
+    from apollo_torch import APOLLOAdamW, random_projector, svd_projector
 
+    _allow_projectors_in_checkpoints(random_projector.GradientProjector, svd_projector.GaLoreProjector)
     o = s.options
     keys = {"rank": o.apollo_rank, "proj": o.apollo_proj, "proj_type": o.apollo_proj_type,
             "update_proj_gap": o.apollo_update_interval, "scale": o.apollo_scale, "scale_type": o.apollo_scale_type}
@@ -294,6 +303,10 @@ def _badam(s: Setting) -> Built:
                                block_prefix_list=None, switch_block_every=interval, start_block=o.badam_start_block,
                                switch_mode=o.badam_switch_mode, verbose=o.badam_verbose)
     blocks = optimizer.block_prefix_list
+    if s.args.resume_from_checkpoint:
+        logger.warning("use_badam: BAdam's checkpoint holds no block position, so the resumed run starts again from "
+                       "block %s (badam_start_block / badam_switch_mode) with fresh moments, not where the saved run "
+                       "stopped.", optimizer.active_param_prefixs)
     logger.info("BAdam: %d blocks (%s ... %s), one trained at a time, switching every %s steps (%s); the first "
                 "is %s. Parameters outside every block (embeddings, head, final norm) stay frozen, as in BAdam.",
                 len(blocks), blocks[0], blocks[-1], o.badam_switch_interval if interval < 2**62 else "never",
