@@ -416,3 +416,27 @@ def test_resume_gives_the_same_next_losses(name, tiny_model_dir, data_dir, tmp_p
         return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
 
     assert [losses(resumed)[s] for s in (3, 4)] == [losses(whole)[s] for s in (3, 4)]
+
+
+@pytest.mark.distributed
+def test_loraplus_under_zero3_trains_as_without_deepspeed(tiny_model_dir, data_dir, tmp_path):
+    """LoRA+ is the one method here that DeepSpeed takes (its param groups with their own learning rates): the same
+    losses under ZeRO-3 as without DeepSpeed. In a subprocess: DeepSpeed's rendezvous is process-wide."""
+    (tmp_path / "ds.json").write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
+                                                  "gradient_accumulation_steps": "auto",
+                                                  "zero_optimization": {"stage": 3}}))
+    cfg = base_config(tiny_model_dir, data_dir, tmp_path / "plain", max_steps=3, loraplus_lr_ratio=8.0)
+    _, plain = train_with(cfg)
+    ds_cfg = dict(cfg, output_dir=str(tmp_path / "zero3"), deepspeed=str(tmp_path / "ds.json"))
+    script = (f"import json, sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
+              "from tiny import train_with\n"
+              f"_, state = train_with(json.loads({json.dumps(json.dumps(ds_cfg))}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LoRA+ B and 1-D (learning_rate x 8): torch.AdamW, lr 0.008" in proc.stderr
+    zero3 = json.loads((tmp_path / "zero3" / "trainer_state.json").read_text())
+
+    def losses(state):
+        return [e["loss"] for e in state["log_history"] if "loss" in e]
+
+    assert losses(zero3) == pytest.approx(losses(plain), abs=1e-5)

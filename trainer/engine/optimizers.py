@@ -20,6 +20,7 @@ from torch import nn
 from trainer.engine.optimizer_options import OptimizerArguments, chosen_method
 from trainer.errors import ConfigError
 from trainer.model.adapters import OUTPUT_LAYERS, all_linear_names
+from trainer.model.params import parameter_count
 
 logger = logging.getLogger(__name__)
 
@@ -356,7 +357,7 @@ def describe_groups(optimizer: torch.optim.Optimizer, labels: list[tuple[str, st
     for (label, cls, lr, decay), params in rows.items():
         if not params:
             continue
-        count = sum(p.numel() for p in params)
+        count = parameter_count(params)  # ZeRO-3's partitioned parameters count whole
         listed = [names.get(id(p), "<unnamed>") for p in params]
         lines.append(f"{label}: {cls}, lr {lr:g}, weight_decay {decay:g}, {len(params)} tensors, {count:,} "
                      f"parameters: {name_patterns(listed)}")
