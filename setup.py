@@ -27,7 +27,12 @@ setup(
         # liger-kernel: the 0.8 series from 0.8.5 (the newest release; it needs CUDA, so the CPU tests cannot run it).
         "gpu": ["flash-attn", "liger-kernel>=0.8.5,<0.9"],
         "metrics": ["jieba", "nltk", "rouge-chinese"],  # predict's BLEU-4 and ROUGE, as LLaMA-Factory computes them
-        "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese"],
+        # use_adam_mini, use_apollo, use_galore, use_badam and the 8-bit `optim` values (engine/optimizers.py); each
+        # capped after the release tested (bitsandbytes 0.50 has the CPU backend the tests run on).
+        "optimizers": ["adam-mini>=1.1.1,<1.2", "apollo-torch>=1.0.3,<1.1", "galore-torch>=1.0,<1.1",
+                       "badam>=1.4,<1.5", "bitsandbytes>=0.50,<0.51"],
+        "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese", "adam-mini>=1.1.1,<1.2",
+                "apollo-torch>=1.0.3,<1.1", "galore-torch>=1.0,<1.1", "badam>=1.4,<1.5", "bitsandbytes>=0.50,<0.51"],
     },
     entry_points={"console_scripts": ["zerotune=trainer.cli:main"]},
 )

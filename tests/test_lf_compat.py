@@ -30,8 +30,8 @@ def test_the_messages_users_meet_most(tmp_path):
     with pytest.raises(ConfigError, match=r"finetuning_type: oft: OFT is not supported"):
         build_config({**base, "finetuning_type": "oft"})
     with pytest.raises(ConfigError) as err:  # several at once: each on its own line
-        build_config({**base, "use_galore": True, "pref_bco_weight": 0.5})
-    assert "GaLore" in str(err.value) and "pref_bco_weight: BCO, LD-DPO and a quantized" in str(err.value)
+        build_config({**base, "use_dft_loss": True, "pref_bco_weight": 0.5})
+    assert "DFT" in str(err.value) and "pref_bco_weight: BCO, LD-DPO and a quantized" in str(err.value)
 
 
 def test_ignored_keys_are_logged(tmp_path, caplog):

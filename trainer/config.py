@@ -17,6 +17,7 @@ from typing import Any
 from trainer import lf_compat
 from trainer.data.options import DataArguments
 from trainer.engine import checkpoints
+from trainer.engine.optimizer_options import check_optimizer
 from trainer.engine.options import EngineArguments, FSDPOptions, parse_fsdp, zero_stage
 from trainer.engine.training_args import training_arguments
 from trainer.errors import ConfigError
@@ -165,6 +166,7 @@ def build_config(raw: dict, stages, source: str = "") -> RunConfig:
     stage_class = stages.lookup(finetuning.stage)
     stage_options = _stage_options(finetuning.stage, stage_class, stage_given, staged)
     _check_ranges(groups["training"], finetuning)
+    check_optimizer(engine, finetuning.finetuning_type, groups["training"], fsdp is not None)  # before DeepSpeed starts
     packed = data.neat_packing or (data.packing if data.packing is not None else stage_class.packing_default)
     # A padding-free micro-batch is one row already (its examples end to end): splitting it only adds passes.
     one_row = packed or not data.padding_free

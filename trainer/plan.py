@@ -8,6 +8,7 @@ their 16-bit copy, partitioned only under ZeRO-3. Activations are not included.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -27,48 +28,88 @@ def world_size() -> tuple[int, int, int]:
     return per_node * nodes, per_node, nodes
 
 
-def parameter_counts(config: RunConfig) -> tuple[int, int, int]:
-    """(total, trained, largest layer) from the model's config alone (built on the meta device)."""
+def meta_model(config: RunConfig):
+    """The model built from its config alone, on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from trainer.model.adapters import all_linear_names, decoder_layers
 
     mc = AutoConfig.from_pretrained(config.model.model_name_or_path,
                                     trust_remote_code=config.model.trust_remote_code)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=config.model.trust_remote_code)
+        return AutoModelForCausalLM.from_config(mc, trust_remote_code=config.model.trust_remote_code)
+
+
+def trained_shapes(config: RunConfig, model) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every tensor the run trains: all of them (full), the chosen decoder layers' (freeze), or
+    the LoRA factors A (rank x in) and B (out x rank) of each targeted Linear (lora)."""
+    from trainer.model.adapters import all_linear_names, decoder_layers
+
+    f = config.finetuning
+    if f.finetuning_type == "full":
+        return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    if f.finetuning_type == "freeze":
+        layers = list(decoder_layers(model))
+        chosen = layers[-f.freeze_trainable_layers:] if f.freeze_trainable_layers > 0 else \
+            layers[:-f.freeze_trainable_layers]
+        ids = {id(p) for layer in chosen for p in layer.parameters()}
+        return [(n, tuple(p.shape)) for n, p in model.named_parameters() if id(p) in ids]
+    targets = set(all_linear_names(model)) if f.lora_target == ["all"] else set(f.lora_target)
+    shapes = []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets:
+            shapes += [(f"{name}.lora_A.weight", (f.lora_rank, m.in_features)),
+                       (f"{name}.lora_B.weight", (m.out_features, f.lora_rank))]
+    return shapes
+
+
+def parameter_counts(config: RunConfig, model=None) -> tuple[int, int, int]:
+    """(total, trained, largest layer) from the model's config alone (built on the meta device)."""
+    from trainer.model.adapters import decoder_layers
+
+    model = meta_model(config) if model is None else model
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model))
     largest = max(largest, model.get_input_embeddings().weight.numel())
-    f = config.finetuning
-    if f.finetuning_type == "full":
-        trained = total
-    elif f.finetuning_type == "freeze":
-        layers = decoder_layers(model)
-        chosen = list(layers)[-f.freeze_trainable_layers:] if f.freeze_trainable_layers > 0 else \
-            list(layers)[:-f.freeze_trainable_layers]
-        trained = sum(p.numel() for layer in chosen for p in layer.parameters())
-    else:
-        targets = set(all_linear_names(model)) if f.lora_target == ["all"] else set(f.lora_target)
-        trained = sum(f.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets)
+    trained = sum(math.prod(shape) for _, shape in trained_shapes(config, model))
     return total, trained, largest
 
 
-def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: int) -> dict[str, tuple[float, float]]:
-    """Stage -> (GB per device, GB of CPU memory per node) for model states."""
+def optimizer_plan(config: RunConfig, model) -> tuple[float, int, str]:
+    """(bytes of optimizer state, parameters that hold gradients at once, what holds the state) for the run's
+    optimizer keys and `optim`."""
+    from trainer.engine.optimizer_options import chosen_method
+    from trainer.engine.optimizer_state import state_plan
+    from trainer.model.adapters import decoder_layers
+
+    shapes = trained_shapes(config, model)
+    block = None
+    if chosen_method(config.engine) == "badam":  # one decoder layer trains at a time
+        layer = max(decoder_layers(model), key=lambda lay: sum(p.numel() for p in lay.parameters()))
+        block = [(n, tuple(p.shape)) for n, p in layer.named_parameters()]
+    state, what = state_plan(config.engine, str(getattr(config.training.optim, "value", config.training.optim)),
+                             shapes, block)
+    at_once = sum(math.prod(s) for _, s in (block or shapes))
+    return state, at_once, what
+
+
+def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: int,
+                state_bytes: float | None = None) -> dict[str, tuple[float, float]]:
+    """Stage -> (GB per device, GB of CPU memory per node) for model states. DeepSpeed's estimators count Adam's two
+    fp32 moments (8 bytes a trained parameter); `state_bytes`, the run's optimizer state, replaces them."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     world = per_node * nodes
     frozen = total - trained
-    out = {"ZeRO-0 (DDP)": ((16 * trained + 2 * frozen) / GB, 0.0)}
+    saved = 0.0 if state_bytes is None else 8 * trained - state_bytes  # below Adam's moments (negative: above)
+    out = {"ZeRO-0 (DDP)": ((16 * trained - saved + 2 * frozen) / GB, 0.0)}
     for label, offload in (("ZeRO-2", False), ("ZeRO-2 + offload", True)):
         cpu, gpu = estimate_zero2_model_states_mem_needs(trained, per_node, nodes, cpu_offload=offload)
+        cpu, gpu = (cpu - saved / world, gpu) if offload else (cpu, gpu - saved / world)
         out[label] = ((gpu + 2 * frozen) / GB, cpu / GB)
     for label, offload in (("ZeRO-3", False), ("ZeRO-3 + offload", True)):
         cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trained, min(largest, trained) or largest, per_node,
                                                               nodes, cpu_offload=offload, cpu_offload_params=offload)
+        cpu, gpu = (cpu - saved * per_node / world, gpu) if offload else (cpu, gpu - saved / world)
         frozen_gpu = 0 if offload else 2 * frozen / world
         frozen_cpu = 2 * frozen * per_node / world if offload else 0
         out[label] = ((gpu + frozen_gpu) / GB, (cpu + frozen_cpu) / GB)
@@ -215,10 +256,20 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
             lines.append(f"example          the first one as the model sees it (template {d.template}); "
                          "[[...]]: tokens that carry labels")
             lines += ["  " + line for line in labelled_text(tok, first["input_ids"], first["labels"]).split("\n")]
-    total, trained, largest = parameter_counts(config)
+    model = meta_model(config)
+    total, trained, largest = parameter_counts(config, model)
     lines.append(f"parameters       {total / 1e6:.1f}M, trained {trained / 1e6:.2f}M")
-    lines.append("model states per device (DeepSpeed estimators; activations not included):")
-    for stage_name, (gpu, cpu) in zero_memory(total, trained, largest, per_node, nodes).items():
+    state, at_once, what = optimizer_plan(config, model)
+    lines.append(f"optimizer        {what}")
+    from trainer.engine.optimizer_options import METHOD_KEYS, SHARDING_REFUSED, chosen_method
+
+    refused = chosen_method(config.engine) in SHARDING_REFUSED
+    lines.append("model states per device (DeepSpeed estimators, with this optimizer's state; activations not "
+                 "included):")
+    for stage_name, (gpu, cpu) in zero_memory(total, at_once, largest, per_node, nodes, state).items():
         cpu_text = f", CPU {cpu:.2f} GB per node" if cpu else ""
+        if refused and stage_name != "ZeRO-0 (DDP)":
+            lines.append(f"  {stage_name:18s} refused with {METHOD_KEYS[chosen_method(config.engine)]}")
+            continue
         lines.append(f"  {stage_name:18s} {gpu:8.2f} GB{cpu_text}")
     return "\n".join(lines)

@@ -463,6 +463,8 @@ _OVERRIDES = {
                                       "fsdp"),
     "_get_train_sampler": (("self", "train_dataset"), "the stage's sampler (ppo's rollout batches)"),
     "floating_point_ops": (("self", "inputs"), "total_flos without walking every parameter on each step"),
+    "create_optimizer": (("self", "model"), "builds what the optimizer keys ask for (engine/optimizers.py) and logs "
+                                            "every group; under DeepSpeed it is the client optimizer ZeRO wraps"),
 }
 OVERRIDDEN = {name: params for name, (params, _) in _OVERRIDES.items()}
 TRAINER_OVERRIDES = [
@@ -485,6 +487,9 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
     Internal("transformers.Trainer.neftune_noise_alpha", "trainer/engine/trainer.py",
              "set to None after init so that train() does not add transformers' row-width NEFTune hook beside "
              "zerotune's per-example one", reads("transformers.Trainer.train", "if self.neftune_noise_alpha is not None")),
+    Internal("transformers.Trainer.optimizer", "trainer/engine/trainer.py",
+             "create_optimizer stores the built optimizer there, where the Trainer's own create_optimizer keeps it",
+             reads("transformers.Trainer.create_optimizer", "self.optimizer =", "return self.optimizer")),
     Internal("transformers.Trainer.compute_metrics", "trainer/engine/trainer.py",
              "evaluation_loop sets it for each eval to sum the stage's statistics",
              reads("transformers.Trainer.evaluation_loop", "self.compute_metrics(")),

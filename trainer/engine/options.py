@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer.engine.optimizer_options import OptimizerArguments
 from trainer.errors import ConfigError
 from trainer.options import FALSE, TRUE, coerce, did_you_mean, read_yaml
 
@@ -15,8 +16,9 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class EngineArguments:
-    """The engine's keys beside TrainingArguments' own (LLaMA-Factory's names where it has them)."""
+class EngineArguments(OptimizerArguments):
+    """The engine's keys beside TrainingArguments' own (LLaMA-Factory's names where it has them); the optimizer keys
+    come from OptimizerArguments (engine/optimizer_options.py)."""
     plot_loss: bool = False
     disable_gradient_checkpointing: bool = False
     forward_batch_size: str = field(default="auto", metadata={"help": (

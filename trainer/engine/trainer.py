@@ -24,6 +24,8 @@ from transformers.trainer import SCHEDULER_NAME
 from trainer.data.collators import BOOKKEEPING
 from trainer.engine import checkpoints, fsdp
 from trainer.engine.metrics import device_peak_flops, flops_per_token, forward_flops_per_token, peak_memory_gb
+from trainer.engine.optimizer_options import OptimizerArguments, deepspeed_optimizer
+from trainer.engine.optimizers import build_optimizer, default_labels, describe_groups
 from trainer.engine.secrets import redacted_args
 from trainer.errors import ConfigError, TrainingHalted
 from trainer.upstream import check_trainer_api
@@ -32,13 +34,15 @@ logger = logging.getLogger(__name__)
 
 
 class ZeroTrainer(Trainer):
-    def __init__(self, *args, stage, wrapper, skip_nonfinite: bool = False, **kwargs):
+    def __init__(self, *args, stage, wrapper, skip_nonfinite: bool = False,
+                 optimizer_options: OptimizerArguments | None = None, **kwargs):
         kwargs.setdefault("compute_metrics", _summed_statistics)
         check_trainer_api()
         super().__init__(*args, **kwargs)
         self.stage = stage
         self.wrapper = wrapper
         self.skip_nonfinite = skip_nonfinite
+        self.optimizer_options = optimizer_options or OptimizerArguments()
         self.skipped_batches = 0
         self._staging = False
         # compute_loss divides by the accumulated item count that _get_num_items_in_batch gives (from the stage,
@@ -114,6 +118,27 @@ class ZeroTrainer(Trainer):
             flops += out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
                                              + head_tokens * self._forward_head)
         self._window["flops"] += flops
+
+    # ---- optimizer ----------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        """The method the optimizer keys ask for (engine/optimizers.py), else transformers' `optim`; either way the
+        log says what each group holds. Under DeepSpeed this is the client optimizer ZeRO wraps."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        built = build_optimizer(opt_model, self.args, self.optimizer_options,
+                                set(self.get_decay_parameter_names(opt_model)))
+        if built is None:
+            super().create_optimizer(model)
+            labels = default_labels(self.optimizer)
+            if "paged" in str(self.args.optim) and not torch.cuda.is_available():
+                logger.warning("optim: %s pages optimizer states between GPU and CPU memory; without CUDA "
+                               "bitsandbytes runs it unpaged (the same update, ordinary memory).", self.args.optim)
+        else:
+            self.optimizer, labels = built
+        for line in describe_groups(self.optimizer, labels, opt_model):
+            logger.info("Optimizer group %s", line)
+        return self.optimizer
 
     def floating_point_ops(self, inputs):
         """transformers' total_flos count, 6 x input tokens x non-embedding parameters, with the parameter count taken
@@ -346,6 +371,10 @@ class _StageHooks(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
+        own = deepspeed_optimizer(args)
+        if own:  # then create_optimizer never ran, so say here what trains the model
+            logger.info("Optimizer: DeepSpeed's own %s from the DeepSpeed config (params %s).", own.get("type"),
+                        own.get("params", {}))
         self.trainer.stage.before_training(self.trainer)
 
 
