@@ -27,7 +27,10 @@ setup(
         # liger-kernel: the 0.8 series from 0.8.5 (the newest release; it needs CUDA, so the CPU tests cannot run it).
         "gpu": ["flash-attn", "liger-kernel>=0.8.5,<0.9"],
         "metrics": ["jieba", "nltk", "rouge-chinese"],  # predict's BLEU-4 and ROUGE, as LLaMA-Factory computes them
-        "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese"],
+        # QLoRA (quantization_bit): 0.50 is the first series tested, on CUDA and on its CPU backend; capped after it,
+        # as upstream.TESTED is (zerotune reads its 4-bit weights' quant_state and turns off a CPU repacking).
+        "qlora": ["bitsandbytes>=0.50,<0.51"],
+        "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese", "bitsandbytes>=0.50,<0.51"],
     },
     entry_points={"console_scripts": ["zerotune=trainer.cli:main"]},
 )

@@ -50,6 +50,18 @@ def merge_adapter(model, path: str, key: str = "adapter_name_or_path"):
     return model
 
 
+def attach_adapter(model, path: str, key: str = "adapter_name_or_path"):
+    """The model with the LoRA adapter at `path` beside its weights, unmerged: over a quantized base, as it was trained
+    (merging would round the adapter into the quantized weights)."""
+    from peft import PeftModel
+
+    _check_adapter(path, key)
+    with _adapter_fits(model, path, key):
+        model = PeftModel.from_pretrained(model, path)
+    logger.info("Loaded the adapter %s beside the quantized base (unmerged).", path)
+    return model
+
+
 def _check_adapter(path: str, key: str) -> None:
     if not os.path.isfile(os.path.join(path, "adapter_config.json")):
         raise ConfigError(f"{key} {path!r} holds no adapter_config.json (a LoRA run's output_dir or checkpoint holds "
