@@ -182,6 +182,17 @@ def test_resume_gives_the_next_losses_of_an_uninterrupted_run(qmodel_dir, data_d
         assert got[step] == pytest.approx(expected[step], abs=1e-6), (step, got, expected)
 
 
+def test_gradient_checkpointing_changes_nothing_on_a_quantized_base(qmodel_dir, data_dir, tmp_path):
+    """Non-reentrant checkpointing recomputes the 4-bit layers in backward: the same losses, step for step."""
+    runs = {}
+    for checkpointing in (False, True):
+        _, state = train_with(base_config(qmodel_dir, data_dir, tmp_path / str(checkpointing), quantization_bit=4,
+                                          bf16=True, max_steps=3, learning_rate=1e-2,
+                                          gradient_checkpointing=checkpointing))
+        runs[checkpointing] = _losses(state)
+    assert runs[True] == pytest.approx(runs[False], abs=1e-6) and runs[True][3] < runs[True][1]
+
+
 def test_dpo_on_a_quantized_base_starts_at_its_reference_and_learns(qmodel_dir, pairs_dir, tmp_path):
     """The reference is the quantized base with the adapter off: at step 1 the policy is the reference (ln 2, zero
     rewards, as in the unquantized test_dpo), and an obvious preference then widens the margin."""
@@ -365,6 +376,68 @@ def test_a_gptq_checkpoint_without_its_package_is_refused_before_loading(qmodel_
     with pytest.raises(ConfigError, match=r"is quantized with gptq .* needs .*gptqmodel.* which is not installed: "
                                           r"pip install"):
         load_causal_lm(ModelArguments(model_name_or_path=str(folder)), dtype=torch.float32)
+
+
+# ---- ZeRO-3 partitions the 4-bit weights (two CPU processes here; one GPU under gpu_check.sh) ---------------------
+
+# Test-side instrumentation: at the first training step each rank writes down how its 4-bit weights are held.
+RECORD_4BIT = """
+import json, os, runpy, sys
+from trainer.engine.trainer import ZeroTrainer
+original = ZeroTrainer.training_step
+def step(self, model, *args, **kwargs):
+    if not getattr(self, "_recorded", False):
+        self._recorded = True
+        from torch.distributed.tensor import DTensor
+        held = {n: {"type": type(p).__name__, "dtype": str(p.dtype), "dtensor": isinstance(p, DTensor),
+                    "local": (p.to_local() if isinstance(p, DTensor) else p).numel(), "global": p.numel(),
+                    "whole": getattr(p, "ds_numel", None), "partitioned": hasattr(p, "ds_id")}
+                for n, p in model.named_parameters() if n.endswith("base_layer.weight")}
+        with open(os.path.join(self.args.output_dir, f"held-rank{os.environ['RANK']}.json"), "w") as f:
+            json.dump(held, f)
+    return original(self, model, *args, **kwargs)
+ZeroTrainer.training_step = step
+sys.argv = ["launch/train.py"] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout", ["zero3", "fsdp"])
+def test_zero3_and_fsdp_shard_the_4bit_weights_and_two_processes_match_one(layout, qmodel_dir, data_dir, tmp_path):
+    """bnb_4bit_quant_storage = the compute dtype makes the packed 4-bit weights floating-point tensors, which ZeRO-3
+    partitions (each of two ranks holds none of them outside the forward) and FSDP2 shards (each holds half) like
+    any weight, and the losses are those of one process without either."""
+    import shutil
+
+    import yaml
+
+    common = dict(quantization_bit=4, max_steps=3, learning_rate=1e-2)
+    _, one = train_with(base_config(qmodel_dir, data_dir, tmp_path / "one", per_device_train_batch_size=4, **common))
+    out = tmp_path / "two"
+    sharding = {"deepspeed": str(ROOT / "ds_configs/ds_z3_config.json")} if layout == "zero3" else \
+        {"fsdp": "full_shard"}
+    cfg = base_config(qmodel_dir, data_dir, out, per_device_train_batch_size=2, **common, **sharding)
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump(cfg))
+    (tmp_path / "driver.py").write_text(RECORD_4BIT)
+    port = str(29500 + os.getpid() % 1000 + (0 if layout == "zero3" else 1000))
+    launcher = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed", "--num_gpus", "2"] \
+        if layout == "zero3" else [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    done = subprocess.run([*launcher, "--master_port", port, str(tmp_path / "driver.py"), "--config",
+                           str(tmp_path / "two.yaml")], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        held = json.loads((out / f"held-rank{rank}.json").read_text())
+        assert len(held) == 14
+        for name, p in held.items():
+            assert p["dtype"] == "torch.float32", (name, p)
+            if layout == "zero3":
+                assert p["type"] == "Params4bit" and p["partitioned"] and p["local"] == 0 and p["whole"] > 0, p
+            else:
+                assert p["dtensor"] and p["local"] == p["global"] // 2, (name, p)
+    two = _losses(json.loads((out / "trainer_state.json").read_text()))
+    assert two == pytest.approx(_losses(one), rel=1e-5)
 
 
 # ---- GPU: ZeRO-3 shards the 4-bit weights stored in bf16 ----------------------------------------------------------

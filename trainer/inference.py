@@ -72,7 +72,8 @@ def load(config, device: str | None = None, dtype_choice: str | None = None, ref
         model.to(device).eval()
     model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    logger.info("Generating on %s%s.", device, " with the adapters merged" if m.adapters else "")
+    logger.info("Generating on %s%s.", device, "" if not m.adapters else " with the adapter beside the quantized base"
+                if quantize else " with the adapters merged")
     return model, tokenizer, template
 
 

@@ -286,6 +286,6 @@ def lean_lora(model: nn.Module) -> None:
         if isinstance(m, LoraLayer) and is_quantized(getattr(m.get_base_layer(), "weight", None)):
             own[type(m).__name__] = own.get(type(m).__name__, 0) + 1
     if own:
-        logger.info("LoRA forward: %d layers fused (one addmm); %s over a bitsandbytes base run PEFT's own forward "
-                    "(the fused addmm reads the base weight, which is quantized there).", fused,
-                    ", ".join(f"{n} {name}" for name, n in sorted(own.items())))
+        logger.info("LoRA forward: %s over a bitsandbytes base run PEFT's own forward (the fused addmm reads the base "
+                    "weight, which is quantized there)%s.", ", ".join(f"{n} {name}" for name, n in sorted(own.items())),
+                    f"; {fused} layers fused (one addmm)" if fused else "")

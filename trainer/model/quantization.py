@@ -96,12 +96,17 @@ def bnb_config(model_args, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype)
 
 
-def _device_map(model_args) -> str | dict:
+def _device_map(model_args) -> str | dict | None:
     """Where a bitsandbytes model loads: it cannot be moved once quantized (transformers' Trainer leaves it where it
     is), so straight onto this process's GPU (LOCAL_RANK), or the CPU; quantization_device_map: auto (chat) lets
-    accelerate spread it."""
+    accelerate spread it. Under ZeRO-3 none (transformers refuses one there): bitsandbytes' quantizer places it on the
+    current device, and DeepSpeed partitions it when it builds its engine."""
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
     if model_args.quantization_device_map == "auto":
         return "auto"
+    if is_deepspeed_zero3_enabled():
+        return None
     if torch.cuda.is_available():
         return {"": torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))}
     return {"": "cpu"}
@@ -126,7 +131,8 @@ def load_kwargs(model_args, model_config, dtype: torch.dtype, quantize: bool, pa
         warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
         if dtype == torch.bfloat16:
             logger.info("8-bit: bitsandbytes computes each int8 matmul's input in fp16 (the bf16 activations are cast).")
-    return {"quantization_config": bnb_config(model_args, dtype), "device_map": _device_map(model_args)}
+    placed = _device_map(model_args)
+    return {"quantization_config": bnb_config(model_args, dtype), **({"device_map": placed} if placed else {})}
 
 
 def _bits(module: nn.Module) -> int | None:
