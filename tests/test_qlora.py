@@ -1,10 +1,11 @@
-"""QLoRA (quantization_bit) on a tiny Llama on the CPU, through bitsandbytes' own CPU backend: the base Linear layers are
-bitsandbytes 4-bit modules computing what bitsandbytes' own dequantization says, the LoRA weights train and the 4-bit
-weights stay as they were; the loss falls on an obvious pattern through the CLI; dpo (its reference the quantized base
-with the adapter off), rm, kto and ppo run; resume gives the next losses exactly; export merges into the 16-bit base,
-within the 4-bit rounding of the base as measured; zerotune check counts the 4-bit weights at their bytes; what
-LLaMA-Factory refuses, and what it would quietly do otherwise, is refused by name. The GPU test (ZeRO-3 with the 4-bit
-weights stored in bf16) runs where CUDA, bitsandbytes and DeepSpeed are (benchmarks/gpu_check.sh)."""
+"""QLoRA (quantization_bit) on a tiny Llama on the CPU, through bitsandbytes' own CPU backend: the base Linear layers
+are bitsandbytes 4-bit modules computing what bitsandbytes' own dequantization says, the LoRA weights train and the
+4-bit weights stay as they were; the loss falls on an obvious pattern through the CLI; dpo (its reference the quantized
+base with the adapter off), rm, kto and ppo run; resume gives the next losses exactly; ZeRO-3 and FSDP2 shard the 4-bit
+weights and two processes match one; export merges into the 16-bit base, within the 4-bit rounding of the base as
+measured; zerotune check counts the 4-bit weights at their bytes; what LLaMA-Factory refuses, and what it would quietly
+do otherwise, is refused by name. The GPU test (ZeRO-3 with the 4-bit weights stored in bf16) runs where CUDA,
+bitsandbytes and DeepSpeed are (benchmarks/gpu_check.sh)."""
 
 import importlib.util
 import json
@@ -66,15 +67,15 @@ def _policy(model_dir, **kw):
 
 # ---- the base is bitsandbytes' 4-bit, LoRA trains over it ---------------------------------------------------------
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_the_base_linears_are_4bit_and_compute_what_bitsandbytes_dequantizes(qmodel_dir, bf16, caplog):
+@pytest.mark.parametrize("bf16,kind,double", [(False, "nf4", True), (True, "nf4", True), (False, "fp4", False)])
+def test_the_base_linears_are_4bit_and_compute_what_bitsandbytes_dequantizes(qmodel_dir, bf16, kind, double, caplog):
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
 
     from trainer.model.quantization import quantized_linears
 
     with caplog.at_level("INFO", logger="trainer"):
-        model, _ = _policy(qmodel_dir, bf16=bf16)
+        model, _ = _policy(qmodel_dir, bf16=bf16, quantization_type=kind, double_quantization=double)
     dtype = torch.bfloat16 if bf16 else torch.float32
     layers = [(n, m) for n, m in model.named_modules() if n.endswith(PROJECTIONS)]
     assert len(layers) == 14
@@ -82,7 +83,7 @@ def test_the_base_linears_are_4bit_and_compute_what_bitsandbytes_dequantizes(qmo
         base = layer.base_layer
         assert isinstance(base, bnb.nn.Linear4bit), name
         state = base.weight.quant_state
-        assert state.quant_type == "nf4" and state.nested  # quantization_type nf4, double_quantization true
+        assert state.quant_type == kind and state.nested == double  # quantization_type, double_quantization
         # bnb_4bit_quant_storage = the compute dtype (what lets ZeRO-3 and FSDP shard the packed weights)
         assert base.weight.dtype == dtype and base.compute_dtype == dtype
         assert base.weight.numel() * base.weight.element_size() * 2 == base.in_features * base.out_features
@@ -96,7 +97,8 @@ def test_the_base_linears_are_4bit_and_compute_what_bitsandbytes_dequantizes(qmo
         torch.testing.assert_close(base(x).float(), (x.float() @ weight.T).to(dtype).float(), rtol=2e-2, atol=2e-2)
     found = quantized_linears(model)
     assert found[4][0] == 14 and found["unquantized"][0] == 1
-    assert "bitsandbytes: 14 of 15 Linear layers in 4-bit NF4, double quantization" in caplog.text
+    assert f"bitsandbytes: 14 of 15 Linear layers in 4-bit {kind.upper()}{', double quantization' * double}:" \
+        in caplog.text
     assert "14 Linear4bit over a bitsandbytes base run PEFT's own forward" in caplog.text
 
 
@@ -358,6 +360,32 @@ def test_what_is_refused_is_named(qmodel_dir, data_dir, tmp_path):
         build_config({**base, "quantization_bit": 8, "fsdp": "full_shard"})
     # LLaMA-Factory's own example writes quantization_method: bitsandbytes (LF then loads unquantized): taken as bnb
     assert build_config({**base, "quantization_method": "bitsandbytes"}).model.quantization_bit == 4
+
+
+def test_a_checkpoint_quantized_ahead_loads_as_saved_and_trains_lora_only(qmodel_dir, data_dir, tmp_path, caplog):
+    """A bitsandbytes 4-bit checkpoint (its package installed) loads through transformers as it was saved, and LoRA
+    trains over it; a full fine-tune of it is refused as LLaMA-Factory refuses it."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from trainer.errors import ConfigError
+
+    folder = tmp_path / "saved-4bit"
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)
+    AutoModelForCausalLM.from_pretrained(qmodel_dir, quantization_config=config, device_map={"": "cpu"}) \
+        .save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(qmodel_dir / name, folder / name)
+    assert json.loads((folder / "config.json").read_text())["quantization_config"]["quant_method"] == "bitsandbytes"
+    with caplog.at_level("INFO", logger="trainer"):
+        _, state = train_with(base_config(folder, data_dir, tmp_path / "lora", max_steps=2, learning_rate=1e-2))
+    assert f"{folder} is a bitsandbytes-quantized checkpoint" in caplog.text
+    assert "bitsandbytes: 14 of 15 Linear layers in 4-bit FP4:" in caplog.text  # as saved, not quantization_type's
+    assert all(math.isfinite(v) for v in _losses(state).values())
+    with pytest.raises(ConfigError, match=r"finetuning_type: full: .* is a quantized checkpoint, and quantized models "
+                                          "can only be trained with LoRA"):
+        train_with(base_config(folder, data_dir, tmp_path / "full", finetuning_type="full", max_steps=1))
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is not None, reason="gptqmodel is installed here")

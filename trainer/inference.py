@@ -42,7 +42,7 @@ def load(config, device: str | None = None, dtype_choice: str | None = None, ref
     """(model with adapters merged, tokenizer, template), ready to generate. A template stop token whose rows are
     new to the base model and untouched by the adapters is refused (refuse_untrained) or warned about. With
     quantization_bit, chat runs the quantized base with the adapter beside it (unmerged, as trained), and export
-    merges the adapter into the 16-bit base instead (_merge_target)."""
+    merges the adapter into the 16-bit base instead (_quantizes)."""
     from transformers import AutoConfig
 
     from trainer.data.templates import get_template

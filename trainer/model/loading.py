@@ -163,9 +163,10 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
     except ImportError as err:  # a quantization method whose packages zerotune does not know to check ahead
         if quantization.prequantized_method(config) is None:
             raise
-        raise ConfigError(f"{key} {path!r} is a quantized checkpoint that transformers cannot load here: {err}") from None
+        raise ConfigError(f"{key} {path!r} is a quantized checkpoint that transformers cannot load here: "
+                          f"{err}") from None
     if quantization.is_quantized(model):
-        logger.info(quantization.describe(model, model_args) or f"{path}: a quantized checkpoint.")
+        logger.info(quantization.describe(model) or f"{path}: a quantized checkpoint.")
         if trains:
             quantization.prepare_for_training(model)
     for adapter in adapters:

@@ -130,7 +130,7 @@ def load_kwargs(model_args, model_config, dtype: torch.dtype, quantize: bool, pa
         # bitsandbytes casts a bf16 input of each int8 matmul to fp16 and warns at every call: said here once.
         warnings.filterwarnings("ignore", message=r"MatMul8bitLt: inputs will be cast")
         if dtype == torch.bfloat16:
-            logger.info("8-bit: bitsandbytes computes each int8 matmul's input in fp16 (the bf16 activations are cast).")
+            logger.info("8-bit: bitsandbytes computes each int8 matmul's input in fp16 (bf16 activations are cast).")
     placed = _device_map(model_args)
     return {"quantization_config": bnb_config(model_args, dtype), **({"device_map": placed} if placed else {})}
 
@@ -178,7 +178,17 @@ def quantized_linears(model: nn.Module) -> dict:
     return found
 
 
-def describe(model: nn.Module, model_args=None) -> str | None:
+def _kind_of_4bit(model: nn.Module) -> str:
+    """' NF4, double quantization' as the first 4-bit weight's quant_state says (a checkpoint quantized ahead may
+    differ from quantization_type / double_quantization)."""
+    state = next((m.weight.quant_state for _, m in _base_linears(model) if _bits(m) == 4
+                  and getattr(m.weight, "quant_state", None) is not None), None)
+    if state is None:
+        return ""
+    return f" {str(state.quant_type).upper()}" + (", double quantization" if state.nested else "")
+
+
+def describe(model: nn.Module) -> str | None:
     """One line on what bitsandbytes quantized, in how many bytes against the 16-bit weights (None: nothing)."""
     found = quantized_linears(model)
     rows = [(bits, found[bits]) for bits in (4, 8) if bits in found]
@@ -187,10 +197,7 @@ def describe(model: nn.Module, model_args=None) -> str | None:
     total = sum(row[0] for row in found.values())
     parts = []
     for bits, (layers, weights, stored) in rows:
-        kind = ""
-        if bits == 4 and model_args is not None:
-            kind = f" {model_args.quantization_type.upper()}" + (
-                ", double quantization" if model_args.double_quantization else "")
+        kind = _kind_of_4bit(model) if bits == 4 else ""
         parts.append(f"{layers} of {total} Linear layers in {bits}-bit{kind}: {weights / 1e6:.2f}M weights in "
                      f"{stored / MB:.2f} MB ({8 * stored / max(weights, 1):.2f} bits a weight with their scales; "
                      f"{2 * weights / MB:.2f} MB in 16-bit)")
@@ -225,7 +232,8 @@ def prepare_for_training(model: nn.Module) -> None:
 
 
 def _keep_cpu_layout(model: nn.Module) -> int:
-    """Turn off Linear4bit's CPU repacking (support_avx512bf16_for_cpu) in every 4-bit layer; returns how many had it."""
+    """Turn off Linear4bit's CPU repacking (support_avx512bf16_for_cpu) in every 4-bit layer; returns how many had
+    it on."""
     found = 0
     for module in model.modules():
         if _bits(module) == 4 and getattr(module, "support_avx512bf16_for_cpu", False):
