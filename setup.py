@@ -31,6 +31,9 @@ setup(
         # capped after the release tested (bitsandbytes 0.50 has the CPU backend the tests run on).
         "optimizers": ["adam-mini>=1.1.1,<1.2", "apollo-torch>=1.0.3,<1.1", "galore-torch>=1.0,<1.1",
                        "badam>=1.4,<1.5", "bitsandbytes>=0.50,<0.51"],
+        # QLoRA (quantization_bit): 0.50 is the first series tested, on CUDA and on its CPU backend; capped after it,
+        # as upstream.TESTED is (zerotune reads its 4-bit weights' quant_state and turns off a CPU repacking).
+        "qlora": ["bitsandbytes>=0.50,<0.51"],
         "dev": ["pytest", "pytest-timeout", "gguf", "jieba", "nltk", "rouge-chinese", "adam-mini>=1.1.1,<1.2",
                 "apollo-torch>=1.0.3,<1.1", "galore-torch>=1.0,<1.1", "badam>=1.4,<1.5", "bitsandbytes>=0.50,<0.51"],
     },

@@ -23,8 +23,9 @@ def test_each_refused_feature_is_named(key, feature, tmp_path):
 
 def test_the_messages_users_meet_most(tmp_path):
     base = base_config(tmp_path, tmp_path, tmp_path / "o")
-    with pytest.raises(ConfigError, match=r"quantization_bit: QLoRA is not supported yet"):
-        build_config({**base, "quantization_bit": 4})
+    with pytest.raises(ConfigError, match=r"quantization_bit: 4 with finetuning_type: full: quantized models can "
+                                          "only be trained with LoRA"):
+        build_config({**base, "quantization_bit": 4, "finetuning_type": "full"})
     with pytest.raises(ConfigError, match=r"image_max_pixels: multimodal inputs are not supported"):
         build_config({**base, "image_max_pixels": 262144})
     with pytest.raises(ConfigError, match=r"finetuning_type: oft: OFT is not supported"):

@@ -167,7 +167,7 @@ def test_the_environment_variable_turns_the_refusal_into_a_warning(monkeypatch, 
 # ---- nothing private upstream is touched without being listed ------------------------------------------------------
 
 UPSTREAM_PACKAGES = ("transformers", "accelerate", "peft", "deepspeed", "datasets", "torch", "liger_kernel",
-                     "flash_attn")
+                     "flash_attn", "bitsandbytes")
 ACCESSORS = ("getattr", "hasattr", "setattr", "delattr")
 STANDARD_LIBRARY = ("os", "sys")  # os._exit, sys._getframe: documented, not an upstream package's internals
 

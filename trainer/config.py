@@ -18,12 +18,12 @@ from trainer import lf_compat
 from trainer.data.options import DataArguments
 from trainer.engine import checkpoints
 from trainer.engine.optimizer_options import check_optimizer
-from trainer.engine.options import EngineArguments, FSDPOptions, parse_fsdp, zero_stage
+from trainer.engine.options import EngineArguments, FSDPOptions, parse_fsdp, shards_weights, zero_stage
 from trainer.engine.training_args import training_arguments
 from trainer.errors import ConfigError
 from trainer.generation import GenerationSettings
 from trainer.model.options import ExportArguments, FinetuningArguments, InferenceArguments, ModelArguments, \
-    check_backend
+    check_backend, check_quantization
 from trainer.options import coerce, coerce_field, did_you_mean, fields_of, parse_override, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -247,8 +247,7 @@ def _validate(config: RunConfig, stage_class) -> None:
     if (t.do_train or t.do_eval) and not d.dataset and not d.eval_dataset:
         raise ConfigError("dataset is required to train or evaluate (a comma list of names in dataset_info.json).")
     d.check()
-    if m.rope_scaling and t.do_train and m.model_max_length is None:
-        m.model_max_length = d.cutoff_len  # the context rope_scaling stretches to, as LLaMA-Factory sets it
+    m.model_max_length = m.model_max_length or (d.cutoff_len if m.rope_scaling and t.do_train else None)  # as LF
     if d.neat_packing:
         d.packing = True
     if d.packing is None:
@@ -272,6 +271,7 @@ def _validate(config: RunConfig, stage_class) -> None:
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
     check_backend(config.inference)
+    check_quantization(m, f, t.do_train, sharded=shards_weights(config))
     if t.do_predict:
         if not stage_class.predicts:
             raise ConfigError(f"do_predict generates answers for stage sft (as in LLaMA-Factory); this run's stage is "

@@ -37,13 +37,16 @@ def inference_dtype(choice: str, model_dtype) -> torch.dtype:
     return torch.float32
 
 
-def load(config, device: str | None = None, dtype_choice: str | None = None, refuse_untrained: bool = False):
+def load(config, device: str | None = None, dtype_choice: str | None = None, refuse_untrained: bool = False,
+         exporting: bool = False):
     """(model with adapters merged, tokenizer, template), ready to generate. A template stop token whose rows are
-    new to the base model and untouched by the adapters is refused (refuse_untrained) or warned about."""
+    new to the base model and untouched by the adapters is refused (refuse_untrained) or warned about. With
+    quantization_bit, chat runs the quantized base with the adapter beside it (unmerged, as trained), and export
+    merges the adapter into the 16-bit base instead (_quantizes)."""
     from transformers import AutoConfig
 
     from trainer.data.templates import get_template
-    from trainer.model.adapters import merge_adapter, untrained_rows
+    from trainer.model.adapters import attach_adapter, merge_adapter, untrained_rows
     from trainer.model.loading import _check_local, load_causal_lm, load_tokenizer
 
     m = config.model
@@ -54,18 +57,51 @@ def load(config, device: str | None = None, dtype_choice: str | None = None, ref
                   token=m.hf_hub_token)
     model_config = AutoConfig.from_pretrained(m.model_name_or_path, **common)
     dtype = inference_dtype(dtype_choice or config.inference.infer_dtype, getattr(model_config, "dtype", None))
-    model = load_causal_lm(m, dtype=dtype)
+    quantize = _quantizes(config, model_config, exporting)
+    model = load_causal_lm(m, dtype=dtype, quantize=quantize)
     stops = template.stop_token_ids(tokenizer)
     base_rows = untrained_rows(model, stops)  # judged on the base, before the adapters: see _check_stop_rows
     for adapter in m.adapters:
-        model = merge_adapter(model, adapter)
+        model = attach_adapter(model, adapter) if quantize else merge_adapter(model, adapter)
     _check_stop_rows(model, base_rows, tokenizer, template, config, refuse_untrained)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    if quantize:  # bitsandbytes loaded it where it stays (quantization_device_map; a quantized model cannot move)
+        device = str(next(model.parameters()).device)
+        model.eval()
+    else:
+        model.to(device).eval()
     model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    logger.info("Generating on %s%s.", device, " with the adapters merged" if m.adapters else "")
+    logger.info("Generating on %s%s.", device, "" if not m.adapters else " with the adapter beside the quantized base"
+                if quantize else " with the adapters merged")
     return model, tokenizer, template
+
+
+def _quantizes(config, model_config, exporting: bool) -> bool:
+    """Does quantization_bit apply to this load? To chat, yes (the model as trained). Export merges the adapter into
+    the 16-bit weights the quantized ones were made from: the model trained was base(4-bit) + adapter, and the
+    merged one computes that up to the 4-bit rounding of the base, in 16-bit weights any tool serves (LLaMA-Factory
+    asks the user to drop quantization_bit for that: it refuses to merge into a quantized model). A checkpoint
+    quantized ahead (GPTQ, AWQ, ...) has no 16-bit weights to merge into: its adapter cannot be exported merged."""
+    from trainer.model.options import FinetuningArguments, check_quantization
+    from trainer.model.quantization import prequantized_method
+
+    m = config.model
+    method = prequantized_method(model_config)
+    if exporting and method and m.adapters:
+        raise ConfigError(f"model_name_or_path {m.model_name_or_path!r} is quantized with {method}: an adapter cannot "
+                          "be merged into its packed weights. Export from the model's 16-bit checkpoint (the adapter "
+                          "applies to it), or serve the quantized model with the adapter beside it.")
+    if m.quantization_bit is None:
+        return False
+    if exporting:
+        logger.info("quantization_bit: %d applies to training and chat; export merges %s into the 16-bit weights of "
+                    "%s, loaded unquantized (the merged model computes what training computed up to the %d-bit "
+                    "rounding of the base weights).", m.quantization_bit, ", ".join(m.adapters) or "no adapter",
+                    m.model_name_or_path, m.quantization_bit)
+        return False
+    check_quantization(m, FinetuningArguments(finetuning_type=config.finetuning_type), do_train=False, sharded=False)
+    return True
 
 
 def _check_stop_rows(model, base_rows: dict, tokenizer, template, config, refuse: bool) -> None:
@@ -164,7 +200,7 @@ def export(config) -> str:
         raise ConfigError(f"export_size: {e.export_size} must be a positive number of GB per shard.")
     device = "cpu" if e.export_device == "cpu" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer, template = load(config, device=device, dtype_choice=e.export_dtype,
-                                      refuse_untrained=not e.export_untrained_stop_tokens)
+                                      refuse_untrained=not e.export_untrained_stop_tokens, exporting=True)
     out = e.export_dir
     os.makedirs(out, exist_ok=True)
     model.config.use_cache = True  # a served model generates with its cache

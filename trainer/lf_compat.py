@@ -1,6 +1,6 @@
 """LLaMA-Factory's YAML keys that zerotune does not take as they are: features it refuses by name, keys it ignores
 out loud, and keys it maps. config.py consults this before calling anything an unknown key, so a LLaMA-Factory user
-reads "quantization_bit: QLoRA is not supported yet" rather than "Unknown key 'quantization_bit'".
+reads "image_max_pixels: multimodal inputs are not supported" rather than "Unknown key 'image_max_pixels'".
 
 Taken from LLaMA-Factory's hparams and its own example YAMLs (train, merge, inference, extras). The README's
 "Coming from LLaMA-Factory" section lists the same features.
@@ -12,10 +12,6 @@ from trainer.errors import ConfigError
 
 # feature -> (the keys that ask for it, why / what to do instead)
 REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
-    "quantization (QLoRA)": (
-        ("quantization_bit", "quantization_method", "quantization_type", "double_quantization",
-         "quantization_device_map"),
-        "QLoRA is not supported yet; train LoRA on the unquantized model (bf16 weights)"),
     "multimodal inputs": (
         ("image_max_pixels", "image_min_pixels", "video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen",
          "audio_sampling_rate", "use_audio_in_video", "crop_to_patches", "image_do_pan_and_scan", "media_dir",

@@ -91,15 +91,39 @@ def optimizer_plan(config: RunConfig, model) -> tuple[float, int, str]:
     return state, at_once, what
 
 
-def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: int,
-                state_bytes: float | None = None) -> dict[str, tuple[float, float]]:
+def quantized_weights(config: RunConfig) -> tuple[int, int, float] | None:
+    """(Linear layers, weights, bytes) that quantization_bit quantizes, from the model's config alone: every Linear but
+    those transformers keeps unquantized (the output head, tied weights), each at bitsandbytes' bytes a weight (the
+    packed weights and their scales). None without quantization_bit."""
+    m = config.model
+    if m.quantization_bit is None:
+        return None
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    from trainer.model.quantization import bytes_per_weight
+
+    mc = AutoConfig.from_pretrained(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(mc, trust_remote_code=m.trust_remote_code)
+    kept = set(get_keys_to_not_convert(model))
+    layers = [module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
+              and name not in kept]
+    weights = sum(module.weight.numel() for module in layers)
+    return len(layers), weights, weights * bytes_per_weight(m.quantization_bit, m.double_quantization)
+
+
+def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: int, state_bytes: float | None = None,
+                frozen_bytes: float | None = None) -> dict[str, tuple[float, float]]:
     """Stage -> (GB per device, GB of CPU memory per node) for model states. DeepSpeed's estimators count Adam's two
-    fp32 moments (8 bytes a trained parameter); `state_bytes`, the run's optimizer state, replaces them."""
+    fp32 moments (8 bytes a trained parameter); `state_bytes`, the run's optimizer state, replaces them.
+    `frozen_bytes`: what the frozen weights take whole (default: 2 bytes each; a quantized base takes less,
+    quantized_weights)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     world = per_node * nodes
-    frozen = total - trained
+    frozen = (total - trained) if frozen_bytes is None else frozen_bytes / 2  # in 16-bit weights' worth
     saved = 0.0 if state_bytes is None else 8 * trained - state_bytes  # below Adam's moments (negative: above)
     out = {"ZeRO-0 (DDP)": ((16 * trained - saved + 2 * frozen) / GB, 0.0)}
     for label, offload in (("ZeRO-2", False), ("ZeRO-2 + offload", True)):
@@ -152,12 +176,12 @@ def decide_checkpointing(model, training_args, tokens_per_microbatch: int, shard
     (the least free memory decides), since processes that disagree deadlock under ZeRO-3 and FSDP.
     """
     from trainer.engine.agree import agreed_min
-    from trainer.model.params import numel, parameter_count
+    from trainer.model.params import parameter_count, stored_bytes
 
     compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
     need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
     share = training_args.world_size if sharded else 1
-    weights = sum(numel(p) * p.element_size() for p in model.parameters()) / GB / share
+    weights = sum(stored_bytes(p) for p in model.parameters()) / GB / share
     trained = parameter_count(p for p in model.parameters() if p.requires_grad) * 12 / GB / share  # grads + Adam moments
     to_move = torch.cuda.is_available() and not any(p.is_cuda for p in model.parameters())
     free = agreed_min(available_gb() - (weights if to_move else 0.0) - trained)
@@ -264,9 +288,20 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
     from trainer.engine.optimizer_options import METHOD_KEYS, SHARDING_REFUSED, chosen_method
 
     refused = chosen_method(config.engine) in SHARDING_REFUSED
+    frozen_bytes = None
+    quantized = quantized_weights(config)
+    if quantized:
+        m = config.model
+        layers, weights, stored = quantized
+        kind = f"{m.quantization_bit}-bit" + (f" {m.quantization_type.upper()}" + (
+            ", double quantization" if m.double_quantization else "") if m.quantization_bit == 4 else "")
+        lines.append(f"quantized        {kind} (bitsandbytes): {layers} Linear layers, {weights / 1e6:.1f}M weights in "
+                     f"{stored / GB:.2f} GB (16-bit: {2 * weights / GB:.2f} GB); the other "
+                     f"{(total - weights) / 1e6:.1f}M weights in 16-bit")
+        frozen_bytes = stored + 2 * (total - weights)  # every base weight is frozen under LoRA
     lines.append("model states per device (DeepSpeed estimators, with this optimizer's state; activations not "
                  "included):")
-    for stage_name, (gpu, cpu) in zero_memory(total, at_once, largest, per_node, nodes, state).items():
+    for stage_name, (gpu, cpu) in zero_memory(total, at_once, largest, per_node, nodes, state, frozen_bytes).items():
         cpu_text = f", CPU {cpu:.2f} GB per node" if cpu else ""
         if refused and stage_name != "ZeRO-0 (DDP)":
             lines.append(f"  {stage_name:18s} refused with {METHOD_KEYS[chosen_method(config.engine)]}")

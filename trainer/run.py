@@ -200,7 +200,8 @@ def run(config: RunConfig) -> dict:
     if t.eval_strategy != "no" and evaluation is None:
         raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
 
-    model = load_model(m, t, f.finetuning_type, segments_wanted=stage.wants_segments)
+    model = load_model(m, t, f.finetuning_type, segments_wanted=stage.wants_segments,
+                       sharded=shards_weights(config))
     if template is not None:
         stops = template.stop_token_ids(tokenizer)
         model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))

@@ -41,6 +41,7 @@ TESTED = {
     "accelerate": ">=1.4,<2",
     "deepspeed": ">=0.16,<0.20",
     "liger-kernel": ">=0.8.5,<0.9",
+    "bitsandbytes": ">=0.50,<0.51",  # QLoRA (model/quantization.py, model/params.py): 0.50.2 when this was written
 }
 TESTED_TRANSFORMERS = "5.24"
 
@@ -374,6 +375,31 @@ def _lora_input_cast() -> str | None:
     return None if calls else "PEFT's forward no longer casts the adapter input through self._cast_input_dtype"
 
 
+# ---- behavioural probes: bitsandbytes ----------------------------------------------------------------------------
+
+def _bnb_quant_state() -> str | None:
+    """model/params.py counts a 4-bit weight by its quant_state's shape and its bytes from the packed storage and the
+    state's tensors; model/quantization.py finds 4-bit layers as bitsandbytes.nn.Linear4bit."""
+    import bitsandbytes as bnb
+    import torch
+
+    layer = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                              compress_statistics=True, quant_storage=torch.bfloat16)
+    layer.weight = bnb.nn.Params4bit(torch.randn(64, 128, generator=_rng()), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=True, quant_storage=torch.bfloat16)
+    weight = layer.to("cpu").weight
+    state = getattr(weight, "quant_state", None)
+    if state is None or tuple(getattr(state, "shape", ())) != (64, 128):
+        return "a 4-bit weight's quant_state no longer keeps the weight's shape"
+    if weight.dtype != torch.bfloat16 or weight.numel() * weight.element_size() != 64 * 128 // 2:
+        return "4-bit weights are no longer stored packed, two to a byte, in the quant_storage dtype"
+    nested = getattr(state, "state2", None)
+    if not (state.nested and state.absmax.dtype == torch.uint8 and nested is not None
+            and nested.absmax.dtype == torch.float32 and state.absmax.numel() == 64 * 128 // 64):
+        return "double quantization no longer keeps one uint8 absmax a block of 64 and fp32 absmax in state2"
+    return None
+
+
 def _fingerprint() -> str | None:
     from datasets import Dataset
 
@@ -576,6 +602,15 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              "zerotune check's ZeRO-2 memory plan", signature(
                  "deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs", "total_params",
                  "num_gpus_per_node", "num_nodes", "cpu_offload", prefix=True)),
+    # ---- bitsandbytes (QLoRA)
+    Internal("bitsandbytes.functional.QuantState", "trainer/model/params.py, trainer/model/quantization.py",
+             "a 4-bit weight is counted by its quant_state's shape and its bytes from the packed storage plus the "
+             "state's absmax, code and nested state", _bnb_quant_state),
+    Internal("bitsandbytes.nn.Linear4bit.support_avx512bf16_for_cpu", "trainer/model/quantization.py",
+             "turned off in a trained model: at an eval-mode forward without gradient Linear4bit repacks its CPU "
+             "weights for a kernel with no backward, after which no gradient flows through the layer",
+             reads("bitsandbytes.nn.modules.Linear4bit.forward", "self.support_avx512bf16_for_cpu",
+                   "not self.training")),
     # ---- torch and datasets internals
     Internal("torch._softmax_backward_data", "trainer/model/cpu_attention.py",
              "the bf16 CPU attention's backward through its kept probabilities", _softmax_backward_data),
@@ -645,8 +680,9 @@ def check_trainer_api() -> None:
     problems = version_problems() + upstream_changes(slow=False, imported_only=True)
     if not problems:
         return
-    pip = " ".join(f"'{dist}{tested}'" for dist, tested in TESTED.items() if dist != "liger-kernel"
-                   or _installed("liger_kernel"))
+    optional = {"liger-kernel": "liger_kernel", "bitsandbytes": "bitsandbytes"}  # named only where installed
+    pip = " ".join(f"'{dist}{tested}'" for dist, tested in TESTED.items() if dist not in optional
+                   or _installed(optional[dist]))
     message = (f"zerotune is tested with other releases of the libraries whose internals it relies on "
                f"(trainer/upstream.py): {'; '.join(problems)}. Install the tested ones with: pip install {pip}")
     if os.environ.get(ALLOW_ENV) == "1":

@@ -15,6 +15,7 @@ from torch import nn
 from trainer.errors import ConfigError
 from trainer.model.lean_ops import lean_lora
 from trainer.model.params import parameter_count
+from trainer.model.quantization import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,18 @@ def merge_adapter(model, path: str, key: str = "adapter_name_or_path"):
     with _adapter_fits(model, path, key):
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     logger.info("Merged the adapter %s.", path)
+    return model
+
+
+def attach_adapter(model, path: str, key: str = "adapter_name_or_path"):
+    """The model with the LoRA adapter at `path` beside its weights, unmerged: over a quantized base, as it was trained
+    (merging would round the adapter into the quantized weights)."""
+    from peft import PeftModel
+
+    _check_adapter(path, key)
+    with _adapter_fits(model, path, key):
+        model = PeftModel.from_pretrained(model, path)
+    logger.info("Loaded the adapter %s beside the quantized base (unmerged).", path)
     return model
 
 
@@ -158,6 +171,10 @@ def _extra_modules(model, layers, names: list[str]) -> list:
 def prepare_trainable(model, finetuning_args, model_args, is_trainable: bool, watched: WatchedTokens | None = None):
     """`watched`: the tokens a training run teaches (WatchedTokens), whose new rows a LoRA run trains."""
     kind = finetuning_args.finetuning_type
+    if is_trainable and kind != "lora" and is_quantized(model):  # quantized ahead (quantization_bit: config.py)
+        raise ConfigError(f"finetuning_type: {kind}: {model_args.model_name_or_path} is a quantized checkpoint, and "
+                          "quantized models can only be trained with LoRA (their packed weights take no update). "
+                          "Set finetuning_type: lora, or use the 16-bit checkpoint.")
     if kind == "lora":
         model = apply_lora(model, finetuning_args, model_args.adapters, is_trainable, watched)
     elif kind == "freeze":

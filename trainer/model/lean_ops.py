@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trainer.model.params import is_quantized
+
 logger = logging.getLogger(__name__)
 
 
@@ -92,12 +94,14 @@ def _is_swiglu(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def _same_output(module: nn.Module, lean, width: int) -> bool:
-    """Does the module's own forward compute what the lean one does? (Gemma's 1 + weight, for one, does not.)"""
+def _same_output(module: nn.Module, lean, width: int, dtype: torch.dtype) -> bool:
+    """Does the module's own forward compute what the lean one does? (Gemma's 1 + weight, for one, does not.) `dtype`:
+    the activations', for a module whose weights are all quantized (a SwiGLU MLP over bitsandbytes Linears)."""
     p = next(module.parameters())
     if width == 0 or p.numel() == 0:  # partitioned away (ZeRO-3): nothing here to compare with
         return False
-    x = torch.randn(2, 3, width, dtype=p.dtype, device=p.device)
+    floating = next((q for q in module.parameters() if q.is_floating_point() and not is_quantized(q)), None)
+    x = torch.randn(2, 3, width, dtype=floating.dtype if floating is not None else dtype, device=p.device)
     try:
         ours = lean(module, x)
         theirs = type(module).forward(module, x)
@@ -109,6 +113,8 @@ def _same_output(module: nn.Module, lean, width: int) -> bool:
 def apply_lean_ops(model: nn.Module) -> list[str]:
     """Swap the forward of every matching RMSNorm / SwiGLU MLP module; returns the module classes swapped."""
     verdict: dict[type, bool] = {}
+    activations = next((p.dtype for p in model.parameters() if p.is_floating_point() and not is_quantized(p)),
+                       torch.get_default_dtype())
     for module in model.modules():
         if _is_rmsnorm(module):
             lean, width = _rmsnorm_forward, module.weight.shape[0]
@@ -118,7 +124,7 @@ def apply_lean_ops(model: nn.Module) -> list[str]:
             continue
         cls = type(module)
         if cls not in verdict:
-            verdict[cls] = _same_output(module, lean, width)
+            verdict[cls] = _same_output(module, lean, width, activations)
             if not verdict[cls]:
                 logger.info("%s left as it is: its forward differs from zerotune's lean op, or could not be "
                             "checked (weights partitioned by ZeRO-3).", cls.__name__)
@@ -268,6 +274,18 @@ def fuse_lora_forward(model: nn.Module) -> int:
 
 
 def lean_lora(model: nn.Module) -> None:
-    """Both LoRA changes: no fp32 input copy under autocast, and the fused forward."""
+    """Both LoRA changes: no fp32 input copy under autocast, and the fused forward. The fused addmm reads the base
+    weight, so a LoRA layer over a bitsandbytes base (4-bit packed or int8) runs PEFT's own forward for it, which
+    calls the quantized layer: said in the log."""
+    from peft.tuners.lora import LoraLayer
+
     lean_lora_inputs(model)
-    fuse_lora_forward(model)
+    fused = fuse_lora_forward(model)
+    own: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, LoraLayer) and is_quantized(getattr(m.get_base_layer(), "weight", None)):
+            own[type(m).__name__] = own.get(type(m).__name__, 0) + 1
+    if own:
+        logger.info("LoRA forward: %s over a bitsandbytes base run PEFT's own forward (the fused addmm reads the base "
+                    "weight, which is quantized there)%s.", ", ".join(f"{n} {name}" for name, n in sorted(own.items())),
+                    f"; {fused} layers fused (one addmm)" if fused else "")

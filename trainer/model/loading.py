@@ -126,14 +126,19 @@ def weights_dtype(training_args, finetuning_type: str) -> torch.dtype:
 
 def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = None, segments_wanted: bool = False,
                    path: str | None = None, key: str = "model_name_or_path", adapters: list[str] = (),
-                   trains: bool = False):
+                   trains: bool = False, quantize: bool = False, sharded: bool = False):
     """THE loader: the policy, a reference, a reward model, or a model to chat with or export. `path` defaults to
     model_name_or_path (`key` names the YAML key it came from, for errors); `attention` is an implementation name
     (a frozen model takes its policy's), else flash_attn decides (attention_implementation); `adapters` are merged
     in order. A model that `trains` gets Liger's kernels (enable_liger_kernel) or else the lean ops, which change
     only what is kept for backward (exact, checked per module); frozen models have no backward to spare. The KV
-    cache is off: packed rows are only kept apart without it (see PLATFORM.md); generation turns it on per call."""
+    cache is off: packed rows are only kept apart without it (see PLATFORM.md); generation turns it on per call.
+    `quantize`: quantization_bit applies (the policy, chat; never export, which merges into the 16-bit weights); a
+    checkpoint quantized ahead loads as it is whatever `quantize` says (model/quantization.py); `sharded`: ZeRO-3 or
+    FSDP will shard the model."""
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from trainer.model import quantization
 
     path = path or model_args.model_name_or_path
     _check_local(path, key=key)
@@ -154,7 +159,19 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
 
         liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
         agreed_choice("the attention path and Liger kernels (flash_attn, enable_liger_kernel)", (impl, liger))
-    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl, **common)
+    quantized = quantization.load_kwargs(model_args, config, dtype, quantize, path, key, sharded)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
+                                                     **common, **quantized)
+    except ImportError as err:  # a quantization method whose packages zerotune does not know to check ahead
+        if quantization.prequantized_method(config) is None:
+            raise
+        raise ConfigError(f"{key} {path!r} is a quantized checkpoint that transformers cannot load here: "
+                          f"{err}") from None
+    if quantization.is_quantized(model):
+        logger.info(quantization.describe(model) or f"{path}: a quantized checkpoint.")
+        if trains:
+            quantization.prepare_for_training(model)
     for adapter in adapters:
         from trainer.model.adapters import merge_adapter
 
@@ -171,8 +188,10 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
     return model
 
 
-def load_model(model_args, training_args, finetuning_type: str, segments_wanted: bool = False):
-    """The model to train (or evaluate), its frozen weights in the compute dtype (weights_dtype)."""
+def load_model(model_args, training_args, finetuning_type: str, segments_wanted: bool = False,
+               sharded: bool = False):
+    """The model to train (or evaluate), its frozen weights in the compute dtype (weights_dtype), quantized when
+    quantization_bit asks (QLoRA: bitsandbytes computes and stores the 4-bit weights in that dtype too)."""
     return load_causal_lm(model_args, dtype=weights_dtype(training_args, finetuning_type),
-                          segments_wanted=segments_wanted, trains=True)
+                          segments_wanted=segments_wanted, trains=True, quantize=True, sharded=sharded)
 

@@ -10,10 +10,26 @@ from trainer.options import split_list
 
 FINETUNING_TYPES = ("lora", "freeze", "full")
 FLASH_ATTN = ("auto", "fa2", "sdpa", "eager", "disabled")
+# LLaMA-Factory's quantization_method values (plus "bitsandbytes", which LF's own example YAML writes); only bnb
+# quantizes as the model loads, the others name how a checkpoint was quantized (model/quantization.py).
+QUANTIZATION_METHODS = ("bnb", "bitsandbytes", "gptq", "awq", "aqlm", "quanto", "eetq", "hqq", "mxfp4", "fp8")
 
 
 @dataclass
-class ModelArguments:
+class QuantizationArguments:
+    """QLoRA: the base model quantized by bitsandbytes as it loads (model/quantization.py), LoRA trained over it."""
+    quantization_bit: int | None = field(default=None, metadata={
+        "help": "4 or 8: quantize the base model's Linear layers with bitsandbytes as it loads (QLoRA; LoRA only)."})
+    quantization_method: str = field(default="bnb", metadata={"choices": QUANTIZATION_METHODS})
+    quantization_type: str = field(default="nf4", metadata={"choices": ("nf4", "fp4"), "help": "4-bit data type."})
+    double_quantization: bool = field(default=True, metadata={
+        "help": "4-bit: quantize the per-block scales too (~0.37 bit a weight less)."})
+    quantization_device_map: str | None = field(default=None, metadata={
+        "choices": ("auto",), "help": "chat only: auto spreads a quantized model over the GPUs and the CPU."})
+
+
+@dataclass
+class ModelArguments(QuantizationArguments):
     model_name_or_path: str | None = field(default=None, metadata={"help": "Local folder or hub id."})
     adapter_name_or_path: str | None = field(default=None, metadata={"help": "LoRA adapter to load."})
     trust_remote_code: bool = False
@@ -85,3 +101,39 @@ def check_backend(inference: InferenceArguments) -> None:
                           "transformers (infer_backend: huggingface, the default). To serve with "
                           f"{inference.infer_backend}, export the model (zerotune export) and point "
                           f"{inference.infer_backend} at export_dir.")
+
+
+def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, do_train: bool, sharded: bool) -> None:
+    """quantization_bit against the rest of the run, as LLaMA-Factory checks it, and where LF would quietly do
+    something else (a method that quantizes nothing on the fly), refused by name. `sharded`: ZeRO-3 or FSDP."""
+    bits, method = model.quantization_bit, model.quantization_method
+    if bits is None:
+        if model.quantization_device_map and do_train:
+            raise ConfigError("quantization_device_map: auto places a quantized model for chat; training places the "
+                              "model itself. Remove quantization_device_map.")
+        return
+    if method in ("gptq", "awq", "aqlm", "quanto", "mxfp4", "fp8"):
+        raise ConfigError(f"quantization_method: {method} quantizes nothing as the model loads: a checkpoint already "
+                          f"quantized with {method} (its config.json has a quantization_config) loads as it is. "
+                          "Remove quantization_bit and quantization_method, or set quantization_method: bnb to "
+                          "quantize with bitsandbytes (LLaMA-Factory would train unquantized here without a word).")
+    if method in ("hqq", "eetq"):
+        raise ConfigError(f"quantization_method: {method} is not supported; quantization_method: bnb (bitsandbytes, "
+                          "the default) quantizes to 4 or 8 bits.")
+    if bits not in (4, 8):
+        raise ConfigError(f"quantization_bit: {bits}: bitsandbytes quantizes to 4 or 8 bits.")
+    if finetuning.finetuning_type != "lora":
+        raise ConfigError(f"quantization_bit: {bits} with finetuning_type: {finetuning.finetuning_type}: quantized "
+                          "models can only be trained with LoRA (the quantized weights are frozen). Set "
+                          "finetuning_type: lora, or remove quantization_bit.")
+    if len(model.adapters) > 1:
+        raise ConfigError("adapter_name_or_path: a quantized model takes a single adapter (merging the others into "
+                          "4-bit weights would round them away). Merge them first (zerotune export), then train "
+                          "over the merged model.")
+    if model.quantization_device_map and do_train:
+        raise ConfigError("quantization_device_map: auto places a quantized model for chat; training places the "
+                          "model itself (one device a process). Remove quantization_device_map.")
+    if sharded and bits != 4:
+        raise ConfigError("quantization_bit: 8 cannot be sharded by ZeRO-3 or FSDP (its int8 weights keep their "
+                          "scales beside them); use quantization_bit: 4, whose packed weights are stored in the "
+                          "compute dtype and shard like any weight.")
