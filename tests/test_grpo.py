@@ -426,3 +426,33 @@ def test_trls_defaults_and_sampling(tiny_model_dir, sums_dir, tmp_path):
         (0.0, "dapo", "token", "group", 0.2, 1)
     assert build_config({**cfg, "max_new_tokens": 32}).stage_options.max_completion_length == 32
     assert build_config({**cfg, "scale_rewards": False}).stage_options.scale_rewards == "none"
+
+
+def test_mask_truncated_completions_leaves_them_out_of_the_items():
+    """A completion that never reached a stop token trains nothing under mask_truncated_completions: dapo's items
+    (tokens) leave it out; grpo's (completions) still count it, as TRL's mean over the batch does."""
+    from trainer.stages.grpo import GRPO, GRPOOptions
+    from trainer.stages.rollouts import Sample
+
+    def items(**kw):
+        stage = GRPO(options=GRPOOptions(reward_funcs=["r:f"], **kw))
+        stage.stop_ids = [9]
+        stage.experience = {(0, 0, 0, 0): [Sample([1], [5, 6, 9], [])], (0, 0, 1, 0): [Sample([1], [5, 6, 7, 8], [])]}
+        return float(stage.count_items({"rollout_keys": torch.tensor([[0, 0, 0, 0], [0, 0, 1, 0]])}))
+
+    assert items() == 7 and items(mask_truncated_completions=True) == 3
+    assert items(mask_truncated_completions=True, loss_type="grpo") == 2
+    assert items(loss_type="bnpo") == 1
+
+
+def test_an_rm_output_among_the_reward_funcs(tiny_model_dir, pairs_dir, sums_dir, tmp_path):
+    """An rm run's LoRA output scores completions as an adapter of the policy, logged under its folder's name
+    beside a function; with weights 1 and 0 the reward is the model's alone."""
+    rm = tmp_path / "rm-lora"
+    train_with(base_config(tiny_model_dir, pairs_dir, rm, stage="rm", dataset="pairs", max_steps=2))
+    _, state = train_with(_grpo(tiny_model_dir, sums_dir, tmp_path / "out", max_steps=1, reward_weights="1,0",
+                                reward_funcs=f"{rm},{sums_dir}/rewards.py:vowels"))
+    first = state["log_history"][0]
+    assert first["reward"] == pytest.approx(first["rewards/rm-lora/mean"], abs=1e-5)
+    assert math.isfinite(first["rewards/rm-lora/std"]) and first["rewards/rm-lora/std"] > 0
+    assert "rewards/vowels/mean" in first
