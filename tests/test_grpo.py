@@ -456,3 +456,84 @@ def test_an_rm_output_among_the_reward_funcs(tiny_model_dir, pairs_dir, sums_dir
     assert first["reward"] == pytest.approx(first["rewards/rm-lora/mean"], abs=1e-5)
     assert math.isfinite(first["rewards/rm-lora/std"]) and first["rewards/rm-lora/std"] > 0
     assert "rewards/vowels/mean" in first
+
+
+# ---- the group's prompt computed once ------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["segments", "flash-attn 2.6.3"])
+@pytest.mark.parametrize("group", [2, 4, 8])
+def test_a_groups_shared_prompt_gives_each_completion_its_separate_log_probs(path, group, tiny_model_dir,
+                                                                             monkeypatch):
+    """Each prompt computed once a group (the 2nd..Gth completions attending to the first one's prompt, positions
+    continuing from it) gives every completion token the log-prob and entropy of an unpadded forward of that
+    prompt + completion alone (fp32), on zerotune_segments' SDPA and on its FlashAttention-2 varlen call (a
+    pure-torch stand-in, tests/flash_standin.py, as test_dpo's pairs); a 1-token prompt shares nothing and still
+    agrees. Without the shared-prefix layout the same row is wrong."""
+    import importlib.metadata
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    import flash_standin
+    from trainer.model import kernels
+    from trainer.model.wrapper import ModelWrapper
+    from trainer.stages.rollouts import Sample, collate
+
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32,
+                                                 attn_implementation=kernels.SEGMENTS)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    if path.startswith("flash-attn"):
+        release = path.split()[1]
+        real_version = importlib.metadata.version
+        monkeypatch.setitem(sys.modules, "flash_attn", flash_standin.flash_attn_module(release))
+        monkeypatch.setattr(importlib.metadata, "version",
+                            lambda name: release if name == "flash-attn" else real_version(name))
+        monkeypatch.setattr(kernels, "has_flash_attn", lambda: True)  # it asks for CUDA too, which this CPU lacks
+        monkeypatch.setattr(kernels, "_flash_device", lambda query: True)
+    flash_standin.CALLS.clear()
+    g = torch.Generator().manual_seed(group)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14]]
+    samples = [Sample(p, torch.randint(20, 60, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist(),
+                      []) for p in prompts for _ in range(group)]
+    temperature = 0.7
+    with torch.no_grad():
+        expected = {"logps": [], "entropy": []}
+        for s in samples:
+            logits = model(input_ids=torch.tensor([s.prompt + s.response])).logits[0].float() / temperature
+            logp = torch.log_softmax(logits, dim=-1)
+            for i, token in enumerate(s.response):
+                at = len(s.prompt) - 1 + i
+                expected["logps"].append(logp[at, token])
+                expected["entropy"].append(-(logp[at].exp() * logp[at]).sum())
+        batch = collate(samples, "cpu", share_groups=True)
+        every = sum(len(s.prompt) + len(s.response) for s in samples)
+        assert batch["input_ids"].shape[1] == every - (group - 1) * (6 + 0 + 2)  # each prompt but its last token once
+        wrapper = ModelWrapper(model)
+        out = wrapper.policy_outputs(model, batch, None, temperature, entropy=True)
+        for name, values in expected.items():
+            torch.testing.assert_close(out[name][out["mask"]], torch.stack(values), rtol=1e-5, atol=1e-5)
+        if path.startswith("flash-attn"):
+            call = flash_standin.CALLS[-1]
+            assert not torch.equal(call["cu_seqlens_q"], call["cu_seqlens_k"])  # the shared keys went in
+        else:
+            assert not flash_standin.CALLS
+        del batch["shared_prefix"]
+        wrong = wrapper.policy_outputs(model, batch, None, temperature)
+    assert (wrong["logps"][wrong["mask"]] - torch.stack(expected["logps"])).abs().max() > 1e-2
+
+
+def test_prefix_sharing_trains_exactly_like_separate_prompts(tiny_model_dir, sums_dir, tmp_path, caplog):
+    """grpo_prefix_sharing (on by default) changes what is computed, not the result: the same losses, KL (0 at step
+    0 either way) and entropy as grpo_prefix_sharing: false, with a reference and the old log-probs in play."""
+    runs = {}
+    for share in (True, False):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            _, state = train_with(_grpo(tiny_model_dir, sums_dir, tmp_path / str(share), beta=0.04, num_iterations=2,
+                                        grpo_prefix_sharing=share))
+        assert ("each prompt is computed once a group" in caplog.text) == share
+        runs[share] = [e[k] for e in state["log_history"][:2] for k in ("loss", "kl", "entropy")]
+    assert runs[True][1] == 0 and runs[True][4] > 0
+    assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-7)

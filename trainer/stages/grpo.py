@@ -91,6 +91,9 @@ class _GRPOKeys:
     mask_truncated_completions: bool = False
     top_entropy_quantile: float = 1.0
     use_bias_correction_kl: bool = True
+    # zerotune's: each prompt computed once a group in the update and no-grad forwards (the pair stages' prefix
+    # sharing, from 2 answers to num_generations); needs the zerotune_segments attention path.
+    grpo_prefix_sharing: bool = True
 
     def __post_init__(self):
         for key, why in TRL_REFUSED.items():
@@ -161,6 +164,11 @@ class GRPO(OnlineStage):
         return self.opts.beta > 0
 
     @property
+    def wants_segments(self) -> bool:
+        """Ask the loader for zerotune_segments: the one attention path that reads shared prompts."""
+        return self.opts.grpo_prefix_sharing
+
+    @property
     def keeps_old_logps(self) -> bool:
         """Whether an update can run on a policy that has moved since the generation (TRL computes old log-probs
         exactly then; otherwise pi / pi_old is exactly 1 and the old log-probs are the current ones, detached)."""
@@ -215,7 +223,17 @@ class GRPO(OnlineStage):
     def extend_model(self, model):
         from trainer.stages.grpo_rewards import load_models
 
+        from trainer.model.kernels import SEGMENTS
+
         model = super().extend_model(model)  # dropout off, the continued adapter's frozen copy
+        attention = getattr(model.config, "_attn_implementation", None)
+        self.shares_prompts = self.opts.grpo_prefix_sharing and attention == SEGMENTS
+        if self.opts.grpo_prefix_sharing and not self.shares_prompts:
+            logger.info("grpo_prefix_sharing: off with %s attention (it needs flash_attn: auto and a model that "
+                        "zerotune_segments covers); each completion computes its prompt again.", attention)
+        elif self.shares_prompts:
+            logger.info("grpo_prefix_sharing: each prompt is computed once a group in the update and reference "
+                        "forwards, the group's other completions attending to the first one's prompt.")
         load_models(self.rewards, model, lora=True)
         return model
 
@@ -291,7 +309,7 @@ class GRPO(OnlineStage):
         o = self.opts
         samples = self._samples_of(batch)
         device = batch["rollout_keys"].device
-        built = collate(samples, device)
+        built = collate(samples, device, self.shares_prompts)
         out = wrapper.policy_outputs(model, built, None, self.temperature, entropy=True)
         lengths = [len(s.response) for s in samples]
         flat = out["mask"]

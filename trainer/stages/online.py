@@ -55,6 +55,7 @@ class OnlineStage(Stage):
     plotted = ("loss", "reward", "kl")
     state_file = ""  # the stage's own state beside each checkpoint ("ppo_state.json")
     head = None  # a value head (ppo's critic)
+    shares_prompts = False  # a batch's consecutive responses to one prompt compute it once (grpo's groups)
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)

@@ -34,13 +34,14 @@ class Sample:
     returns: torch.Tensor | None = None
 
 
-def collate(samples: list[Sample], device) -> dict:
-    """Prompt + response of each sample in the padding-free layout, the response tokens labelled."""
+def collate(samples: list[Sample], device, share_groups: bool = False) -> dict:
+    """Prompt + response of each sample in the padding-free layout, the response tokens labelled; share_groups:
+    consecutive samples of one prompt compute it once (collators.shared_group_prompts)."""
     from trainer.data.collators import Collator
 
     items = [{"input_ids": s.prompt + s.response, "labels": [IGNORE_INDEX] * len(s.prompt) + s.response,
               "lengths": [len(s.prompt) + len(s.response)]} for s in samples]
-    batch = Collator(pad_token_id=0, padding_free=True)(items)
+    batch = Collator(pad_token_id=0, padding_free=True, share_groups=share_groups)(items)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
@@ -98,7 +99,7 @@ def no_grad_passes(stage, trainer, chunks: list[list[Sample]], policy: bool = Tr
         with torch.no_grad():
             for part in chunks:
                 lengths = [len(s.response) for s in part]
-                batch = collate(part, device)
+                batch = collate(part, device, stage.shares_prompts)
                 if policy:
                     out = wrapper.policy_outputs(model, batch, stage.head, temperature, entropy=True)
                     mask = out["mask"]
