@@ -537,3 +537,38 @@ def test_prefix_sharing_trains_exactly_like_separate_prompts(tiny_model_dir, sum
         runs[share] = [e[k] for e in state["log_history"][:2] for k in ("loss", "kl", "entropy")]
     assert runs[True][1] == 0 and runs[True][4] > 0
     assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-7)
+
+
+def test_a_killed_run_resumes_mid_generation_exactly(tiny_model_dir, sums_dir, tmp_path):
+    """Killed (SIGKILL) after a checkpoint that falls between a generation's two passes (num_iterations 2):
+    resumed, it trains the second pass on the very completions it sampled (each process saved its own) and
+    samples the next generation from that generation's own seed, so every later figure is the uninterrupted run's."""
+    import signal
+
+    from test_reliability import _drive
+
+    settings = dict(max_steps=6, beta=0.04, num_iterations=2)
+    _, reference = train_with(_grpo(tiny_model_dir, sums_dir, tmp_path / "straight", **settings))
+    killed = tmp_path / "killed"
+    cfg = _grpo(tiny_model_dir, sums_dir, killed, save_steps=3, **settings)
+    patch = """
+        original = ZeroTrainer.training_step
+        def step(self, *args, **kwargs):
+            if self.state.global_step == 4:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return original(self, *args, **kwargs)
+        ZeroTrainer.training_step = step
+    """
+    proc = _drive(tmp_path, cfg, patch)
+    assert proc.returncode == -signal.SIGKILL
+    assert (killed / "checkpoint-3" / "grpo_experience_0.pt").is_file()
+    proc = _drive(tmp_path, cfg, "", "resume_from_checkpoint=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((killed / "trainer_state.json").read_text())
+    for key in ("loss", "kl", "reward", "entropy"):
+        want = {e["step"]: e[key] for e in reference["log_history"] if key in e}
+        got = {e["step"]: e[key] for e in resumed["log_history"] if key in e}
+        later = [s for s in want if s > 3]
+        assert later, key
+        for s in later:
+            assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)
