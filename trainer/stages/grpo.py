@@ -221,9 +221,8 @@ class GRPO(OnlineStage):
 
     # ---- model ---------------------------------------------------------------------------------
     def extend_model(self, model):
-        from trainer.stages.grpo_rewards import load_models
-
         from trainer.model.kernels import SEGMENTS
+        from trainer.stages.grpo_rewards import load_models
 
         model = super().extend_model(model)  # dropout off, the continued adapter's frozen copy
         attention = getattr(model.config, "_attn_implementation", None)
