@@ -94,9 +94,9 @@ def test_a_csv_of_only_a_header_holds_no_rows(tiny_model_dir, tmp_path):
 
 
 # 10. small ones ----------------------------------------------------------------------------------------------------
-def test_stage_grpo_points_to_ppo_with_grpo_advantages(tiny_model_dir, data_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"stage: 'grpo' is not a stage. GRPO runs as stage: ppo with "
-                                          r"advantage_estimator: grpo"):
+def test_stage_grpo_is_a_stage_and_asks_for_its_rewards(tiny_model_dir, data_dir, tmp_path):
+    """stage: grpo is TRL's GRPO (tests/test_grpo.py); without reward_funcs it says what it needs."""
+    with pytest.raises(ConfigError, match=r"stage grpo needs reward_funcs"):
         build_config(base_config(tiny_model_dir, data_dir, tmp_path / "o", stage="grpo"))
 
 

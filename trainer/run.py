@@ -138,9 +138,10 @@ def log_layout(config: RunConfig, train, stage) -> None:
         steps = stage.steps_per_epoch(len(train), t.per_device_train_batch_size, t.gradient_accumulation_steps,
                                       t.world_size)
         logger.info("Batches %s; %d %s a step (batch x accumulation x processes): %d optimizer steps an epoch over "
-                    "%d %s.", layout, per_step, unit, steps, len(train), unit)
+                    "%d %s.", layout, per_step, stage.batch_item_name or unit, steps, len(train), unit)
     else:
-        logger.info("Batches %s; %d %s a step (batch x accumulation x processes).", layout, per_step, unit)
+        logger.info("Batches %s; %d %s a step (batch x accumulation x processes).", layout, per_step,
+                    stage.batch_item_name or unit)
 
 
 def shard_model(model, config: RunConfig):

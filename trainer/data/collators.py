@@ -15,7 +15,10 @@ attention_mask (the reference the padding-free layout is tested against, and the
 Preference pairs can share their prompt (`share_prefix`): a pair's rejected sequence then holds only the
 prompt's last token and its answer, attends to the prompt tokens at the start of the chosen sequence before it
 (`shared_prefix`: how many, per segment) and continues its positions from there, so the prompt is computed once
-a pair. The last prompt token is computed twice: its hidden state predicts each answer's first token.
+a pair. The last prompt token is computed twice: its hidden state predicts each answer's first token. A group of
+sequences answering one prompt (grpo's completions, consecutive items: `share_groups`) shares it the same way, the
+2nd..Gth each reading it from the group's first, so the prompt is computed once a group (the attention path reads
+a shared prefix from the nearest segment before that shares none).
 
 Both carry `item_lengths` (tokens of each dataset item: per-item statistics are summed from it, and it is
 the first key so that the Trainer reads the batch size from it) and the bookkeeping the engine pops before
@@ -79,11 +82,8 @@ def shared_prompt(item: dict) -> dict:
     segments = item["lengths"]
     for a, b in zip(segments[0::2], segments[1::2]):
         first, second = start, start + a
-        shared = 0
-        limit = min(a, b)
-        while shared < limit and ids[first + shared] == ids[second + shared] \
-                and labels[first + shared] == IGNORE_INDEX and labels[second + shared] == IGNORE_INDEX:
-            shared += 1
+        shared = _untrained_common(ids[first:second], labels[first:second], ids[second:second + b],
+                                   labels[second:second + b])
         keep = max(shared - 1, 0)  # the last shared token stays: its hidden state predicts the answer's first token
         out_ids += ids[first:second] + ids[second + keep:second + b]
         out_labels += labels[first:second] + labels[second + keep:second + b]
@@ -91,6 +91,34 @@ def shared_prompt(item: dict) -> dict:
         prefixes += [0, keep]
         start += a + b
     return {**item, "input_ids": out_ids, "labels": out_labels, "lengths": lengths, "prefixes": prefixes}
+
+
+def _untrained_common(a_ids, a_labels, b_ids, b_labels) -> int:
+    """How many leading tokens two sequences have in common, none of them trained."""
+    n, limit = 0, min(len(a_ids), len(b_ids))
+    while n < limit and a_ids[n] == b_ids[n] and a_labels[n] == IGNORE_INDEX and b_labels[n] == IGNORE_INDEX:
+        n += 1
+    return n
+
+
+def shared_group_prompts(items: list[dict]) -> list[dict]:
+    """Items of one sequence each, consecutive ones answering the same prompt (a group): the first of a group whole,
+    each other cut down to the prompt's last token and its answer, reading the rest of the prompt from the first
+    (`prefixes`). As in shared_prompt, only untrained common tokens are shared, and a prompt of one token is not."""
+    out, head = [], None
+    for it in items:
+        if len(it["lengths"]) != 1:
+            raise ValueError("a group's items hold one sequence each")
+        keep = 0
+        if head is not None:
+            keep = max(_untrained_common(head["input_ids"], head["labels"], it["input_ids"], it["labels"]) - 1, 0)
+        if not keep:
+            head = it
+            out.append(it)
+            continue
+        out.append({**it, "input_ids": it["input_ids"][keep:], "labels": it["labels"][keep:],
+                    "lengths": [it["lengths"][0] - keep], "prefixes": [keep]})
+    return out
 
 
 def last_trained_span(labels: list[int]) -> tuple[int, int]:
@@ -113,10 +141,15 @@ class Collator:
     pad_token_id: int
     padding_free: bool = True
     share_prefix: bool = False  # pairs: the rejected sequence reuses the chosen one's prompt (shared_prompt)
+    share_groups: bool = False  # consecutive items answering one prompt compute it once (shared_group_prompts)
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         if self.share_prefix:
             items = [shared_prompt(it) for it in items]
+        if self.share_groups:
+            if not self.padding_free:
+                raise ValueError("a group's shared prompt needs the padding-free layout")
+            items = shared_group_prompts(items)
         batch = self._flat(items) if self.padding_free else self._padded(items)
         if "ref_logps" in items[0]:  # precomputed reference log-probs, one per sequence, in segment order
             batch["ref_logps"] = torch.tensor([v for it in items for v in it["ref_logps"]], dtype=torch.float32)
@@ -147,7 +180,7 @@ class Collator:
                  "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                  "position_ids": torch.tensor([positions])}
         batch.update(segment_layout(segments))
-        if self.share_prefix:
+        if self.share_prefix or self.share_groups:
             batch["shared_prefix"] = torch.tensor(prefixes, dtype=torch.int32)
         batch["real_tokens"] = torch.tensor([len(ids)])
         return batch

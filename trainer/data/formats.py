@@ -208,8 +208,9 @@ def to_canonical(spec: DatasetSpec, rows, num_proc: int | None = None):
     return converted, bad
 
 
-def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = False) -> None:
-    """Before any row is converted: the dataset is of a kind these rows can be, and its columns are there."""
+def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = False, response: bool = True) -> None:
+    """Before any row is converted: the dataset is of a kind these rows can be, and its columns are there (the
+    answer's too unless `response` is False: grpo's prompts may come without one)."""
     if spec.ranking and not pairwise_kind:
         raise ConfigError(f"dataset {spec.name!r} is ranking (pairwise) data, which the sft/pt stages cannot use.")
     if pairwise_kind and not spec.ranking:
@@ -221,7 +222,7 @@ def check_rows(spec: DatasetSpec, columns: list[str], pairwise_kind: bool = Fals
                 raise ConfigError(f"dataset {spec.name!r} ({spec.path}): column {spec.column(role, role)!r} not "
                                   f"found; the file has columns {[c for c in columns if c != '_row']}. Map "
                                   f"\"{role}\" under columns in dataset_info.json.")
-    needed_response = not pairwise_kind
+    needed_response = response and not pairwise_kind
     _check_columns(spec, columns, spec.formatting, needed_response)
 
 

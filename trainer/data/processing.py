@@ -302,7 +302,7 @@ def _features(data_kind: str):
     """Fixed column types: a batch of only bad rows still has int token lists, and int32 halves the cache."""
     from datasets import Features, Sequence, Value
 
-    types = {"int32 list": Sequence(Value("int32")), "int8": Value("int8")}
+    types = {"int32 list": Sequence(Value("int32")), "int8": Value("int8"), "string": Value("string")}
     extra = {k: types[tp] for k, (tp, _) in DATA_KINDS.lookup(data_kind).columns.items()}
     return Features({**extra, "input_ids": Sequence(Value("int32")), "labels": Sequence(Value("int32")),
                      "length": Value("int32"), "trained": Value("int32"), "_row": Value("int64"),

@@ -9,8 +9,9 @@ integers once per forward pass, not once per layer. It is the pure-torch counter
 varlen, for CPUs and GPUs without flash-attn. On the CPU in bf16 each segment runs cpu_attention's chunked
 matmuls rather than SDPA's flash kernel (1.5-2.2x faster there, same mask, eager attention's rounding).
 
-A preference pair's rejected sequence can share the chosen one's prompt (the collator's `shared_prefix`: per
-segment, how many tokens at the start of the segment before it it also attends to). Its queries then see those
+Sequences can share a prompt (the batch's `shared_prefix`: per segment, how many tokens it also attends to at
+the start of the nearest segment before it that shares nothing: a preference pair's rejected sequence reads its
+chosen one's prompt, the 2nd..Gth completions of a grpo group read the first one's). Its queries then see those
 prompt keys and its own, causally aligned bottom-right (query i of n sees the k shared keys and its own first
 i + 1): exactly what it would see after the prompt in a sequence of its own. On a CUDA GPU with flash-attn the
 whole row is one FlashAttention-2 varlen call over keys gathered per segment (the shared prompt keys copied in
@@ -64,7 +65,18 @@ class _PerForward:
 
 
 _layout_lengths = _PerForward(lambda cu: cu.diff().tolist())  # one host sync a forward pass, not a layer
-_layout_prefixes = _PerForward(lambda shared: shared.tolist())
+def _sources(prefixes: list[int]) -> list[tuple[int, int]]:
+    """Per segment, (tokens it shares, the segment they are read from): the nearest segment before it that shares
+    none (it holds the whole prompt)."""
+    out, source = [], 0
+    for i, shared in enumerate(prefixes):
+        if not shared:
+            source = i
+        out.append((shared, source))
+    return out
+
+
+_layout_prefixes = _PerForward(lambda shared: _sources(shared.tolist()))
 _position_lengths = _PerForward(lambda pos: [[e - s for s, e in row] for row in segment_bounds(pos)])
 
 
@@ -129,13 +141,13 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     # of a packed SmolLM2 step went to those zero fills and copies).
     rows = []
     for q_row, k_row, v_row, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), row_lengths):
-        shares = prefixes or [0] * len(lengths)
+        shares = prefixes or [(0, i) for i in range(len(lengths))]
         ks, vs = k_row.split(lengths, 1), v_row.split(lengths, 1)
         pieces = []
         for i, q in enumerate(q_row.split(lengths, 1)):
-            k, v, shared, mask = ks[i], vs[i], shares[i], None
-            if shared:  # the prompt keys at the start of the segment before, then its own: bottom-right causal
-                k, v = torch.cat([ks[i - 1][:, :shared], k], 1), torch.cat([vs[i - 1][:, :shared], v], 1)
+            (shared, source), k, v, mask = shares[i], ks[i], vs[i], None
+            if shared:  # the prompt keys at the start of the source segment, then its own: bottom-right causal
+                k, v = torch.cat([ks[source][:, :shared], k], 1), torch.cat([vs[source][:, :shared], v], 1)
             if chunked:
                 pieces.append(cpu_attention.attention(q, k, v, scale).transpose(0, 1))
                 continue
@@ -155,17 +167,18 @@ def _flash_rows(query, key, value, row_lengths, prefixes, dropout: float, scalin
     q = query.transpose(1, 2).reshape(-1, query.shape[1], query.shape[3])  # [B*T, H, D]
     k_rows, v_rows, cu_q, cu_k = [], [], [0], [0]
     for b, lengths in enumerate(row_lengths):
-        shares = prefixes or [0] * len(lengths)
+        shares = prefixes or [(0, i) for i in range(len(lengths))]
         ks, vs = key[b].transpose(0, 1).split(lengths), value[b].transpose(0, 1).split(lengths)  # [n, Hkv, D] each
         for i, n in enumerate(lengths):
-            if shares[i]:
-                k_rows += [ks[i - 1][:shares[i]], ks[i]]
-                v_rows += [vs[i - 1][:shares[i]], vs[i]]
+            shared, source = shares[i]
+            if shared:
+                k_rows += [ks[source][:shared], ks[i]]
+                v_rows += [vs[source][:shared], vs[i]]
             else:
                 k_rows.append(ks[i])
                 v_rows.append(vs[i])
             cu_q.append(cu_q[-1] + n)
-            cu_k.append(cu_k[-1] + n + shares[i])
+            cu_k.append(cu_k[-1] + n + shared)
     device = query.device
     cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=device)
     cu_k_t = torch.tensor(cu_k, dtype=torch.int32, device=device)

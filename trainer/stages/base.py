@@ -21,8 +21,7 @@ from typing import Any
 from trainer.registry import Registry
 
 # The only list of stages: each stage file registers its class here (trainer/stages/__init__.py imports them all).
-STAGES = Registry("stage", "This version trains", hints={
-    "grpo": "GRPO runs as stage: ppo with advantage_estimator: grpo (and num_generations answers a prompt)."})
+STAGES = Registry("stage", "This version trains")
 
 
 @dataclass
@@ -58,6 +57,7 @@ class Stage:
     needs_template: bool = True
     packing_default: bool = False  # as in LLaMA-Factory: pt packs by default, the chat stages do not
     item_name: str = "examples"  # what one dataset item is, in the log
+    batch_item_name: str | None = None  # what per_device_train_batch_size counts when not dataset items (grpo)
     plotted: tuple = ("loss", "eval_loss")  # what plot_loss draws from the log history
     options: type = NoOptions
 

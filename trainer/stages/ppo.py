@@ -1,9 +1,9 @@
 """ppo: online RL from a reward model or a reward function (LLaMA-Factory's stage ppo, with its keys), and GRPO.
 
-One loop over the shared engine. The Trainer iterates prompts buffer by buffer, each buffer ppo_epochs times
-(stages/rollout_sampler.py); when an optimizer step's prompts have no responses yet, the stage samples them for its
-process's whole buffer (stages/rollouts.py: generation, scores, the no-grad forwards, advantages), then every
-micro-batch trains on its prompts' responses:
+One loop over the shared engine (stages/online.py, shared with stage grpo, TRL's GRPO with TRL's keys). The Trainer
+iterates prompts buffer by buffer, each buffer ppo_epochs times (stages/rollout_sampler.py); when an optimizer step's
+prompts have no responses yet, the stage samples them for its process's whole buffer (stages/rollouts.py:
+generation, scores, the no-grad forwards, advantages), then every micro-batch trains on its prompts' responses:
 
 - gae (PPO, Ziegler et al. 2019 as TRL implemented it): per-token rewards = -kl_coef (log pi_old - log pi_ref)
   plus the score on the last token; a value head on the policy (the critic); GAE advantages, whitened; the clipped
@@ -12,26 +12,22 @@ micro-batch trains on its prompts' responses:
   within each prompt's group, no value head; the KL to the reference as a loss term, grpo_beta x k3 per token.
 
 One item of the loss is one response token: the loss is the sum over the optimizer step's response tokens (on every
-process) divided by their count, so accumulation and processes do not change it. The policy's log-probs are at the
-sampling temperature (logits / temperature), as sampled. Dropout is turned off (as TRL does), so the ratio
-pi / pi_old is exactly 1 before the first update of a buffer.
+process) divided by their count, so accumulation and processes do not change it. With dropout off (online.py) the
+ratio pi / pi_old is exactly 1 before the first update of a buffer.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
-from trainer.stages.base import Stage, StageOutput, register
+from trainer.stages.base import StageOutput, register
+from trainer.stages.online import OnlineStage
 from trainer.stages.reward import WithValueHead
 
 logger = logging.getLogger(__name__)
-
-STATE_FILE = "ppo_state.json"
-EXPERIENCE_FILE = "ppo_experience_{rank}.pt"  # a process's sampled buffer, so a resume mid-buffer is exact
 
 
 @dataclass
@@ -95,36 +91,13 @@ class PPOOptions:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be non-negative.")
 
 
-class RolloutPrompts:
-    """The training dataset the engine iterates: the sampler's (epoch, buffer, index) keys, nothing read; the
-    stage reads the prompts (`items`) itself when it samples a buffer."""
-
-    def __init__(self, items):
-        self.items = items
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, key):
-        return {"key": key}
-
-
-class KeyCollator:
-    def __call__(self, rows: list[dict]):
-        import torch
-
-        return {"rollout_keys": torch.tensor([list(r["key"]) for r in rows], dtype=torch.long)}
-
-
 @register
-class PPO(WithValueHead, Stage):
+class PPO(WithValueHead, OnlineStage):
     name = "ppo"
     data_kind = "supervised"  # the prompt is what precedes the last answer; the answer is the reference
-    needs_padding_free = True
-    item_name = "prompts"
-    plotted = ("loss", "reward", "kl")  # LLaMA-Factory's ppo plots loss and reward
     options = PPOOptions
     head_role = "critic"  # its value head estimates values: never a reward model (export leaves it out)
+    state_file = "ppo_state.json"
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)
@@ -135,13 +108,7 @@ class PPO(WithValueHead, Stage):
         self.samples = o.num_generations if self.grpo else 1
         self.kl_control = AdaptiveKLController(o.ppo_init_kl_coef, o.ppo_target, o.ppo_kl_horizon)
         self.score_moments = RunningMoments()
-        self.rollouts = 0
-        self.items = self.sampler = None
         self.reward = None  # rewards.FunctionReward or rewards.ModelReward
-        self.reference = self.reference_wrapper = None  # a frozen copy (full/freeze), else the LoRA base
-        self.reference_adapter = None  # LoRA continuing adapter_name_or_path: a frozen copy of it is the reference
-        self.experience: dict[tuple, list] = {}  # (epoch, buffer, index) -> that prompt's sampled responses
-        self.pending: dict = {}  # the last rollout's statistics, logged with the next micro-batch
         if config is not None:
             self._check(config)
 
@@ -152,26 +119,8 @@ class PPO(WithValueHead, Stage):
     def _check(self, config) -> None:
         from trainer.stages.rewards import FunctionReward
 
-        d, t, g, o = config.data, config.training, config.generation, self.opts
-        if d.train_on_prompt:
-            raise ConfigError("train_on_prompt: stage ppo reads each example's prompt as the tokens before its last "
-                              "answer; with train_on_prompt every token is an answer. Remove it.")
-        if g.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens: {g.max_new_tokens}: ppo needs room for an answer (at least 1).")
-        if g.do_sample and g.temperature <= 0:
-            raise ConfigError(f"temperature: {g.temperature} with do_sample: true; sampling needs a positive "
-                              "temperature (or do_sample: false for greedy answers).")
-        self._sample_from_the_policy(config)
-        if d.packing:
-            raise ConfigError("packing: stage ppo trains on prompts with their sampled responses; remove packing.")
-        if d.streaming:
-            raise ConfigError("streaming: stage ppo visits each buffer of prompts ppo_epochs times; it needs the "
-                              "whole dataset (streaming: false).")
-        if t.do_eval or t.eval_strategy != "no" or d.val_size or d.eval_dataset:
-            raise ConfigError("stage ppo has no eval loss (as in LLaMA-Factory): remove do_eval, eval_strategy, "
-                              "val_size and eval_dataset; the logged reward is its measure.")
-        if g.num_beams != 1:
-            raise ConfigError(f"num_beams: {g.num_beams}: ppo samples its responses; beam search is not a policy.")
+        g, o = config.generation, self.opts
+        self.check_online(config, {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0})
         if self.grpo and not g.do_sample:
             raise ConfigError("advantage_estimator: grpo needs do_sample: true (greedy responses to one prompt are "
                               "all the same, so every advantage would be 0).")
@@ -189,45 +138,13 @@ class PPO(WithValueHead, Stage):
                                   "full for a whole reward model.")
         else:
             self.reward = FunctionReward(o.reward_function)
-        if d.cutoff_len < 2:
-            raise ConfigError("cutoff_len must leave room for a prompt.")
-
-    def _sample_from_the_policy(self, config) -> None:
-        """The losses read log-probs of softmax(logits / temperature): sample from exactly that (TRL's PPO does the
-        same), unless the YAML asks for truncation itself, which then only warns."""
-        g, raw = config.generation, config.raw
-        asked = {k: raw[k] for k in ("top_p", "top_k", "repetition_penalty") if k in raw}
-        for key, plain in (("top_p", 1.0), ("top_k", 0), ("repetition_penalty", 1.0)):
-            if key not in asked:
-                setattr(g, key, plain)
-        truncating = (g.top_p < 1.0 or g.top_k > 0 or g.repetition_penalty != 1.0) and g.do_sample
-        if truncating:
-            logger.warning("ppo samples with %s, but its ratios and KL use the untruncated policy softmax(logits / "
-                           "temperature): the samples are not from that policy, so both are approximations. Leave "
-                           "top_p, top_k and repetition_penalty unset for exact ones.",
-                           ", ".join(f"{k}: {v}" for k, v in asked.items()))
 
     # ---- model ---------------------------------------------------------------------------------
     def extend_model(self, model):
-        from torch import nn
-
         o = self.opts
-        dropped = [m for m in model.modules() if isinstance(m, nn.Dropout) and m.p > 0]
-        for m in dropped:
-            m.p = 0.0
-        for m in model.modules():  # attention modules pass their own probability to the attention call
-            if isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0:
-                m.attention_dropout = 0.0
-                dropped.append(m)
-        if dropped:
-            logger.info("ppo: dropout off in %d modules (as TRL does): the policy that sampled a response and the "
-                        "one trained on it must agree before the first update.", len(dropped))
+        model = super().extend_model(model)  # dropout off, the continued adapter's frozen copy
         if not self.grpo:
             self.attach_head(model)  # the critic
-        if self.uses_reference and self.config.training.do_train:
-            from trainer.model.adapters import keep_starting_adapter
-
-            self.reference_adapter = keep_starting_adapter(model, self.config)
         if o.reward_model_type == "lora":
             from trainer.stages.rewards import ModelReward, load_reward_adapter, load_value_head
 
@@ -239,25 +156,16 @@ class PPO(WithValueHead, Stage):
     def prepare(self, model, wrapper) -> None:
         import torch
 
-        from trainer.model.adapters import peft_model
-        from trainer.model.reference import frozen_dtype, load_frozen, placed_separately, shard_like_policy, \
-            starting_copy
+        from trainer.model.reference import frozen_dtype, load_frozen, placed_separately, shard_like_policy
         from trainer.options import split_list
 
-        t, o = self.config.training, self.opts
-        # The template's stop tokens, as run() set them (the Trainer later aligns generation_config with the
-        # tokenizer's eos alone).
-        stops = model.generation_config.eos_token_id
-        self.stop_ids = [stops] if isinstance(stops, int) else list(stops)
-        dtype = frozen_dtype(self.config)
-        if self.uses_reference and peft_model(model) is None and t.do_train:
-            # full / freeze: a frozen copy of the starting weights, kept in the policy's dtype and run under its
-            # autocast (rollouts._precision), so that before the first update its log-probs are the policy's exactly
-            self.reference, self.reference_wrapper = starting_copy(self.config, model, wrapper, dtype, cast=False)
+        super().prepare(model, wrapper)  # stop tokens, the frozen starting copy (full / freeze)
+        o = self.opts
         if o.reward_model_type == "full":
             from trainer.model.wrapper import ModelWrapper
             from trainer.stages.rewards import ModelReward, load_value_head
 
+            dtype = frozen_dtype(self.config)
             scorer = load_frozen(self.config, o.reward_model, split_list(o.reward_model_adapters), model,
                                  dtype or torch.float32, "reward_model", "Reward model")
             head = load_value_head(o.reward_model, scorer.config.hidden_size)
@@ -267,19 +175,12 @@ class PPO(WithValueHead, Stage):
             self.reward = ModelReward(o.reward_model, head, scorer, scorer_wrapper)
 
     # ---- data ----------------------------------------------------------------------------------
-    def train_items(self, dataset):
-        self.items = dataset
-        return RolloutPrompts(dataset)
-
-    def collator(self, pad_token_id: int, padding_free: bool = True):
-        return KeyCollator()
-
-    def steps_per_epoch(self, items: int, batch: int, accumulation: int, world: int) -> int:
+    def make_sampler(self, size: int, batch: int, accumulation: int, world: int, seed: int, epoch_of=None):
         from trainer.stages.rollout_sampler import RolloutSampler
 
         o = self.opts
-        sampler = RolloutSampler(items, batch, accumulation, world, o.ppo_buffer_size, o.ppo_epochs, 0)
-        return sampler.buffers * o.ppo_buffer_size * o.ppo_epochs
+        return RolloutSampler(size, batch, accumulation, world, o.ppo_buffer_size, o.ppo_epochs, seed,
+                              epoch_of=epoch_of)
 
     def micro_batch_tokens(self, config) -> int:
         """Each prompt's num_generations answers, each up to max_new_tokens after the prompt."""
@@ -288,48 +189,18 @@ class PPO(WithValueHead, Stage):
         return config.training.per_device_train_batch_size * self.samples * longest
 
     def train_sampler(self, trainer, dataset):
-        from trainer.stages.rollout_sampler import RolloutSampler
-
-        a, o = trainer.args, self.opts
-        world = trainer.accelerator.num_processes
-        per_epoch = self.steps_per_epoch(len(dataset), a.per_device_train_batch_size, a.gradient_accumulation_steps,
-                                         world)
-        self.sampler = RolloutSampler(len(dataset), a.per_device_train_batch_size, a.gradient_accumulation_steps,
-                                      world, o.ppo_buffer_size, o.ppo_epochs, a.seed,
-                                      epoch_of=lambda: trainer.state.global_step // per_epoch)
-        s = self.sampler
+        s, o = super().train_sampler(trainer, dataset), self.opts
         logger.info("ppo: buffers of %d prompts (%d on each of %d processes) x %d response%s each, trained on %d "
                     "time%s (ppo_epochs) in %d optimizer steps; %d buffers an epoch.", s.buffer_len,
                     s.buffer_len // s.world, s.world, self.samples, "s" if self.samples > 1 else "", o.ppo_epochs,
                     "s" if o.ppo_epochs > 1 else "", o.ppo_epochs * o.ppo_buffer_size, s.buffers)
-        return self.sampler
-
-    def count_items(self, batch: dict):
-        import torch
-
-        return torch.tensor(sum(len(s.response) for s in self._samples_of(batch)))
-
-    def _samples_of(self, batch: dict) -> list:
-        return [s for key in batch["rollout_keys"].tolist() for s in self.experience[tuple(key)]]
+        return s
 
     # ---- rollouts ------------------------------------------------------------------------------
-    def before_step(self, trainer, batch_samples: list[dict]) -> None:
-        keys = [tuple(k) for b in batch_samples for k in b["rollout_keys"].tolist()]
-        missing = [k for k in keys if k not in self.experience]
-        if not missing:
-            return
-        epoch, buffer = missing[0][:2]
-        share = self.sampler.share(epoch, buffer, trainer.accelerator.process_index)
-        import time
-
+    def sample_buffer(self, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         from trainer.stages.rollouts import rollout
 
-        start = time.perf_counter()
-        self.experience = {}  # the previous buffer's responses are done with
-        self.experience, self.pending = rollout(self, trainer, [(epoch, buffer, slot, i) for slot, i in share])
-        self.rollouts += 1
-        trainer.exclude_from_window(time.perf_counter() - start)
-        _show_progress(trainer, self.rollouts, self.pending)
+        return rollout(self, trainer, keys)
 
     # ---- loss ----------------------------------------------------------------------------------
     def compute(self, wrapper, model, batch: dict) -> StageOutput:
@@ -373,57 +244,16 @@ class PPO(WithValueHead, Stage):
         self.pending = {}
         return StageOutput(loss_sum=loss_sum, items=n, stats=stats, batch=built)
 
-    @property
-    def temperature(self) -> float:
-        g = self.config.generation
-        return g.temperature if g.do_sample and g.temperature > 0 else 1.0
-
-    def summarize(self, totals: dict) -> dict:
-        import math
-
-        figures = super().summarize(totals)
-        square = figures.pop("reward_sq", None)
-        if square is not None and "reward" in figures:
-            figures["reward_std"] = math.sqrt(max(square - figures["reward"] ** 2, 0.0))
-        seconds, tokens = figures.get("time/generation"), figures.pop("generation_tokens", None)
-        if seconds and tokens is not None:
-            figures["generation_tokens_per_second"] = tokens / seconds
-        return figures
-
     # ---- state ---------------------------------------------------------------------------------
     def save_extra(self, folder: str, state_dict: dict | None) -> None:
-        super().save_extra(folder, state_dict)
-        state = {"kl_coef": self.kl_control.value, "score_moments": self.score_moments.state_dict(),
-                 "rollouts": self.rollouts}
-        os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, STATE_FILE), "w") as f:
-            json.dump(state, f, indent=2)
+        WithValueHead.save_extra(self, folder, state_dict)  # the critic
+        self.save_state(folder)
 
-    def save_process_state(self, folder: str, rank: int) -> None:
-        """This process's current buffer: resumed mid-buffer, the run trains on the very responses it sampled."""
-        import dataclasses
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.kl_control.value, "score_moments": self.score_moments.state_dict(),
+                "rollouts": self.rollouts}
 
-        import torch
-
-        experience = {key: [dataclasses.asdict(s) for s in samples] for key, samples in self.experience.items()}
-        torch.save(experience, os.path.join(folder, EXPERIENCE_FILE.format(rank=rank)))
-
-    def load_state(self, folder: str) -> None:
-        import torch
-
-        from trainer.stages.rollouts import Sample
-
-        rank = self.config.training.process_index
-        saved = os.path.join(folder, EXPERIENCE_FILE.format(rank=rank))
-        if os.path.isfile(saved):
-            experience = torch.load(saved, weights_only=True)
-            self.experience = {tuple(key): [Sample(**s) for s in samples] for key, samples in experience.items()}
-        path = os.path.join(folder, STATE_FILE)
-        if not os.path.isfile(path):
-            logger.warning("%s has no %s: the KL coefficient and score statistics start afresh.", folder, STATE_FILE)
-            return
-        with open(path) as f:
-            state = json.load(f)
+    def load_state_dict(self, state: dict) -> None:
         self.kl_control.value = state["kl_coef"]
         self.score_moments.load_state_dict(state["score_moments"])
         self.rollouts = state["rollouts"]
@@ -433,14 +263,3 @@ def _causal_hidden(model) -> int:
     from trainer.model.value_head import causal_lm
 
     return causal_lm(model).config.hidden_size
-
-
-def _show_progress(trainer, rollouts: int, stats: dict) -> None:
-    """Rollouts and the last reward beside the optimizer steps on the Trainer's progress bar."""
-    from transformers.trainer_callback import ProgressCallback
-
-    for callback in trainer.callback_handler.callbacks:
-        bar = getattr(callback, "training_bar", None) if isinstance(callback, ProgressCallback) else None
-        if bar is not None:
-            total, count = stats["reward"]
-            bar.set_postfix(rollouts=rollouts, reward=f"{float(total.sum() / count.sum()):.3f}", refresh=False)

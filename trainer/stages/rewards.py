@@ -32,15 +32,15 @@ logger = logging.getLogger(__name__)
 REWARD_ADAPTER = "reward"
 
 
-def load_function(spec: str):
+def load_function(spec: str, key: str = "reward_function"):
     """`module:callable` or `path/to/file.py:callable` -> the callable, with errors that name the key."""
     if ":" not in spec:
-        raise ConfigError(f"reward_function: {spec!r} must be module:callable (or path/to/file.py:callable).")
+        raise ConfigError(f"{key}: {spec!r} must be module:callable (or path/to/file.py:callable).")
     where, name = spec.rsplit(":", 1)
     try:
         if where.endswith(".py"):
             if not os.path.isfile(where):
-                raise ConfigError(f"reward_function: {where} does not exist.")
+                raise ConfigError(f"{key}: {where} does not exist.")
             loaded = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(where))[0], where)
             module = importlib.util.module_from_spec(loaded)
             loaded.loader.exec_module(module)
@@ -49,10 +49,10 @@ def load_function(spec: str):
     except ConfigError:
         raise
     except Exception as err:  # the user's module failed to import: say which and why
-        raise ConfigError(f"reward_function: importing {where!r} failed: {type(err).__name__}: {err}") from err
+        raise ConfigError(f"{key}: importing {where!r} failed: {type(err).__name__}: {err}") from err
     fn = getattr(module, name, None)
     if not callable(fn):
-        raise ConfigError(f"reward_function: {where!r} has no callable {name!r}.")
+        raise ConfigError(f"{key}: {where!r} has no callable {name!r}.")
     return fn
 
 
@@ -96,8 +96,8 @@ class ModelReward:
     """A reward model's score of each sequence: the value head at its last token. `model` is a separate frozen
     model (full), or the policy itself with the reward adapter switched on (lora)."""
 
-    def __init__(self, folder: str, head, model=None, wrapper=None):
-        self.folder, self.head, self.model, self.wrapper = folder, head, model, wrapper
+    def __init__(self, folder: str, head, model=None, wrapper=None, adapter: str = REWARD_ADAPTER):
+        self.folder, self.head, self.model, self.wrapper, self.adapter = folder, head, model, wrapper, adapter
 
     @torch.no_grad()
     def score_batch(self, policy, policy_wrapper, batch: dict) -> torch.Tensor:
@@ -116,7 +116,7 @@ class ModelReward:
 
         if self.model is not None:
             return contextlib.nullcontext()
-        return use_adapter(model, REWARD_ADAPTER)
+        return use_adapter(model, self.adapter)
 
 
 def _placed(model) -> bool:
@@ -125,8 +125,9 @@ def _placed(model) -> bool:
     return sharded_module(model)
 
 
-def load_reward_adapter(model, folder: str):
-    """reward_model_type: lora: the rm run's adapter as a second, frozen adapter of the policy's model."""
+def load_reward_adapter(model, folder: str, name: str = REWARD_ADAPTER, key: str = "reward_model"):
+    """reward_model_type: lora: the rm run's adapter as a second, frozen adapter of the policy's model (`name`: the
+    adapter's name there; `key`: the YAML key it came from, for errors)."""
     from trainer.model.adapters import load_frozen_adapter, peft_model
 
     if peft_model(model) is None:
@@ -135,5 +136,5 @@ def load_reward_adapter(model, folder: str):
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         raise ConfigError(f"reward_model: {folder} holds no LoRA adapter (adapter_config.json); for a whole reward "
                           "model set reward_model_type: full.")
-    load_frozen_adapter(model, folder, REWARD_ADAPTER, key="reward_model")
+    load_frozen_adapter(model, folder, name, key=key)
     logger.info("Reward model: the adapter in %s on the policy's base (no second copy of the base).", folder)

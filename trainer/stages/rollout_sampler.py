@@ -71,3 +71,53 @@ class RolloutSampler(torch.utils.data.Sampler):
                             placed[slot] = slots[pick]
                 for slot in placed:
                     yield (epoch, buffer, slot, chunk[slot])
+
+
+class GroupSampler(RolloutSampler):
+    """grpo's order: the items are completions, `group` of each prompt (TRL's batch sizes count completions, and
+    so does per_device_train_batch_size here). A buffer (one generation) holds world x batch x micro_batches
+    completions. Each process's share is whole groups, laid out prompt by prompt: process p holds completions
+    [p n, (p + 1) n) of the buffer, n = batch x micro_batches, and completion q answers the buffer's prompt q // group.
+    A process's micro-batches take its completions in that order on every pass (num_iterations), so the completions
+    of one prompt sit together in a micro-batch (where their prompt can be computed once) and advantages need only
+    the process's own rewards. Each buffer's prompts are a fresh random draw, so an optimizer step's completions are
+    a random set of prompts' groups even without shuffling completions (TRL shuffles them; only the grouping
+    differs, never which completions a generation holds)."""
+
+    def __init__(self, size: int, batch_size: int, accumulation: int, world: int, buffer_steps: int, repeats: int,
+                 seed: int, group: int, epoch_of=None):
+        super().__init__(size, batch_size, accumulation, world, buffer_steps, repeats, seed, epoch_of)
+        self.group = group
+        self.per_process = batch_size * self.micro_batches
+        if self.per_process % group:
+            raise ValueError(f"{self.per_process} completions a process a generation do not hold whole groups of "
+                             f"{group}")
+        self.prompts = self.buffer_len // group  # prompts a buffer (a generation), on every process together
+        self.buffers = math.ceil(size / self.prompts)
+
+    def order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        drawn = torch.randperm(self.size, generator=g).tolist()
+        need = self.buffers * self.prompts
+        while len(drawn) < need:
+            drawn += drawn[:need - len(drawn)]
+        return drawn
+
+    def share(self, epoch: int, buffer: int, rank: int) -> list[tuple[int, int]]:
+        """The (completion slot, prompt index) pairs process `rank` trains in one buffer, in the order it trains them;
+        each prompt's `group` slots are consecutive."""
+        chunk = self.order(epoch)[buffer * self.prompts:(buffer + 1) * self.prompts]
+        start = rank * self.per_process
+        return [(q, chunk[q // self.group]) for q in range(start, start + self.per_process)]
+
+    def __iter__(self):
+        epoch = self.epoch_of() if self.epoch_of is not None else self.epoch
+        for buffer in range(self.buffers):
+            shares = [self.share(epoch, buffer, rank) for rank in range(self.world)]
+            placed: list = [None] * self.buffer_len
+            for rank in range(self.world):  # accelerate hands process p every world-th micro-batch
+                for position, pair in zip(self._slots(rank), shares[rank]):
+                    placed[position] = pair
+            for _ in range(self.repeats):
+                for slot, index in placed:
+                    yield (epoch, buffer, slot, index)

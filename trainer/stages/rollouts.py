@@ -34,17 +34,18 @@ class Sample:
     returns: torch.Tensor | None = None
 
 
-def collate(samples: list[Sample], device) -> dict:
-    """Prompt + response of each sample in the padding-free layout, the response tokens labelled."""
+def collate(samples: list[Sample], device, share_groups: bool = False) -> dict:
+    """Prompt + response of each sample in the padding-free layout, the response tokens labelled; share_groups:
+    consecutive samples of one prompt compute it once (collators.shared_group_prompts)."""
     from trainer.data.collators import Collator
 
     items = [{"input_ids": s.prompt + s.response, "labels": [IGNORE_INDEX] * len(s.prompt) + s.response,
               "lengths": [len(s.prompt) + len(s.response)]} for s in samples]
-    batch = Collator(pad_token_id=0, padding_free=True)(items)
+    batch = Collator(pad_token_id=0, padding_free=True, share_groups=share_groups)(items)
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _precision(trainer):
+def precision(trainer):
     """Generation calls the causal LM's own forward, not the one accelerate wrapped in autocast: bf16/fp16 runs
     outside DeepSpeed (whose weights are already in that dtype) generate under autocast too."""
     a = trainer.args
@@ -56,7 +57,7 @@ def _precision(trainer):
 
 
 @contextlib.contextmanager
-def _sampling_seed(args, key: tuple, rank: int):
+def sampling_seed(args, key: tuple, rank: int):
     """Sample a buffer's responses from its own seed (the run's seed, the buffer, the process), leaving the global
     RNG as it was: a resumed run samples exactly what the uninterrupted one did (the Trainer restores its RNG
     only after fetching the first batches, where the rollout already ran)."""
@@ -66,7 +67,7 @@ def _sampling_seed(args, key: tuple, rank: int):
         yield
 
 
-def _reference(stage, model):
+def reference_of(stage, model):
     """(model, wrapper-or-None, context) to compute the reference's log-probs with."""
     from trainer.model.adapters import reference_context
     from trainer.model.reference import sharded_module
@@ -83,36 +84,50 @@ def _split(values: torch.Tensor, mask: torch.Tensor, lengths: list[int]) -> list
     return list(values[mask].float().cpu().split(lengths))
 
 
-def _forwards(stage, trainer, samples: list[Sample], chunk: int) -> tuple[list[torch.Tensor], float]:
-    """Old log-probs, values and reference log-probs into each sample; model scores and the entropy sum back."""
+def no_grad_passes(stage, trainer, chunks: list[list[Sample]], policy: bool = True, scorers=()) -> tuple[list, float]:
+    """In no-grad forwards of the training layout, one chunk of samples at a time: the policy's log-probs into each
+    sample's old_logps and, with a value head, its values into old_values (policy: True), the reference's log-probs
+    into ref_logps (when the stage uses a reference), and each reward model's scores. Returns (each scorer's scores,
+    one tensor over all chunks; the policy's entropy summed over the response tokens, 0 without policy)."""
+    if not (policy or stage.uses_reference or scorers):
+        return [], 0.0
     model, wrapper, device = trainer.model, trainer.wrapper, trainer.args.device
-    temperature, scores, entropy = stage.temperature, [], 0.0
+    temperature, scores, entropy = stage.temperature, [[] for _ in scorers], 0.0
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            for start in range(0, len(samples), chunk):
-                part = samples[start:start + chunk]
+            for part in chunks:
                 lengths = [len(s.response) for s in part]
-                batch = collate(part, device)
-                out = wrapper.policy_outputs(model, batch, stage.head, temperature, entropy=True)
-                mask = out["mask"]
-                entropy += float(out["entropy"][mask].sum())
-                for s, lp in zip(part, _split(out["logps"], mask, lengths)):
-                    s.old_logps = lp
-                if stage.head is not None:
-                    for s, v in zip(part, _split(out["values"], mask, lengths)):
-                        s.old_values = v
+                batch = collate(part, device, stage.shares_prompts)
+                if policy:
+                    out = wrapper.policy_outputs(model, batch, stage.head, temperature, entropy=True)
+                    mask = out["mask"]
+                    entropy += float(out["entropy"][mask].sum())
+                    for s, lp in zip(part, _split(out["logps"], mask, lengths)):
+                        s.old_logps = lp
+                    if stage.head is not None:
+                        for s, v in zip(part, _split(out["values"], mask, lengths)):
+                            s.old_values = v
                 if stage.uses_reference:
-                    ref_model, ref_wrapper, switched = _reference(stage, model)
-                    with switched, _precision(trainer):  # a plain copy's forward has no autocast of its own
-                        ref = (ref_wrapper or wrapper).policy_outputs(ref_model, batch, None, temperature)["logps"]
-                    for s, lp in zip(part, _split(ref, mask, lengths)):
+                    ref_model, ref_wrapper, switched = reference_of(stage, model)
+                    with switched, precision(trainer):  # a plain copy's forward has no autocast of its own
+                        out = (ref_wrapper or wrapper).policy_outputs(ref_model, batch, None, temperature)
+                    for s, lp in zip(part, _split(out["logps"], out["mask"], lengths)):
                         s.ref_logps = lp
-                if hasattr(stage.reward, "score_batch"):
-                    scores.append(stage.reward.score_batch(model, wrapper, batch))
+                for found, scorer in zip(scores, scorers):
+                    found.append(scorer.score_batch(model, wrapper, batch))
     finally:
         model.train(was_training)
+    return [torch.cat(found) for found in scores], entropy
+
+
+def _forwards(stage, trainer, samples: list[Sample], chunk: int) -> tuple[list[torch.Tensor], float]:
+    """ppo's passes: old log-probs, values and reference log-probs into each sample, in chunks of a micro-batch's
+    sequences; the reward model's scores and the entropy sum back."""
+    scorers = [stage.reward] if hasattr(stage.reward, "score_batch") else []
+    chunks = [samples[start:start + chunk] for start in range(0, len(samples), chunk)]
+    scores, entropy = no_grad_passes(stage, trainer, chunks, policy=True, scorers=scorers)
     return scores, entropy
 
 
@@ -132,7 +147,7 @@ def _padded(rows: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def _summed(trainer, values: list[float]) -> list[float]:
+def summed(trainer, values: list[float]) -> list[float]:
     """Sums over every process (one all-reduce)."""
     totals = torch.tensor(values, dtype=torch.float64, device=trainer.args.device)
     if trainer.accelerator.num_processes > 1:
@@ -142,7 +157,7 @@ def _summed(trainer, values: list[float]) -> list[float]:
 
 def _moments(trainer, values: torch.Tensor, mask: torch.Tensor) -> list[float]:
     """(count, sum, sum of squares) of the masked values over every process."""
-    return _summed(trainer, [float(mask.sum()), float((values * mask).sum()), float((values ** 2 * mask).sum())])
+    return summed(trainer, [float(mask.sum()), float((values * mask).sum()), float((values ** 2 * mask).sum())])
 
 
 def _advantages(stage, trainer, samples: list[Sample], scores: torch.Tensor) -> torch.Tensor | None:
@@ -188,7 +203,7 @@ def rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         samples += [Sample(prompt, [], reference) for _ in range(stage.samples)]
     chunk = a.per_device_train_batch_size * stage.samples  # a micro-batch's sequences
     together = stage.opts.generation_batch_size or chunk * a.gradient_accumulation_steps
-    with _precision(trainer), _sampling_seed(a, keys[0], trainer.accelerator.process_index):
+    with precision(trainer), sampling_seed(a, keys[0], trainer.accelerator.process_index):
         generated = time.perf_counter()
         responses = generate(model, [s.prompt for s in samples], stops, tokenizer.pad_token_id, g,
                              batch_size=together)
@@ -202,7 +217,7 @@ def rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         raw = _function_scores(stage, tokenizer, samples, set(stops))
     scores = raw
     if stage.opts.ppo_score_norm:  # TRL's use_score_norm over every score so far, on every process
-        stage.score_moments.update(*_summed(trainer, [len(raw), float(raw.sum()), float((raw ** 2).sum())]))
+        stage.score_moments.update(*summed(trainer, [len(raw), float(raw.sum()), float((raw ** 2).sum())]))
         scores = (raw - stage.score_moments.mean) / (stage.score_moments.std + 1e-8)
     kl = _advantages(stage, trainer, samples, scores)
     n, tokens = len(samples), sum(len(s.response) for s in samples)
@@ -213,7 +228,7 @@ def rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         stats["kl"] = (kl.sum(), n)
     if not stage.grpo:
         stats["kl_coef"] = (stage.kl_control.value, 1)
-        total_kl, responses = _summed(trainer, [float(kl.sum()), n])
+        total_kl, responses = summed(trainer, [float(kl.sum()), n])
         stage.kl_control.update(total_kl / responses, int(responses))
     stats["time/rollout"] = ((time.perf_counter() - start) / world, None)
     experience = {}
