@@ -132,8 +132,8 @@ def _forwards(stage, trainer, samples: list[Sample], chunk: int) -> tuple[list[t
 
 
 def _function_scores(stage, tokenizer, samples: list[Sample], stops: set[int]) -> torch.Tensor:
-    def text(ids):
-        ids = ids[:-1] if ids and ids[-1] in stops else ids
+    def text(ids):  # up to the reply's stop token (a dataset answer carries its format's suffix after it)
+        ids = ids[:next((i for i, t in enumerate(ids) if t in stops), len(ids))]
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     return stage.reward.score_texts([tokenizer.decode(s.prompt, skip_special_tokens=True) for s in samples],
