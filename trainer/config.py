@@ -22,7 +22,7 @@ from trainer.engine.training_args import training_arguments
 from trainer.errors import ConfigError
 from trainer.generation import GenerationSettings
 from trainer.model.options import ExportArguments, FinetuningArguments, InferenceArguments, ModelArguments, \
-    check_backend
+    check_backend, check_lora_variants
 from trainer.options import coerce, coerce_field, did_you_mean, fields_of, parse_override, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -267,6 +267,7 @@ def _validate(config: RunConfig, stage_class) -> None:
                           "the forward pass); leave it off to stop on a non-finite loss.")
     if m.adapter_name_or_path and f.finetuning_type != "lora":
         raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
+    check_lora_variants(f, m, zero3=bool(t.deepspeed) and zero_stage(t.deepspeed) == 3, fsdp=config.fsdp is not None)
     check_backend(config.inference)
     if t.do_predict:
         if not stage_class.predicts:

@@ -32,9 +32,9 @@ REFUSED: dict[str, tuple[tuple[str, ...], str]] = {
                          "Adam-mini and Muon are not supported; `optim` picks any optimizer transformers has"),
     "DFT / ASFT / EAFT losses": (("use_dft_loss", "use_asft_loss", "asft_alpha", "use_eaft_loss", "eaft_alpha"),
                                  "these loss variants are not supported; sft trains plain cross-entropy"),
-    "LoRA variants": (("loraplus_lr_ratio", "loraplus_lr_embedding", "use_dora", "use_rslora", "pissa_init",
-                       "pissa_iter", "pissa_convert", "create_new_adapter"),
-                      "LoRA+, DoRA, rsLoRA, PiSSA and stacked new adapters are not supported yet; plain LoRA is"),
+    "LoRA+": (("loraplus_lr_ratio", "loraplus_lr_embedding"),
+              "LoRA+ (a larger learning rate for the B matrices) is not supported yet; LoRA trains A and B at "
+              "learning_rate"),
     "OFT": (("oft_rank", "oft_block_size", "oft_target", "module_dropout"),
             "OFT is not supported; use finetuning_type lora, freeze or full"),
     "LLaMA Pro": (("use_llama_pro",), "LLaMA Pro block expansion is not supported"),

@@ -50,7 +50,8 @@ def parameter_counts(config: RunConfig) -> tuple[int, int, int]:
         trained = sum(p.numel() for layer in chosen for p in layer.parameters())
     else:
         targets = set(all_linear_names(model)) if f.lora_target == ["all"] else set(f.lora_target)
-        trained = sum(f.lora_rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+        trained = sum(f.lora_rank * (m.in_features + m.out_features) + f.use_dora * m.out_features  # DoRA's magnitudes
+                      for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets)
     return total, trained, largest
 
@@ -153,6 +154,10 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
     lines = [f"model            {config.model.model_name_or_path} ({config.finetuning.finetuning_type}, "
              f"stage {config.finetuning.stage})",
              f"processes        {world} ({per_node} per node x {nodes} node(s))"]
+    if config.finetuning.finetuning_type == "lora":
+        from trainer.model.lora_variants import plan
+
+        lines.insert(1, f"adapter          {plan(config.finetuning, config.model.adapters)}")
     if config.fsdp:
         mode = "full_shard" if config.fsdp.reshard_after_forward else "shard_grad_op"
         lines.append(f"sharding         FSDP2 {mode} over {world} processes (model states: the ZeRO-3 row below)"

@@ -153,6 +153,10 @@ class PPO(WithValueHead, Stage):
         from trainer.stages.rewards import FunctionReward
 
         d, t, g, o = config.data, config.training, config.generation, self.opts
+        if config.finetuning.pissa_init and (self.uses_reference or o.reward_model_type == "lora"):
+            raise ConfigError("pissa_init: ppo's reference model (and a LoRA reward model) is the policy's base with "
+                              "its adapter switched off, and PiSSA has replaced that base by its residual (not the "
+                              "model you start from). Train ppo without pissa_init (LLaMA-Factory refuses it too).")
         if d.train_on_prompt:
             raise ConfigError("train_on_prompt: stage ppo reads each example's prompt as the tokens before its last "
                               "answer; with train_on_prompt every token is an answer. Remove it.")
