@@ -23,7 +23,7 @@ from trainer.engine.training_args import training_arguments
 from trainer.errors import ConfigError
 from trainer.generation import GenerationSettings
 from trainer.model.options import ExportArguments, FinetuningArguments, InferenceArguments, ModelArguments, \
-    check_backend, check_quantization
+    check_backend, check_lora_variants, check_quantization
 from trainer.options import coerce, coerce_field, did_you_mean, fields_of, parse_override, read_yaml
 
 logger = logging.getLogger(__name__)
@@ -268,8 +268,7 @@ def _validate(config: RunConfig, stage_class) -> None:
     if config.fsdp and config.engine.skip_nonfinite_batches:
         raise ConfigError("skip_nonfinite_batches is not supported with fsdp (its parameters are sharded outside "
                           "the forward pass); leave it off to stop on a non-finite loss.")
-    if m.adapter_name_or_path and f.finetuning_type != "lora":
-        raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
+    check_lora_variants(f, m, zero3=zero_stage(t.deepspeed) == 3 if t.deepspeed else False, fsdp=bool(config.fsdp))
     check_backend(config.inference)
     check_quantization(m, f, t.do_train, sharded=shards_weights(config))
     if t.do_predict:

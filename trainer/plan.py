@@ -58,6 +58,8 @@ def trained_shapes(config: RunConfig, model) -> list[tuple[str, tuple[int, ...]]
         if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in targets:
             shapes += [(f"{name}.lora_A.weight", (f.lora_rank, m.in_features)),
                        (f"{name}.lora_B.weight", (m.out_features, f.lora_rank))]
+            if f.use_dora:  # DoRA's magnitude vector, one per output row
+                shapes.append((f"{name}.lora_magnitude_vector", (m.out_features,)))
     return shapes
 
 
@@ -218,6 +220,10 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
     lines = [f"model            {config.model.model_name_or_path} ({config.finetuning.finetuning_type}, "
              f"stage {config.finetuning.stage})",
              f"processes        {world} ({per_node} per node x {nodes} node(s))"]
+    if config.finetuning.finetuning_type == "lora":
+        from trainer.model.lora_variants import plan
+
+        lines.insert(1, f"adapter          {plan(config.finetuning, config.model.adapters)}")
     if config.fsdp:
         mode = "full_shard" if config.fsdp.reshard_after_forward else "shard_grad_op"
         lines.append(f"sharding         FSDP2 {mode} over {world} processes (model states: the ZeRO-3 row below)"

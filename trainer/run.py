@@ -211,6 +211,11 @@ def run(config: RunConfig) -> dict:
     # in one process: seed again, so the new adapters start the same however the model was loaded.
     set_seed(t.seed)
     model = prepare_trainable(model, f, m, is_trainable=t.do_train, watched=watched)
+    callbacks = []
+    if f.pissa_convert and t.do_train:  # copies the initial adapter now, before a checkpoint can be loaded
+        from trainer.model.pissa import PissaConversion
+
+        callbacks.append(PissaConversion(model))
     model = stage.extend_model(model)
     if watched is not None:
         warn_untrained_stop_tokens(model, tokenizer, watched.stop_ids, f)
@@ -239,7 +244,7 @@ def run(config: RunConfig) -> dict:
         log_layout(config, train, stage)
     stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
-                          processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop],
+                          processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop, *callbacks],
                           skip_nonfinite=config.engine.skip_nonfinite_batches, optimizer_options=config.engine)
     stop.accelerator = trainer.accelerator
     results: dict = {}

@@ -14,6 +14,8 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.model.lean_ops import lean_lora
+from trainer.model.lora_variants import check_dora_rows, check_pissa_weights, describe, saved_adapter, \
+    variant_fields, warn_unconverted
 from trainer.model.params import parameter_count
 from trainer.model.quantization import is_quantized
 
@@ -45,9 +47,10 @@ def merge_adapter(model, path: str, key: str = "adapter_name_or_path"):
     from peft import PeftModel
 
     _check_adapter(path, key)
+    path, variant = saved_adapter(path, key=key)
     with _adapter_fits(model, path, key):
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
-    logger.info("Merged the adapter %s.", path)
+    logger.info("Merged the %s adapter %s.", variant, path)
     return model
 
 
@@ -93,18 +96,25 @@ def _adapter_fits(model, path: str, key: str):
 
 def apply_lora(model, args, adapters: list[str], is_trainable: bool, watched: WatchedTokens | None = None):
     """New adapters, or adapter_name_or_path as LLaMA-Factory reads a comma list: all but the last merged into the
-    base, the last one loaded to train further (or to evaluate). New adapters also train the rows of `watched`'s
-    tokens that look never trained (new_token_rows)."""
+    base, the last one loaded to train further (or to evaluate); with create_new_adapter, all of them merged and a new
+    adapter trained. New adapters also train the rows of `watched`'s tokens that look never trained
+    (new_token_rows)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if adapters:
+    if adapters and is_trainable and args.create_new_adapter:
+        for path in adapters:
+            model = merge_adapter(model, path)
+        logger.info("create_new_adapter: %s merged into the base; a new adapter trains on it.", ", ".join(adapters))
+    elif adapters:
         for path in adapters[:-1]:
             model = merge_adapter(model, path)
         _check_adapter(adapters[-1], "adapter_name_or_path")
-        with _adapter_fits(model, adapters[-1], "adapter_name_or_path"):
-            model = PeftModel.from_pretrained(model, adapters[-1], is_trainable=is_trainable)
+        last, variant = saved_adapter(adapters[-1], args if is_trainable else None)
+        with _adapter_fits(model, last, "adapter_name_or_path"):
+            model = PeftModel.from_pretrained(model, last, is_trainable=is_trainable)
         lean_lora(model)
-        logger.info("Loaded LoRA adapter from %s.", adapters[-1])
+        logger.info("Loaded the %s adapter from %s (to %s).", variant, last,
+                    "train further" if is_trainable else "evaluate")
         return model
     targets = all_linear_names(model) if args.lora_target == ["all"] else list(args.lora_target)
     known = set(all_linear_names(model)) | {n.split(".")[-1] for n, _ in model.named_modules()}
@@ -113,12 +123,18 @@ def apply_lora(model, args, adapters: list[str], is_trainable: bool, watched: Wa
         raise ConfigError(f"lora_target: {missing} match no module of this model; its linear layers are "
                           f"{all_linear_names(model)} (or use all).")
     rows = new_token_rows(model, args, watched) if is_trainable else None
+    if args.pissa_init:
+        check_pissa_weights(model, targets)
+        if is_trainable:
+            warn_unconverted(args)
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                         target_modules=targets, modules_to_save=args.additional_target, task_type="CAUSAL_LM",
-                        trainable_token_indices=rows)
+                        trainable_token_indices=rows, **variant_fields(args))
     model = get_peft_model(model, config)
+    if args.use_dora:
+        check_dora_rows(model)
     lean_lora(model)
-    logger.info("LoRA r=%d alpha=%d on %s.", args.lora_rank, args.lora_alpha, ",".join(targets))
+    logger.info("LoRA adapter: %s (%s).", describe(model, args), ",".join(targets))
     return model
 
 
@@ -329,6 +345,7 @@ def load_frozen_adapter(model, folder: str, name: str, key: str = "adapter_name_
     """A LoRA adapter as another, frozen adapter of the model (switched on with use_adapter); `key` names the YAML
     key it came from, for errors."""
     peft = peft_model(model)
+    folder, _ = saved_adapter(folder, key=key, beside=True)
     with _adapter_fits(peft, folder, key):
         peft.load_adapter(folder, adapter_name=name, is_trainable=False)
     for key, p in peft.named_parameters():
@@ -357,8 +374,8 @@ def keep_starting_adapter(model, config) -> str | None:
     that, not the bare base that switching the adapters off gives. Loads a frozen copy of the adapter and returns
     its name (None: no adapter to continue, the base with adapters off is the start)."""
     adapters = config.model.adapters
-    if not adapters or config.finetuning.finetuning_type != "lora":
-        return None
+    if not adapters or config.finetuning.finetuning_type != "lora" or config.finetuning.create_new_adapter:
+        return None  # create_new_adapter: the given adapters are merged into the base, which is the start
     load_frozen_adapter(model, adapters[-1], REFERENCE_ADAPTER)
     logger.info("Reference model: the base with %s (a frozen copy of the adapter this run starts from and trains).",
                 adapters[-1])

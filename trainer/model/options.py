@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
 from trainer.options import split_list
+
+logger = logging.getLogger(__name__)
 
 FINETUNING_TYPES = ("lora", "freeze", "full")
 FLASH_ATTN = ("auto", "fa2", "sdpa", "eager", "disabled")
@@ -60,7 +63,21 @@ class FinetuningArguments:
     lora_target: list[str] = field(default_factory=lambda: ["all"])
     lora_rank: int = 8
     lora_alpha: int | None = field(default=None, metadata={"help": "Default: 2 * lora_rank."})
-    lora_dropout: float = 0.0
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "Dropout on each LoRA layer's input (PEFT's own forward runs such layers, not the fused one)."})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: a trained magnitude per output row times the direction of W + BA (PEFT's use_dora)."})
+    use_rslora: bool = field(default=False, metadata={"help": "rsLoRA: scale the adapter by alpha / sqrt(r), not "
+                                                              "alpha / r (PEFT's use_rslora)."})
+    pissa_init: bool = field(default=False, metadata={
+        "help": "PiSSA: the adapter starts as the principal part of each weight and the base keeps the residual."})
+    pissa_iter: int = field(default=16, metadata={
+        "help": "PiSSA's randomized SVD iterations (PEFT's pissa_niter_N); -1: the exact, full SVD."})
+    pissa_convert: bool = field(default=False, metadata={
+        "help": "At the end of training also write output_dir/pissa_converted: a plain LoRA adapter (rank 2r) that "
+                "gives the trained model on the original, unmodified base."})
+    create_new_adapter: bool = field(default=False, metadata={
+        "help": "With adapter_name_or_path: merge all the given adapters into the base and train a new one."})
     additional_target: list[str] | None = None
     train_new_token_rows: bool = field(default=True, metadata={
         "help": "LoRA: train the embedding and head rows of the template's stop tokens and the labels' tokens whose "
@@ -137,3 +154,55 @@ def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, d
         raise ConfigError("quantization_bit: 8 cannot be sharded by ZeRO-3 or FSDP (its int8 weights keep their "
                           "scales beside them); use quantization_bit: 4, whose packed weights are stored in the "
                           "compute dtype and shard like any weight.")
+
+
+def check_lora_variants(f: FinetuningArguments, model: ModelArguments, zero3: bool, fsdp: bool) -> None:
+    """The LoRA variant keys against each other, the fine-tuning type and the sharding (LLaMA-Factory's refusals, and
+    the cases where PEFT would fail later or give a wrong adapter). Turns pissa_convert on where the PiSSA adapter
+    alone could not be loaded again (a randomized SVD)."""
+    if model.adapter_name_or_path and f.finetuning_type != "lora":
+        raise ConfigError("adapter_name_or_path needs finetuning_type: lora.")
+    wanted = [k for k in ("use_dora", "use_rslora", "pissa_init", "pissa_convert", "create_new_adapter")
+              if getattr(f, k)]
+    if wanted and f.finetuning_type != "lora":
+        raise ConfigError(f"{', '.join(wanted)}: LoRA only; this run's finetuning_type is {f.finetuning_type}.")
+    if f.pissa_iter < -1:
+        raise ConfigError(f"pissa_iter: {f.pissa_iter}; use a number of randomized-SVD iterations (0 or more), or -1 "
+                          "for the exact SVD.")
+    if f.pissa_convert and not f.pissa_init:
+        raise ConfigError("pissa_convert converts a PiSSA adapter to plain LoRA: set pissa_init: true too (or remove "
+                          "pissa_convert).")
+    if f.pissa_init and f.pissa_iter != -1 and not f.pissa_convert:
+        # PEFT rebuilds a PiSSA adapter's residual base while loading it, with a new randomized SVD: the adapter in
+        # output_dir alone would load as another model (LLaMA-Factory leaves it so). Its conversion is what loads.
+        if f.use_dora or fsdp:
+            key, why = ("use_dora", "a DoRA adapter has no plain LoRA conversion") if f.use_dora else \
+                ("fsdp", "the conversion needs the unsharded model")
+            raise ConfigError(f"pissa_init with pissa_iter: {f.pissa_iter} (a randomized SVD) and {key}: the adapter "
+                              "could not be loaded again as the trained model (PEFT rebuilds its residual with a new "
+                              f"random SVD, and {why}). Set pissa_iter: -1 (the exact SVD, which PEFT rebuilds "
+                              "identically).")
+        logger.warning("pissa_init with pissa_iter: %d (a randomized SVD): PEFT rebuilds the adapter's residual base "
+                       "with a new random SVD whenever it loads it, so output_dir's PiSSA adapter alone would load as "
+                       "another model. Turning pissa_convert on: output_dir/pissa_converted will hold the plain LoRA "
+                       "adapter that loads as the trained model (zerotune's export, chat and adapter_name_or_path "
+                       "take it from there).", f.pissa_iter)
+        f.pissa_convert = True
+    if f.pissa_convert and f.use_dora:
+        raise ConfigError("pissa_convert writes a plain LoRA delta (W + BA), and a DoRA adapter's weight is not one "
+                          "(its magnitude rescales every row): use one of pissa_convert and use_dora.")
+    if f.pissa_init and zero3:
+        raise ConfigError("pissa_init decomposes each whole weight matrix when the adapter is made, and ZeRO-3 has "
+                          "partitioned them as they loaded (LLaMA-Factory refuses it too): use ZeRO-2, fsdp or one "
+                          "process.")
+    if f.pissa_convert and fsdp:
+        raise ConfigError("pissa_convert converts the adapter on the whole (unsharded) model at the end of "
+                          "training; fsdp holds it sharded. Train without pissa_convert, or with deepspeed ZeRO-2.")
+    if model.adapters and f.pissa_init and not f.create_new_adapter:
+        raise ConfigError("pissa_init initialises a new adapter, and with adapter_name_or_path this run trains the "
+                          "given adapter further: set create_new_adapter: true to merge it and start a PiSSA adapter.")
+    if model.adapters and f.create_new_adapter and zero3:
+        raise ConfigError("create_new_adapter merges adapter_name_or_path into the base weights, which ZeRO-3 "
+                          "partitions as they load: merge them first (zerotune export) and give the merged folder "
+                          "as model_name_or_path.")
+

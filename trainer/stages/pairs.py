@@ -127,6 +127,11 @@ class ReferenceStage(Pairwise):
         self.separate_reference = self.needs_reference and bool(self.opts.ref_model)
         if self.opts.ref_model and not self.needs_reference:
             logger.warning("ref_model is not used: this run's loss has no reference model.")
+        if config is not None and config.finetuning.pissa_init and self.needs_reference and \
+                not self.separate_reference:
+            raise ConfigError(f"pissa_init: stage {self.name}'s reference model is the LoRA base with the adapter "
+                              "switched off, and PiSSA has replaced that base by its residual (not the model you "
+                              "start from). Give the base model as ref_model, or train without pissa_init.")
         if self.opts.ref_model_adapters and not self.opts.ref_model:
             raise ConfigError("ref_model_adapters are merged into ref_model: set ref_model too.")
         if self.opts.ref_model_adapters and config is not None and config.training.deepspeed and \

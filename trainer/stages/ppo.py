@@ -121,6 +121,10 @@ class PPO(WithValueHead, OnlineStage):
 
         g, o = config.generation, self.opts
         self.check_online(config, {"top_p": 1.0, "top_k": 0, "repetition_penalty": 1.0})
+        if config.finetuning.pissa_init and (self.uses_reference or o.reward_model_type == "lora"):
+            raise ConfigError("pissa_init: ppo's reference model (and a LoRA reward model) is the policy's base with "
+                              "its adapter switched off, and PiSSA has replaced that base by its residual (not the "
+                              "model you start from). Train ppo without pissa_init (LLaMA-Factory refuses it too).")
         if self.grpo and not g.do_sample:
             raise ConfigError("advantage_estimator: grpo needs do_sample: true (greedy responses to one prompt are "
                               "all the same, so every advantage would be 0).")
