@@ -388,6 +388,17 @@ def test_a_checkpoint_quantized_ahead_loads_as_saved_and_trains_lora_only(qmodel
         train_with(base_config(folder, data_dir, tmp_path / "full", finetuning_type="full", max_steps=1))
 
 
+def test_quantization_keys_without_quantization_bit_say_they_do_nothing(qmodel_dir, data_dir, tmp_path, caplog):
+    from trainer.run import build_config
+
+    with caplog.at_level("WARNING", logger="trainer"):
+        config = build_config(base_config(qmodel_dir, data_dir, tmp_path / "o", quantization_type="fp4",
+                                          double_quantization=False))
+    assert config.model.quantization_bit is None
+    assert "quantization_type, double_quantization set, but quantization_bit is not: nothing is quantized" in \
+        caplog.text
+
+
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is not None, reason="gptqmodel is installed here")
 def test_a_gptq_checkpoint_without_its_package_is_refused_before_loading(qmodel_dir, data_dir, tmp_path):
     """A checkpoint quantized ahead names its method in config.json; where its kernels are missing, the run stops

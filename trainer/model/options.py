@@ -3,10 +3,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 from trainer.errors import ConfigError
 from trainer.options import split_list
+
+logger = logging.getLogger(__name__)
 
 FINETUNING_TYPES = ("lora", "freeze", "full")
 FLASH_ATTN = ("auto", "fa2", "sdpa", "eager", "disabled")
@@ -102,9 +105,12 @@ def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, d
     something else (a method that quantizes nothing on the fly), refused by name. `sharded`: ZeRO-3 or FSDP."""
     bits, method = model.quantization_bit, model.quantization_method
     if bits is None:
-        if model.quantization_device_map and do_train:
-            raise ConfigError("quantization_device_map: auto places a quantized model for chat; training places the "
-                              "model itself. Remove quantization_device_map.")
+        unused = [k for k, default in (("quantization_method", "bnb"), ("quantization_type", "nf4"),
+                                       ("double_quantization", True), ("quantization_device_map", None))
+                  if getattr(model, k) != default and not (k == "quantization_method" and method == "bitsandbytes")]
+        if unused:
+            logger.warning("%s set, but quantization_bit is not: nothing is quantized (a checkpoint quantized ahead "
+                           "loads as saved whatever they say).", ", ".join(unused))
         return
     if method in ("gptq", "awq", "aqlm", "quanto", "mxfp4", "fp8"):
         raise ConfigError(f"quantization_method: {method} quantizes nothing as the model loads: a checkpoint already "
