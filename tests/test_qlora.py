@@ -362,6 +362,16 @@ def test_what_is_refused_is_named(qmodel_dir, data_dir, tmp_path):
     assert build_config({**base, "quantization_method": "bitsandbytes"}).model.quantization_bit == 4
 
 
+def test_without_bitsandbytes_the_run_stops_before_anything_loads(qmodel_dir, data_dir, tmp_path, monkeypatch):
+    from trainer.errors import ConfigError
+    from trainer.model import options
+    from trainer.run import build_config
+
+    monkeypatch.setattr(options, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"quantization_bit: 4 needs bitsandbytes: pip install 'zerotune\[qlora\]'"):
+        build_config(base_config(qmodel_dir, data_dir, tmp_path / "o", quantization_bit=4))
+
+
 def test_a_checkpoint_quantized_ahead_loads_as_saved_and_trains_lora_only(qmodel_dir, data_dir, tmp_path, caplog):
     """A bitsandbytes 4-bit checkpoint (its package installed) loads through transformers as it was saved, and LoRA
     trains over it; a full fine-tune of it is refused as LLaMA-Factory refuses it."""

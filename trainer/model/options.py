@@ -100,6 +100,12 @@ def check_backend(inference: InferenceArguments) -> None:
                           f"{inference.infer_backend} at export_dir.")
 
 
+def bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, do_train: bool, sharded: bool) -> None:
     """quantization_bit against the rest of the run, as LLaMA-Factory checks it, and where LF would quietly do
     something else (a method that quantizes nothing on the fly), refused by name. `sharded`: ZeRO-3 or FSDP."""
@@ -122,6 +128,9 @@ def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, d
                           "the default) quantizes to 4 or 8 bits.")
     if bits not in (4, 8):
         raise ConfigError(f"quantization_bit: {bits}: bitsandbytes quantizes to 4 or 8 bits.")
+    if not bitsandbytes_installed():
+        raise ConfigError(f"quantization_bit: {bits} needs bitsandbytes: pip install 'zerotune[qlora]' (bitsandbytes "
+                          ">= 0.50, which also runs on the CPU).")
     if finetuning.finetuning_type != "lora":
         raise ConfigError(f"quantization_bit: {bits} with finetuning_type: {finetuning.finetuning_type}: quantized "
                           "models can only be trained with LoRA (the quantized weights are frozen). Set "
