@@ -362,6 +362,16 @@ def test_what_is_refused_is_named(qmodel_dir, data_dir, tmp_path):
     assert build_config({**base, "quantization_method": "bitsandbytes"}).model.quantization_bit == 4
 
 
+def test_without_bitsandbytes_the_run_stops_before_anything_loads(qmodel_dir, data_dir, tmp_path, monkeypatch):
+    from trainer.errors import ConfigError
+    from trainer.model import options
+    from trainer.run import build_config
+
+    monkeypatch.setattr(options, "bitsandbytes_installed", lambda: False)
+    with pytest.raises(ConfigError, match=r"quantization_bit: 4 needs bitsandbytes: pip install 'zerotune\[qlora\]'"):
+        build_config(base_config(qmodel_dir, data_dir, tmp_path / "o", quantization_bit=4))
+
+
 def test_a_checkpoint_quantized_ahead_loads_as_saved_and_trains_lora_only(qmodel_dir, data_dir, tmp_path, caplog):
     """A bitsandbytes 4-bit checkpoint (its package installed) loads through transformers as it was saved, and LoRA
     trains over it; a full fine-tune of it is refused as LLaMA-Factory refuses it."""
@@ -386,6 +396,17 @@ def test_a_checkpoint_quantized_ahead_loads_as_saved_and_trains_lora_only(qmodel
     with pytest.raises(ConfigError, match=r"finetuning_type: full: .* is a quantized checkpoint, and quantized models "
                                           "can only be trained with LoRA"):
         train_with(base_config(folder, data_dir, tmp_path / "full", finetuning_type="full", max_steps=1))
+
+
+def test_quantization_keys_without_quantization_bit_say_they_do_nothing(qmodel_dir, data_dir, tmp_path, caplog):
+    from trainer.run import build_config
+
+    with caplog.at_level("WARNING", logger="trainer"):
+        config = build_config(base_config(qmodel_dir, data_dir, tmp_path / "o", quantization_type="fp4",
+                                          double_quantization=False))
+    assert config.model.quantization_bit is None
+    assert "quantization_type, double_quantization set, but quantization_bit is not: nothing is quantized" in \
+        caplog.text
 
 
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is not None, reason="gptqmodel is installed here")

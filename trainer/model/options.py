@@ -120,14 +120,23 @@ def check_backend(inference: InferenceArguments) -> None:
                           f"{inference.infer_backend} at export_dir.")
 
 
+def bitsandbytes_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
 def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, do_train: bool, sharded: bool) -> None:
     """quantization_bit against the rest of the run, as LLaMA-Factory checks it, and where LF would quietly do
     something else (a method that quantizes nothing on the fly), refused by name. `sharded`: ZeRO-3 or FSDP."""
     bits, method = model.quantization_bit, model.quantization_method
     if bits is None:
-        if model.quantization_device_map and do_train:
-            raise ConfigError("quantization_device_map: auto places a quantized model for chat; training places the "
-                              "model itself. Remove quantization_device_map.")
+        unused = [k for k, default in (("quantization_method", "bnb"), ("quantization_type", "nf4"),
+                                       ("double_quantization", True), ("quantization_device_map", None))
+                  if getattr(model, k) != default and not (k == "quantization_method" and method == "bitsandbytes")]
+        if unused:
+            logger.warning("%s set, but quantization_bit is not: nothing is quantized (a checkpoint quantized ahead "
+                           "loads as saved whatever they say).", ", ".join(unused))
         return
     if method in ("gptq", "awq", "aqlm", "quanto", "mxfp4", "fp8"):
         raise ConfigError(f"quantization_method: {method} quantizes nothing as the model loads: a checkpoint already "
@@ -139,6 +148,9 @@ def check_quantization(model: ModelArguments, finetuning: FinetuningArguments, d
                           "the default) quantizes to 4 or 8 bits.")
     if bits not in (4, 8):
         raise ConfigError(f"quantization_bit: {bits}: bitsandbytes quantizes to 4 or 8 bits.")
+    if not bitsandbytes_installed():
+        raise ConfigError(f"quantization_bit: {bits} needs bitsandbytes: pip install 'zerotune[qlora]' (bitsandbytes "
+                          ">= 0.50, which also runs on the CPU).")
     if finetuning.finetuning_type != "lora":
         raise ConfigError(f"quantization_bit: {bits} with finetuning_type: {finetuning.finetuning_type}: quantized "
                           "models can only be trained with LoRA (the quantized weights are frozen). Set "
