@@ -387,7 +387,7 @@ def test_kto_two_processes_match_one(precompute, tiny_model_dir, tmp_path):
     (data / "t.json").write_text(json.dumps(rows))
     info = {"t": {"file_name": "t.json", "columns": {"kto_tag": "kto_tag"}}}
     (data / "dataset_info.json").write_text(json.dumps(info))
-    common = dict(stage="kto", dataset="t", max_steps=3, learning_rate=1e-2, gradient_accumulation_steps=1,
+    common = dict(stage="kto", dataset="t", max_steps=4, learning_rate=1e-2, gradient_accumulation_steps=1,
                   precompute_ref_log_probs=precompute)
     single = tmp_path / "one"
     train_with(base_config(tiny_model_dir, data, single, per_device_train_batch_size=4, **common))

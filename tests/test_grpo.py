@@ -468,6 +468,7 @@ def test_a_groups_shared_prompt_gives_each_completion_its_separate_log_probs(pat
     prompt + completion alone (fp32), on zerotune_segments' SDPA and on its FlashAttention-2 varlen call (a
     pure-torch stand-in, tests/flash_standin.py, as test_dpo's pairs); a 1-token prompt shares nothing and still
     agrees. Without the shared-prefix layout the same row is wrong."""
+    import functools
     import importlib.metadata
     import sys
 
@@ -490,8 +491,10 @@ def test_a_groups_shared_prompt_gives_each_completion_its_separate_log_probs(pat
         monkeypatch.setitem(sys.modules, "flash_attn", flash_standin.flash_attn_module(release))
         monkeypatch.setattr(importlib.metadata, "version",
                             lambda name: release if name == "flash-attn" else real_version(name))
-        monkeypatch.setattr(kernels, "has_flash_attn", lambda: True)  # it asks for CUDA too, which this CPU lacks
+        # kernels' own probe (import, release, a smoke call of the stand-in), run on the CPU: CUDA is what it lacks
+        monkeypatch.setattr(kernels, "flash_status", functools.cache(lambda: kernels._probe_flash("cpu")))
         monkeypatch.setattr(kernels, "_flash_device", lambda query: True)
+        assert kernels.flash_status().usable  # probed once (its smoke call), before the calls are counted
     flash_standin.CALLS.clear()
     g = torch.Generator().manual_seed(group)
     prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [12, 13, 14]]

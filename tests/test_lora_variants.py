@@ -436,10 +436,10 @@ def test_variant_refusals_with_adapters_and_stages(tiny_model_dir, data_dir, tmp
     new = build_config(base_config(tiny_model_dir, data_dir, tmp_path / "o", stage="dpo",
                                    adapter_name_or_path=str(plain), create_new_adapter=True))
     assert keep_starting_adapter(None, new) is None
-    # LoRA+ stays refused by name (it is another piece of work); the variants here are keys now.
+    # The variants here, and LoRA+ (engine/optimizers.py), are keys now: none is refused as a feature.
     from trainer import lf_compat
 
-    assert "LoRA+" in lf_compat.refusal("loraplus_lr_ratio")
+    assert lf_compat.refusal("loraplus_lr_ratio") is None and lf_compat.refusal("use_dora") is None
     assert all(lf_compat.refusal(k) is None for k in ("use_dora", "use_rslora", "pissa_init", "pissa_iter",
                                                       "pissa_convert", "create_new_adapter"))
 

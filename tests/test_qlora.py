@@ -307,7 +307,7 @@ def test_check_counts_the_4bit_weights_at_their_bytes(qmodel_dir, data_dir, tmp_
     # The memory plan holds the frozen base at those bytes (the 16-bit rest at 2 bytes a weight).
     total, trained, largest = parameter_counts(config)
     frozen = stored + 2 * (total - weights)
-    gb = zero_memory(total, trained, largest, 1, 1, frozen)["ZeRO-0 (DDP)"][0]
+    gb = zero_memory(total, trained, largest, 1, 1, frozen_bytes=frozen)["ZeRO-0 (DDP)"][0]
     assert gb * 2**30 == pytest.approx(16 * trained + frozen)
     assert gb < zero_memory(total, trained, largest, 1, 1)["ZeRO-0 (DDP)"][0]
     _, eight = plan(quantization_bit=8)
