@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer.errors import ConfigError
-from trainer.stages import grpo_data  # noqa: F401 - registers the data kind "prompts"
+from trainer.stages.grpo_data import KIND as PROMPTS  # registers the data kind "prompts"
 from trainer.stages.base import StageOutput, register
 from trainer.stages.online import OnlineStage
 
@@ -144,7 +144,7 @@ GRPOOptions.__module__ = __name__
 @register
 class GRPO(OnlineStage):
     name = "grpo"
-    data_kind = grpo_data.KIND
+    data_kind = PROMPTS
     item_name = "prompts"
     batch_item_name = "completions"  # TRL's per_device_train_batch_size counts completions
     options = GRPOOptions
@@ -178,7 +178,7 @@ class GRPO(OnlineStage):
     def _check(self, config) -> None:
         import torch
 
-        from trainer.stages import grpo_rewards
+        import trainer.stages.grpo_rewards as grpo_rewards
 
         t, g, o = config.training, config.generation, self.opts
         self.rewards = grpo_rewards.parse(o.reward_funcs, o.reward_weights, config.finetuning.finetuning_type)
