@@ -68,3 +68,17 @@ def test_host_reads_do_not_grow_with_accumulation(tiny_model_dir, data_dir, tmp_
     # and grad-norm reads; a handful in all, none of them zerotune's per micro-batch.
     ours = sum(v for (_, f), v in rest[4].items() if f.startswith("engine/") or f.startswith("model/"))
     assert 1 <= ours <= 3, rest[4]
+
+
+def test_a_nonfinite_micro_batch_still_stops_the_run_at_its_step(tiny_model_dir, data_dir, tmp_path):
+    """Checked once a step now: a nan in the first of 4 accumulated micro-batches stops the run at step 1, before
+    any optimizer step, with the value and the step named as before."""
+    import pytest
+
+    from test_reliability import _nan_model
+    from trainer.errors import TrainingHalted
+
+    cfg = base_config(_nan_model(tmp_path, tiny_model_dir), data_dir, tmp_path / "o", per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4, max_steps=2)
+    with pytest.raises(TrainingHalted, match=r"non-finite loss \(nan\) at step 1 .*skip_nonfinite_batches"):
+        train_with(cfg)
