@@ -358,17 +358,21 @@ class ZeroTrainer(Trainer):
         if "loss" in logs and self._window_start is not None:
             elapsed = max(now - self._window_start - self._excluded, 1e-9)
             window = self._window if self._window is not None else torch.zeros(2, dtype=torch.float64)
-            totals = torch.cat([window.to(self.args.device), torch.tensor([self._window_slots], dtype=torch.float64,
-                                                                          device=self.args.device)])
+            names = sorted(self._window_stats)
+            # Throughput and the stage's statistics in one all-reduce and one host read for the whole window.
+            totals = torch.cat([window.to(self.args.device),
+                                torch.tensor([self._window_slots], dtype=torch.float64, device=self.args.device),
+                                *(self._window_stats[n].to(self.args.device) for n in names)])
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            tokens, flops, slots = totals.tolist()
+            totals = totals.tolist()
+            tokens, flops, slots = totals[:3]
             peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / elapsed, 2)
             logs["mfu"] = float(f"{flops / elapsed / peak:.4g}")  # 4 significant digits: tiny runs have tiny MFU
             logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
             logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
-            logs.update(self._window_statistics())
+            logs.update(self._window_statistics(names, totals[3:]))
         reset = "loss" in logs or self._window_start is None
         super().log(logs, *args, **kwargs)
         if reset:  # the next window starts now: this log line (and the first one's peak measurement) left out
@@ -376,16 +380,13 @@ class ZeroTrainer(Trainer):
             self._window_stats = {}
             self._window_start, self._excluded = time.perf_counter(), 0.0
 
-    def _window_statistics(self) -> dict:
-        """The stage's statistics over the logging window: sums and counts over every micro-batch and process."""
-        names = sorted(self._window_stats)
+    def _window_statistics(self, names: list[str], totals: list[float]) -> dict:
+        """The stage's statistics over the logging window from their (sum, count) pairs, already summed over every
+        micro-batch and process."""
         if not names:
             return {}
-        totals = torch.stack([self._window_stats[n] for n in names]).to(self.args.device)
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        figures = self.stage.summarize({n: (s, None if math.isnan(c) else c)
-                                        for n, (s, c) in zip(names, totals.tolist())})
+        pairs = zip(totals[0::2], totals[1::2])
+        figures = self.stage.summarize({n: (s, None if math.isnan(c) else c) for n, (s, c) in zip(names, pairs)})
         return {n: round(float(v), 6) for n, v in figures.items()}
 
     def padding_fraction(self) -> float | None:
