@@ -194,6 +194,7 @@ def test_fsdp_two_processes_match_one_and_really_shard(tiny_model_dir, data_dir,
     proc = _torchrun(base_config(tiny_model_dir, data_dir, double, per_device_train_batch_size=2,
                                  per_device_eval_batch_size=1, fsdp="full_shard auto_wrap", **FULL), tmp_path, "fsdp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FSDP: weights loaded on rank 0 only, broadcast at sharding" in proc.stderr
     shards = _trained_shards(double)
     weight = "model.layers.0.mlp.down_proj.weight"
     assert shards[0]["params"][weight]["local"] == shards[0]["params"][weight]["global"] // 2
@@ -225,6 +226,7 @@ def test_fsdp_lora_matches_one_process_and_saves_a_loadable_adapter(tiny_model_d
     proc = _torchrun(base_config(tiny_model_dir, data_dir, out, per_device_train_batch_size=2, fsdp="shard_grad_op",
                                  **lora, **best), tmp_path, "fsdp-lora")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FSDP: weights loaded on rank 0 only, broadcast at sharding" in proc.stderr
     assert all("lora_" in name for name in _trained_shards(out)[0]["params"])
     assert _history(out, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
     step1, step2 = _history(out, "eval_loss")[:2]

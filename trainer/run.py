@@ -170,6 +170,7 @@ def run(config: RunConfig) -> dict:
     from trainer.engine.signals import GracefulStop, LauncherWatch, Preempted
     from trainer.engine.trainer import ZeroTrainer
     from trainer.model.adapters import WatchedTokens, prepare_trainable, warn_untrained_stop_tokens
+    from trainer.model import rank0_load
     from trainer.model.loading import load_model, load_tokenizer
     from trainer.model.wrapper import ModelWrapper
     m, d, f, t = config.model, config.data, config.finetuning, config.training
@@ -192,17 +193,20 @@ def run(config: RunConfig) -> dict:
     template = get_template(d.template, tokenizer, d) if stage.needs_template else None
     with t.main_process_first(local=False, desc="tokenizing the data"):
         train, evaluation, efficiency = build_datasets(config, stage, tokenizer, template)
+    rank0_weights = config.fsdp is not None and t.world_size > 1 and rank0_load.chosen(f, m, t.world_size,
+                                                                                       config.fsdp.rank0_load)
     watched = None
     if t.do_train:  # what the run teaches the model to emit: a LoRA run trains these tokens' rows if they are new
         labels = train.label_ids() if hasattr(train, "label_ids") else None  # None: a stream, not known ahead
-        watched = WatchedTokens(tokenizer, template.stop_token_ids(tokenizer) if template else [], labels)
+        watched = WatchedTokens(tokenizer, template.stop_token_ids(tokenizer) if template else [], labels,
+                                from_rank0=rank0_weights)
     if train is not None:
         train = stage.train_items(train)
     if t.eval_strategy != "no" and evaluation is None:
         raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
 
     model = load_model(m, t, f.finetuning_type, segments_wanted=stage.wants_segments,
-                       sharded=shards_weights(config))
+                       sharded=shards_weights(config), rank0_weights=rank0_weights)
     if template is not None:
         stops = template.stop_token_ids(tokenizer)
         model.generation_config.eos_token_id = sorted(set(stops + [tokenizer.eos_token_id]))

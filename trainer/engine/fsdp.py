@@ -72,18 +72,69 @@ def shard(model: nn.Module, options: FSDPOptions, compute_dtype: torch.dtype = t
     # The chunked loss head returns its per-token losses as a view; FSDP2 warns about in-place ops on such
     # outputs, which the stages never do (they only read the losses).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
-    # Every process must hold the same full weights here: fully_shard keeps its own slice of the local copy
-    # instead of broadcasting. They do: the same files, and the same seed for the adapters' initialisation.
+    # fully_shard keeps each process's slice of its local copy instead of broadcasting. Either every process holds
+    # the same full weights here (the same files, the same seed for the adapters' initialisation), or the processes
+    # other than rank 0 hold meta weights (model/rank0_load.py) and receive rank 0's once sharded.
+    from_rank0 = _meta_anywhere(model)
+    full = model.state_dict() if from_rank0 and _rank() == 0 else {}  # references: no copy
     layers = layers_to_shard(model, options.layer_classes)
     for layer in layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    if from_rank0:
+        _fill_from_rank0(model, full, kwargs["mesh"].device_type)
+        del full
+        logger.info("FSDP: weights loaded on rank 0 only, broadcast at sharding (the other processes built the model "
+                    "on the meta device).")
     local = sum(p.to_local().numel() for p in model.parameters())
     total = sum(p.numel() for p in model.parameters())
     logger.info("FSDP2 (%s): %d %s + the root sharded over %d processes; this one holds %d of %d parameters.",
                 "full_shard" if options.reshard_after_forward else "shard_grad_op", len(layers),
                 type(layers[0]).__name__, world_size(), local, total)
     return model
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _meta_anywhere(model: nn.Module) -> bool:
+    """Does any process hold meta tensors (weights still to come from rank 0)? A collective."""
+    import itertools
+
+    import torch.distributed as dist
+
+    local = any(t.is_meta for t in itertools.chain(model.parameters(), model.buffers()))
+    if world_size() == 1:
+        return local
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(local)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _fill_from_rank0(model: nn.Module, full: dict, device_type: str) -> None:
+    """Give the sharded model rank 0's values (`full`: its state dict, empty elsewhere). torch broadcasts one tensor
+    at a time and cuts each process's shard from it; on a meta process the shards are assigned as the parameters
+    (no second copy to fill them into). Buffers follow: the non-persistent ones (the rotary inv_freq) are in no
+    state dict, so each is made on the device and broadcast."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buffer in module.named_buffers(recurse=False):
+                if buffer.is_meta:
+                    setattr(module, name, torch.empty_like(buffer, device=device))  # stays (non-)persistent
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+    left = [name for name, p in model.named_parameters() if (p.to_local() if hasattr(p, "to_local") else p).is_meta]
+    if left:
+        raise RuntimeError(f"FSDP: rank 0's weights did not reach {left[:3]} (rank {_rank()}).")
 
 
 # ---- state dicts ------------------------------------------------------------------------------------------------

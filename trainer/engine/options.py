@@ -39,15 +39,16 @@ class FSDPOptions:
     reshard_after_forward: bool = True  # full_shard; shard_grad_op keeps each layer gathered until its backward
     cpu_offload: bool = False
     layer_classes: list[str] | None = None  # decoder layer classes; default: the model's _no_split_modules
+    rank0_load: bool = True  # cpu_ram_efficient_loading: rank 0 alone reads the weights (model/rank0_load.py)
 
 
 # `fsdp` words of TrainingArguments (and LLaMA-Factory), and the fsdp_config keys FSDP2 has no use for.
 FSDP_STRATEGIES = {"full_shard": True, "shard_grad_op": False}
 FSDP_CONFIG_IGNORED = ("backward_prefetch", "forward_prefetch", "use_orig_params", "sync_module_states",
-                       "limit_all_gathers", "cpu_ram_efficient_loading", "state_dict_type", "min_num_params",
+                       "limit_all_gathers", "state_dict_type", "min_num_params",
                        "auto_wrap_policy", "xla_fsdp_v2", "xla_fsdp_grad_ckpt", "xla_fsdp_settings")
 FSDP_CONFIG_KEYS = ("transformer_layer_cls_to_wrap", "reshard_after_forward", "cpu_offload", "offload", "version",
-                    "xla", "activation_checkpointing") + FSDP_CONFIG_IGNORED
+                    "xla", "activation_checkpointing", "cpu_ram_efficient_loading") + FSDP_CONFIG_IGNORED
 
 
 def _fsdp_config_dict(value: Any) -> dict:
@@ -106,6 +107,8 @@ def parse_fsdp(value: Any, fsdp_config: Any = None) -> FSDPOptions | None:
     for key in ("cpu_offload", "offload"):
         if key in extra:
             options.cpu_offload = coerce(f"fsdp_config.{key}", extra[key], bool)
+    if "cpu_ram_efficient_loading" in extra:
+        options.rank0_load = coerce("fsdp_config.cpu_ram_efficient_loading", extra["cpu_ram_efficient_loading"], bool)
     if extra.get("transformer_layer_cls_to_wrap"):
         options.layer_classes = coerce("fsdp_config.transformer_layer_cls_to_wrap",
                                         extra["transformer_layer_cls_to_wrap"], list[str])

@@ -227,7 +227,7 @@ def untrained_rows(model, token_ids) -> dict[tuple[str, int], torch.Tensor]:
     ids = sorted({int(i) for i in token_ids if i is not None and i >= 0})
     for which, emb in _embeddings(model).items():
         weight = getattr(emb, "weight", None)
-        if weight is None or weight.ndim != 2 or weight.shape[0] < 8:
+        if weight is None or weight.is_meta or weight.ndim != 2 or weight.shape[0] < 8:  # meta: no values to read
             continue
         valid = [i for i in ids if i < weight.shape[0]]
         if not valid:
@@ -261,10 +261,12 @@ def rows_left_as_they_were(model, base_rows: dict[tuple[str, int], torch.Tensor]
 @dataclasses.dataclass
 class WatchedTokens:
     """The tokens a training run teaches the model to emit: the template's stop tokens and every token id in the
-    training labels (None: not known ahead, a stream; then the stop tokens alone)."""
+    training labels (None: not known ahead, a stream; then the stop tokens alone). `from_rank0`: the processes other
+    than rank 0 hold meta weights (model/rank0_load.py), so which rows look untrained is read on rank 0."""
     tokenizer: object
     stop_ids: list[int]
     label_ids: list[int] | None = None
+    from_rank0: bool = False
 
     @property
     def ids(self) -> list[int]:
@@ -283,6 +285,10 @@ def new_token_rows(model, args, watched: WatchedTokens | None) -> dict[str, list
     if watched is None or not args.train_new_token_rows:
         return None
     ids = untrained_token_rows(model, watched.ids)
+    if watched.from_rank0:
+        from trainer.model.rank0_load import from_rank0
+
+        ids = from_rank0(ids)
     if not ids:
         return None
     whole = set(args.additional_target or [])

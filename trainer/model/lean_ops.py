@@ -112,8 +112,9 @@ def _same_output(module: nn.Module, lean, width: int, dtype: torch.dtype) -> boo
     return ours.shape == theirs.shape and torch.allclose(ours.float(), theirs.float(), rtol=1e-2, atol=1e-3)
 
 
-def apply_lean_ops(model: nn.Module) -> list[str]:
-    """Swap the forward of every matching RMSNorm / SwiGLU MLP module; returns the module classes swapped."""
+def apply_lean_ops(model: nn.Module, classes: list[str] | None = None) -> list[str]:
+    """Swap the forward of every matching RMSNorm / SwiGLU MLP module; returns the module classes swapped.
+    `classes`: the verdict another process took on the same model's values (this one has none: meta weights)."""
     verdict: dict[type, bool] = {}
     activations = next((p.dtype for p in model.parameters() if p.is_floating_point() and not is_quantized(p)),
                        torch.get_default_dtype())
@@ -125,7 +126,9 @@ def apply_lean_ops(model: nn.Module) -> list[str]:
         else:
             continue
         cls = type(module)
-        if cls not in verdict:
+        if cls not in verdict and classes is not None:
+            verdict[cls] = cls.__name__ in classes
+        elif cls not in verdict:
             verdict[cls] = _same_output(module, lean, width, activations)
             if not verdict[cls]:
                 logger.info("%s left as it is: its forward differs from zerotune's lean op, or could not be "

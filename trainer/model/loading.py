@@ -133,7 +133,7 @@ def weights_dtype(training_args, finetuning_type: str) -> torch.dtype:
 
 def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = None, segments_wanted: bool = False,
                    path: str | None = None, key: str = "model_name_or_path", adapters: list[str] = (),
-                   trains: bool = False, quantize: bool = False, sharded: bool = False):
+                   trains: bool = False, quantize: bool = False, sharded: bool = False, rank0_weights: bool = False):
     """THE loader: the policy, a reference, a reward model, or a model to chat with or export. `path` defaults to
     model_name_or_path (`key` names the YAML key it came from, for errors); `attention` is an implementation name
     (a frozen model takes its policy's), else flash_attn decides (attention_implementation); `adapters` are merged
@@ -142,7 +142,8 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
     cache is off: packed rows are only kept apart without it (see PLATFORM.md); generation turns it on per call.
     `quantize`: quantization_bit applies (the policy, chat; never export, which merges into the 16-bit weights); a
     checkpoint quantized ahead loads as it is whatever `quantize` says (model/quantization.py); `sharded`: ZeRO-3 or
-    FSDP will shard the model."""
+    FSDP will shard the model; `rank0_weights`: FSDP will broadcast rank 0's weights, so the other processes build
+    the model on the meta device (model/rank0_load.py) and take the decisions that read weights from rank 0."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from trainer.model import quantization
@@ -167,9 +168,19 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
         liger = apply_liger(config.model_type, model_args.enable_liger_kernel)
         agreed_choice("the attention path and Liger kernels (flash_attn, enable_liger_kernel)", (impl, liger))
     quantized = quantization.load_kwargs(model_args, config, dtype, quantize, path, key, sharded)
+    from trainer.model import rank0_load
+
+    meta = rank0_weights and rank0_load.rank() != 0
+    if meta and quantization.prequantized_method(config) is not None:
+        logger.warning("FSDP: every process loads the full weights (%s is quantized ahead: its packed weights are "
+                       "not broadcast).", path)
+        meta = False
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
-                                                     **common, **quantized)
+        if meta:
+            model = rank0_load.build_on_meta(config, dtype, impl, model_args.trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, attn_implementation=impl,
+                                                         **common, **quantized)
     except ImportError as err:  # a quantization method whose packages zerotune does not know to check ahead
         if quantization.prequantized_method(config) is None:
             raise
@@ -186,7 +197,12 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
     if trains and not liger:
         from trainer.model.lean_ops import apply_lean_ops, lean_rotary
 
-        apply_lean_ops(model)
+        # A meta model has no values to check the lean ops against: it takes rank 0's verdict.
+        swapped = None if meta else apply_lean_ops(model)
+        if rank0_weights:
+            swapped = rank0_load.from_rank0(swapped)
+            if meta:
+                apply_lean_ops(model, classes=swapped)
         lean_rotary(model)
     model.config.use_cache = False
     logger.info("Loaded %s%s (%s, %s parameters) with %s attention, weights in %s.", path,
@@ -196,9 +212,10 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
 
 
 def load_model(model_args, training_args, finetuning_type: str, segments_wanted: bool = False,
-               sharded: bool = False):
+               sharded: bool = False, rank0_weights: bool = False):
     """The model to train (or evaluate), its frozen weights in the compute dtype (weights_dtype), quantized when
     quantization_bit asks (QLoRA: bitsandbytes computes and stores the 4-bit weights in that dtype too)."""
     return load_causal_lm(model_args, dtype=weights_dtype(training_args, finetuning_type),
-                          segments_wanted=segments_wanted, trains=True, quantize=True, sharded=sharded)
+                          segments_wanted=segments_wanted, trains=True, quantize=True, sharded=sharded,
+                          rank0_weights=rank0_weights)
 
