@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 
 from trainer.data.collators import BOOKKEEPING
-from trainer.engine import checkpoints, fsdp
+from trainer.engine import checkpoints, fsdp, sequence_parallel
 from trainer.engine.metrics import device_peak_flops, flops_per_token, forward_flops_per_token, peak_memory_gb
 from trainer.engine.optimizer_options import OptimizerArguments, deepspeed_optimizer
 from trainer.engine.optimizers import build_optimizer, default_labels, describe_groups
@@ -58,6 +58,11 @@ class ZeroTrainer(Trainer):
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
         self.add_callback(_StageHooks(self))
+        self.sp = sequence_parallel.size_of(self.args)  # processes that share each sequence (1: off)
+        if self.sp > 1:
+            sequence_parallel.attach(self.accelerator, self.model, self.sp)
+        self._grad_divisor = sequence_parallel.gradient_divisor(self.args.deepspeed, self.accelerator.num_processes,
+                                                                self.sp)
         if self.neftune_noise_alpha is not None:  # zerotune's, per example (model/neftune.py), not transformers'
             wrapper.use_neftune(self.model, self.neftune_noise_alpha)
             self.neftune_noise_alpha = None
@@ -73,10 +78,14 @@ class ZeroTrainer(Trainer):
         count = torch.as_tensor(count, device=device).reshape(())
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             count = self.accelerator.reduce(count, reduction="sum")
+            if self.sp > 1:  # every process of a sequence-parallel group counted the same whole batches
+                count = count // self.sp
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
+        if self.sp > 1 and model.training:  # counted whole (above), computed as this process's shard of each row
+            inputs = sequence_parallel.shard(inputs, sequence_parallel.group()[1], self.sp)
         out = self.stage.compute(self.wrapper, model, inputs)
         if out.batch is not None:  # the stage built the batch it ran (ppo: prompts with their sampled responses)
             inputs = dict(out.batch)
@@ -89,8 +98,9 @@ class ZeroTrainer(Trainer):
         if num_items_in_batch is not None and model.training:
             loss = loss_sum / num_items_in_batch.clamp(min=1)
             if self.args.average_tokens_across_devices:
-                # DDP, DeepSpeed and FSDP average gradients over processes; the divisor above is already global.
-                loss = loss * self.accelerator.num_processes
+                # DDP, DeepSpeed and FSDP average gradients over processes (sequence parallelism: see
+                # gradient_divisor); the divisor above is already global.
+                loss = loss * self._grad_divisor
         else:
             loss = loss_sum / count.clamp(min=1)
         return (loss, None) if return_outputs else loss
@@ -105,13 +115,13 @@ class ZeroTrainer(Trainer):
             self._window_stats[name] = self._window_stats[name] + pair if name in self._window_stats else pair
         if not book:
             return
-        tokens = float(book["real_tokens"].sum())
+        tokens = float(book["real_tokens"].sum()) / self.sp  # the group shares each row's tokens
         slots = float(inputs["input_ids"].numel())
         self._window["tokens"] += tokens
         self._window["slots"] += slots
         self._slots["real"] += tokens
         self._slots["capacity"] += slots
-        pairs = float(book["attn_square"].sum())
+        pairs = float(book["attn_square"].sum()) / self.sp  # each process: 1/N of the heads over the whole row
         head_tokens = float(out.items if out.head_tokens is None else out.head_tokens)
         flops = tokens * self._linear_flops + pairs * self._pair_flops + head_tokens * self._head_flops
         if out.reference_passes:  # a reference model's forward over the same tokens
@@ -361,7 +371,12 @@ class ZeroTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start, self._excluded = time.perf_counter(), 0.0
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The logged loss is the mean over processes of what each returns, scaled for the gradient average
+        # (compute_loss); sequence-parallel processes return shares of one row. The backward has run: this only
+        # scales what is logged.
+        scale = self.accelerator.num_processes / self._grad_divisor
+        return loss * scale if scale != 1 else loss
 
 
 class _StageHooks(TrainerCallback):

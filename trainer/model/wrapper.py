@@ -176,7 +176,8 @@ class ModelWrapper:
 
     def token_nll(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts."""
-        targets = shift_targets(batch["labels"])
+        # A sequence-parallel shard comes with its labels shifted before the row was cut (engine/sequence_parallel.py).
+        targets = batch["shift_labels"] if "shift_labels" in batch else shift_targets(batch["labels"])
         inputs = model_inputs(batch)
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:

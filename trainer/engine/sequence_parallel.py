@@ -1,0 +1,187 @@
+"""Sequence parallelism (`sequence_parallel_size: N`, alias `cp_size`) through DeepSpeed's Ulysses (Arctic Long
+Sequence Training): each row of a micro-batch is cut into N contiguous shards, one per process of a sequence-parallel
+group; DeepSpeed's UlyssesSPAttentionHF trades the shards for attention heads (all-to-all) around the core attention,
+which then sees the whole row of its heads with the row's segment layout (cu_seq_lens), so examples packed into one
+row never see each other.
+
+What zerotune does itself, and why:
+- transformers' Trainer and accelerate run the DeepSpeed side (ParallelismConfig(sp_backend="deepspeed"): the
+  attention registration, the mpu handed to deepspeed.initialize, DP degree = processes / N in DeepSpeed's batch and
+  gradient averaging). Their data adapter (UlyssesSPDataLoaderAdapter) cuts every tensor of a batch along dim 1, which
+  zerotune's 1-D segment layout (cu_seq_lens, item_lengths) does not survive, and hands each process its shard before
+  the engine counts the batch's items: `GroupBatches` replaces it and yields whole batches (the same on every process
+  of a group), which the engine counts exactly as without SP and then cuts with `shard` right before the forward.
+- `shard` pads a row to a multiple of N with a segment of its own (never trained, never attended), shifts the labels
+  BEFORE the cut (the token at a shard boundary is trained once, by the shard holding its prediction), and keeps the
+  global cu_seq_lens, which DeepSpeed passes through to the core attention untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from trainer.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Attention implementations whose core keeps the examples of a packed row apart from the batch's cu_seq_lens after
+# DeepSpeed's all-to-all (DeepSpeed drops the attention mask; sdpa would attend across examples).
+SEGMENT_AWARE = ("zerotune_segments", "flash_attention_2", "flash_attention_3")
+SHIFTED = "shift_labels"  # the batch key of labels already shifted to the position that predicts them
+
+
+def configure(values: dict, n: int) -> None:
+    """TrainingArguments values for sequence parallelism of degree n > 1: DeepSpeed required, one row a pass (DeepSpeed's
+    attention is built for a fixed number of rows, and a padding-free batch is one row), and accelerate's
+    ParallelismConfig that hands DeepSpeed its mpu."""
+    import os
+
+    from trainer.engine.options import deepspeed_dict
+
+    if not values.get("deepspeed"):
+        raise ConfigError(f"sequence_parallel_size: {n} runs through DeepSpeed's Ulysses: set deepspeed (e.g. "
+                          "ds_configs/ds_z2_config.json or ds_z3_config.json) and launch N x data-parallel processes "
+                          "(deepspeed --num_gpus K launch/train.py ...). FSDP and plain DDP have no sequence "
+                          "parallelism in zerotune.")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % n:
+        raise ConfigError(f"sequence_parallel_size: {n} does not divide the {world} processes of this run; launch a "
+                          f"multiple of {n} processes (data-parallel degree = processes / {n}).")
+    ds = deepspeed_dict(values["deepspeed"])
+    if ds.get("zero_optimization", {}).get("stage") == 3 and ds["zero_optimization"].get("reduce_scatter") is False:
+        raise ConfigError(f"sequence_parallel_size: {n} with ZeRO-3 needs zero_optimization.reduce_scatter: true (the "
+                          "default) in the DeepSpeed config: without it DeepSpeed 0.19 averages some gradient buckets "
+                          "over all processes and others over the data-parallel ones (gradient_divisor).")
+    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
+    if micro not in ("auto", 1):
+        raise ConfigError(f"sequence_parallel_size: {n} runs one row a pass; set train_micro_batch_size_per_gpu to "
+                          f"\"auto\" (or 1) in the DeepSpeed config (it says {micro}).")
+    per = int(values.get("per_device_train_batch_size", 8))
+    if per > 1:  # the same optimizer step: the engine normalises by the items of the whole accumulated batch
+        values["per_device_train_batch_size"] = 1
+        values["gradient_accumulation_steps"] = int(values.get("gradient_accumulation_steps", 1)) * per
+        logger.info("sequence_parallel_size: %d runs one row a pass: per_device_train_batch_size %d becomes 1 x "
+                    "gradient_accumulation_steps x %d (the same examples and gradient each optimizer step).", n, per,
+                    per)
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils import DeepSpeedSequenceParallelConfig
+
+    # sdpa only passes accelerate's name check; the real core attention is set once the model is loaded (attach).
+    handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation="sdpa",
+                                              sp_disable_in_eval=True)
+    values["parallelism_config"] = ParallelismConfig(sp_size=n, sp_backend="deepspeed", sp_handler=handler)
+
+
+def gradient_divisor(deepspeed, processes: int, n: int) -> int:
+    """What DeepSpeed divides the sum of all processes' gradients by. Under sequence parallelism ZeRO-0/1/2 divide by
+    the data-parallel degree (processes / n); DeepSpeed 0.19.8's ZeRO-3 reduce-scatter (reduce_scatter_coalesced,
+    the path reduce_scatter: true takes for every bucket) pre-divides by all the processes, ignoring n, so the engine
+    scales its loss by that instead (measured: SGD steps and grad_norm equal to one process only then)."""
+    from trainer.engine.options import zero_stage
+
+    return processes if n == 1 or zero_stage(deepspeed) == 3 else processes // n
+
+
+def size_of(args) -> int:
+    """The sequence-parallel degree TrainingArguments were built with (1: off)."""
+    pc = getattr(args, "parallelism_config", None)
+    return int(pc.sp_size) if pc is not None and pc.sp_backend == "deepspeed" and pc.sp_size > 1 else 1
+
+
+def attach(accelerator, model, n: int) -> None:
+    """Before accelerate registers DeepSpeed's attention: the model's own core attention (which must read the
+    segment layout) and its head counts checked, and zerotune's batch adapter in place of DeepSpeed's."""
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in SEGMENT_AWARE:
+        raise ConfigError(f"sequence_parallel_size: {n} needs an attention that reads the batch's segment layout "
+                          f"after DeepSpeed's all-to-all ({', '.join(SEGMENT_AWARE)}); this model runs {impl!r} "
+                          "(flash_attn: sdpa/eager, or a sliding-window / soft-capped model). Use flash_attn: auto.")
+    text = model.config.get_text_config()
+    heads, kv = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    if heads % n or (kv % n and n % kv):
+        raise ConfigError(f"sequence_parallel_size: {n} must divide the model's {heads} attention heads, and its {kv} "
+                          f"key/value heads must divide by it or into it; pick a sequence_parallel_size among "
+                          f"{[d for d in range(1, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0)]}.")
+    # accelerate allowlists sdpa/flash names, while DeepSpeed takes any registered attention: the check was passed
+    # with sdpa (configure), the real name goes here, before accelerate.prepare reads it.
+    accelerator.parallelism_config.sp_handler.sp_attn_implementation = impl
+    accelerator.deepspeed_ulysses_dl_adapter = lambda dl, model: GroupBatches(dl, n)
+    logger.info("Sequence parallelism: DeepSpeed Ulysses over %d processes a group, %s as the core attention over "
+                "each whole row; data-parallel degree %d.", n, impl, accelerator.num_processes // n)
+
+
+def group() -> tuple[object, int, int]:
+    """(process group, rank in it, size) of this process's sequence-parallel group (DeepSpeed's)."""
+    from deepspeed.utils import groups
+
+    return (groups._get_sequence_parallel_group(), groups._get_sequence_parallel_rank(),
+            groups._get_sequence_parallel_world_size())
+
+
+class GroupBatches:
+    """The train loader of every process of a sequence-parallel group, interleaved: each of the group's processes
+    draws its own batches (the loader is sharded over all processes), and the group then runs them one after the
+    other, every process holding each whole batch. So the group as a whole walks the data in the order one process
+    would, and each optimizer step holds batch x accumulation x (processes / N) batches, as DeepSpeed's adapter does."""
+
+    def __init__(self, loader, n: int):
+        self.loader, self.n = loader, n
+        self.pending: list = []
+        self.iterator = None
+
+    def __len__(self):
+        return len(self.loader) * self.n
+
+    def __getattr__(self, name):  # sampler, dataset, batch_size, set_epoch ... as the wrapped loader has them
+        return getattr(self.loader, name)
+
+    def __iter__(self):
+        self.iterator, self.pending = iter(self.loader), []
+        return self
+
+    def __next__(self):
+        if not self.pending:
+            import torch.distributed as dist
+
+            process_group, _, _ = group()
+            batch = next(self.iterator)  # every process of a group has as many batches (even sharding)
+            gathered: list = [None] * self.n
+            dist.all_gather_object(gathered, {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
+                                   group=process_group)
+            self.pending = gathered
+        return self.pending.pop(0)
+
+
+def shard(batch: dict, rank: int, n: int) -> dict:
+    """A padding-free batch (one row) -> this rank's contiguous 1/n of it, with the labels shifted first (SHIFTED),
+    the row padded to a multiple of n by a segment of its own, and the global segment layout kept."""
+    from trainer.model.losses import IGNORE_INDEX, shift_targets
+
+    if "attention_mask" in batch or batch["input_ids"].shape[0] != 1:
+        raise ValueError("sequence parallelism shards padding-free rows (one row a batch, with cu_seq_lens)")
+    ids, positions = batch["input_ids"], batch["position_ids"]
+    targets = shift_targets(batch["labels"])
+    total = ids.shape[1]
+    pad = -total % n
+    out = {k: v for k, v in batch.items() if k not in ("labels", "input_ids", "position_ids")}
+    if pad:
+        ids = torch.cat([ids, ids[:, -1:].expand(1, pad)], 1)
+        positions = torch.cat([positions, torch.arange(pad, device=positions.device).unsqueeze(0)], 1)
+        targets = torch.cat([targets, targets.new_full((1, pad), IGNORE_INDEX)], 1)
+        cu = batch["cu_seq_lens_q"]
+        cu = torch.cat([cu, cu.new_tensor([total + pad])])
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(int(batch["max_length_q"]), pad),
+                   max_length_k=max(int(batch["max_length_k"]), pad))
+        if "shared_prefix" in batch:
+            out["shared_prefix"] = torch.cat([batch["shared_prefix"], batch["shared_prefix"].new_zeros(1)])
+    width = (total + pad) // n
+    lo, hi = rank * width, (rank + 1) * width
+    out.update(input_ids=ids[:, lo:hi], position_ids=positions[:, lo:hi], **{SHIFTED: targets[:, lo:hi]})
+    if "item_lengths" in batch:  # each item's tokens inside [lo, hi); the padding counts to the last item
+        lengths = batch["item_lengths"].clone()
+        lengths[-1] += pad
+        ends = lengths.cumsum(0)
+        out["item_lengths"] = ends.clamp(lo, hi) - (ends - lengths).clamp(lo, hi)
+    return out
