@@ -63,8 +63,6 @@ class Stage:
     sequence_parallel: bool = False  # its loss adds up over sequence shards (engine/sequence_parallel.py)
 
     def __init__(self, config=None, options=None):
-        self.config = config
-        self.opts = options if options is not None else self.options()
         n = getattr(getattr(config, "engine", None), "sequence_parallel_size", 1)
         if n > 1 and not self.sequence_parallel:
             from trainer.errors import ConfigError
@@ -72,6 +70,8 @@ class Stage:
             raise ConfigError(f"sequence_parallel_size: {n} is supported for stages pt and sft; stage {self.name} "
                               "computes per-sequence figures that would need summing across the shards. Train it "
                               "with sequence_parallel_size: 1 (ZeRO-3 and gradient checkpointing for memory).")
+        self.config = config
+        self.opts = options if options is not None else self.options()
 
     # ---- data ------------------------------------------------------------------------------------
     def collator(self, pad_token_id: int, padding_free: bool = True):

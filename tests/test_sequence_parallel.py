@@ -1,0 +1,231 @@
+"""Sequence parallelism (engine/sequence_parallel.py): two CPU processes sharing each row through DeepSpeed's Ulysses
+train exactly as one process does on the whole rows (losses and gradient norms, fp32), packed rows and padding-free
+rows, ZeRO-2 and ZeRO-3; with a core attention that does not read the segment layout the same comparison fails; the
+shard cut rebuilds the row; what cannot run is refused by name."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tiny import alpaca_rows, base_config, train_with, write_dataset_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A row of several packed examples (cutoff 256) always has one crossing the middle, where a 2-way cut falls; the long
+# example fills a row alone (truncated at the cutoff).
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 30)
+COMMON = dict(finetuning_type="full", max_steps=3, cutoff_len=256, learning_rate=1e-2, save_steps=1000)
+LAYOUTS = {"packed": dict(packing=True, per_device_train_batch_size=1),
+           "padding_free": dict(packing=False, per_device_train_batch_size=2)}
+
+
+def _data(folder: Path) -> Path:
+    rows = alpaca_rows(20)
+    rows[1]["output"] = LONG
+    return write_dataset_dir(folder, rows)
+
+
+def _history(out: Path) -> list[float]:
+    """Each step's loss and gradient norm, in turn."""
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e[k] for e in state["log_history"] if "loss" in e for k in ("loss", "grad_norm")]
+
+
+@pytest.fixture(scope="module")
+def references(tiny_model_dir, tmp_path_factory):
+    """One plain process (no DeepSpeed, no sequence parallelism) per layout: the losses and gradient norms to meet."""
+    folder = tmp_path_factory.mktemp("sp-reference")
+    data = _data(folder / "data")
+    out = {}
+    for name, layout in LAYOUTS.items():
+        train_with(base_config(tiny_model_dir, data, folder / name, **COMMON, **layout))
+        out[name] = _history(folder / name)
+    return data, out
+
+
+# Launched under the DeepSpeed launcher; MUTATION=sdpa makes DeepSpeed's core attention transformers' SDPA, which
+# gets no mask after the all-to-all (DeepSpeed drops it) and so lets packed examples attend to each other.
+DRIVER = """
+import os, runpy, sys
+sys.path.insert(0, {root!r})
+if os.environ.get("MUTATION") == "sdpa":
+    from trainer.engine import sequence_parallel
+    sequence_parallel.SEGMENT_AWARE = (*sequence_parallel.SEGMENT_AWARE, "sdpa")
+sys.argv = [{script!r}] + sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def _launch(cfg: dict, tmp_path: Path, name: str, mutation: str = "") -> subprocess.CompletedProcess:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=str(ROOT), script=str(ROOT / "launch/train.py")))
+    cfg_file = tmp_path / f"{name}.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MUTATION": mutation}
+    return subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(33500 + os.getpid() % 1000),
+                           str(driver), "--config", str(cfg_file)], cwd=ROOT, capture_output=True, text=True,
+                          env=env, timeout=900)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("layout, zero", [("packed", 2), ("padding_free", 3)])
+def test_two_way_sequence_parallel_matches_one_process(layout, zero, references, tiny_model_dir, tmp_path):
+    data, reference = references
+    out = tmp_path / "sp"
+    proc = _launch(base_config(tiny_model_dir, data, out, **COMMON, **LAYOUTS[layout], sequence_parallel_size=2,
+                               deepspeed=str(ROOT / f"ds_configs/ds_z{zero}_config.json")), tmp_path, "sp")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "DeepSpeed Ulysses over 2 processes a group, zerotune_segments" in proc.stderr
+    assert "data-parallel degree 1" in proc.stderr
+    got = _history(out)
+    assert len(got) == 6
+    assert got == pytest.approx(reference[layout], rel=1e-5)
+
+
+@pytest.mark.distributed
+def test_examples_attend_across_without_the_segment_layout_and_the_comparison_fails(references, tiny_model_dir,
+                                                                                    tmp_path):
+    """The mutation check: the same run with SDPA as DeepSpeed's core attention (no segment layout after the
+    all-to-all) trains a different model."""
+    data, reference = references
+    out = tmp_path / "sdpa"
+    proc = _launch(base_config(tiny_model_dir, data, out, **COMMON, **LAYOUTS["packed"], sequence_parallel_size=2,
+                               flash_attn="sdpa", deepspeed=str(ROOT / "ds_configs/ds_z2_config.json")),
+                   tmp_path, "sdpa", mutation="sdpa")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, want = _history(out), reference["packed"]
+    worst = max(abs(a - b) / abs(b) for a, b in zip(got, want))
+    assert got != pytest.approx(want, rel=1e-5) and worst > 1e-4, (worst, got, want)
+
+
+# ---- the cut ---------------------------------------------------------------------------------------------------
+
+def _batch(lengths: list[int]) -> dict:
+    from trainer.data.collators import Collator
+
+    items, start = [], 1
+    for group in lengths:
+        ids = list(range(start, start + sum(group)))
+        start += sum(group)
+        items.append({"input_ids": ids, "labels": [i if i % 3 else -100 for i in ids], "lengths": group})
+    return Collator(pad_token_id=0)(items)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_the_shards_rebuild_the_row_with_labels_shifted_before_the_cut(n):
+    from trainer.engine.sequence_parallel import SHIFTED, shard
+    from trainer.model.losses import IGNORE_INDEX, shift_targets
+
+    batch = _batch([[5, 4], [7], [3, 2, 4]])  # 25 tokens: a pad of 25 % n
+    total = batch["input_ids"].shape[1]
+    shards = [shard(dict(batch), r, n) for r in range(n)]
+    width = shards[0]["input_ids"].shape[1]
+    assert width * n >= total > width * (n - 1) and all(s["input_ids"].shape[1] == width for s in shards)
+    ids = torch.cat([s["input_ids"] for s in shards], 1)
+    targets = torch.cat([s[SHIFTED] for s in shards], 1)
+    assert torch.equal(ids[:, :total], batch["input_ids"])
+    assert torch.equal(targets[:, :total], shift_targets(batch["labels"]))  # each boundary token trained once
+    assert (targets[:, total:] == IGNORE_INDEX).all()
+    positions = torch.cat([s["position_ids"] for s in shards], 1)
+    assert torch.equal(positions[:, :total], batch["position_ids"])
+    cu = shards[0]["cu_seq_lens_q"]  # the whole row's layout on every shard, the padding a segment of its own
+    assert all(torch.equal(s["cu_seq_lens_q"], cu) for s in shards)
+    assert cu[-1] == width * n and torch.equal(cu[:len(batch["cu_seq_lens_q"])], batch["cu_seq_lens_q"])
+    for s in shards:  # per-item token counts of the shard, for the per-item statistics
+        assert int(s["item_lengths"].sum()) == width
+    summed = sum(s["item_lengths"] for s in shards)
+    assert summed[:-1].tolist() == batch["item_lengths"][:-1].tolist()
+    assert int(summed[-1]) == int(batch["item_lengths"][-1]) + width * n - total
+
+
+def test_a_padded_batch_is_not_cut():
+    from trainer.data.collators import Collator
+    from trainer.engine.sequence_parallel import shard
+
+    batch = Collator(pad_token_id=0, padding_free=False)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3],
+                                                           "lengths": [3]}])
+    with pytest.raises(ValueError, match="padding-free"):
+        shard(batch, 0, 2)
+
+
+# ---- what is refused ---------------------------------------------------------------------------------------------
+
+def _config(tiny_model_dir, data_dir, tmp_path, **overrides):
+    from trainer.run import build_config
+
+    return build_config(base_config(tiny_model_dir, data_dir, tmp_path / "out", **overrides))
+
+
+def test_without_deepspeed_it_is_refused_with_what_to_do(tiny_model_dir, data_dir, tmp_path):
+    from trainer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sequence_parallel_size: 2 runs through DeepSpeed's Ulysses: set deepspeed"):
+        _config(tiny_model_dir, data_dir, tmp_path, sequence_parallel_size=2)
+    with pytest.raises(ConfigError, match="FSDP and plain DDP have no sequence parallelism"):
+        _config(tiny_model_dir, data_dir, tmp_path, cp_size=2, fsdp="full_shard")
+
+
+def test_a_world_it_does_not_divide_and_a_zero3_without_reduce_scatter_are_refused(tiny_model_dir, data_dir,
+                                                                                      tmp_path, monkeypatch):
+    from trainer.errors import ConfigError
+
+    ds = str(ROOT / "ds_configs/ds_z2_config.json")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match="does not divide the 3 processes"):
+        _config(tiny_model_dir, data_dir, tmp_path, sequence_parallel_size=2, deepspeed=ds)
+    z3 = json.loads((ROOT / "ds_configs/ds_z3_config.json").read_text())
+    z3["zero_optimization"]["reduce_scatter"] = False
+    (tmp_path / "z3.json").write_text(json.dumps(z3))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="needs zero_optimization.reduce_scatter: true"):
+        _config(tiny_model_dir, data_dir, tmp_path, sequence_parallel_size=2, deepspeed=str(tmp_path / "z3.json"))
+
+
+def test_the_alias_and_its_disagreement(tiny_model_dir, data_dir, tmp_path):
+    from trainer.engine.options import EngineArguments
+    from trainer.errors import ConfigError
+
+    assert EngineArguments(cp_size=4).sequence_parallel_size == 4
+    assert EngineArguments(sequence_parallel_size=4, cp_size=4).sequence_parallel_size == 4
+    with pytest.raises(ConfigError, match="cp_size: 2 and sequence_parallel_size: 4 disagree"):
+        EngineArguments(sequence_parallel_size=4, cp_size=2)
+    with pytest.raises(ConfigError, match="must be at least 1"):
+        EngineArguments(sequence_parallel_size=0)
+
+
+@pytest.mark.parametrize("stage", ["dpo", "orpo", "rm", "kto", "ppo", "grpo"])
+def test_stages_whose_figures_span_the_shards_are_refused_by_name(stage):
+    from types import SimpleNamespace
+
+    from trainer.errors import ConfigError
+    from trainer.stages import STAGES
+
+    config = SimpleNamespace(engine=SimpleNamespace(sequence_parallel_size=2))
+    with pytest.raises(ConfigError, match=f"supported for stages pt and sft; stage {stage}"):
+        STAGES.lookup(stage)(config, None)
+    STAGES.lookup("sft")(config, None)
+
+
+def test_head_counts_it_does_not_divide_are_refused_with_the_sizes_that_work(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoConfig
+
+    from trainer.engine.sequence_parallel import attach
+    from trainer.errors import ConfigError
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)  # 4 heads, 2 key/value heads
+    config._attn_implementation = "zerotune_segments"
+    with pytest.raises(ConfigError, match=r"must divide the model's 4 attention heads.*among \[1, 2, 4\]"):
+        attach(None, SimpleNamespace(config=config), 3)
+    config._attn_implementation = "sdpa"
+    with pytest.raises(ConfigError, match="needs an attention that reads the batch's segment layout"):
+        attach(None, SimpleNamespace(config=config), 2)
