@@ -229,3 +229,40 @@ def test_head_counts_it_does_not_divide_are_refused_with_the_sizes_that_work(tin
     config._attn_implementation = "sdpa"
     with pytest.raises(ConfigError, match="needs an attention that reads the batch's segment layout"):
         attach(None, SimpleNamespace(config=config), 2)
+
+
+# ---- zerotune check ----------------------------------------------------------------------------------------------
+
+def test_longest_cutoff_is_the_longest_row_whose_activations_fit_beside_the_states():
+    from transformers import LlamaConfig
+
+    from trainer.plan import GB, activation_gb, longest_cutoffs
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3)
+    fits = longest_cutoffs(config, states_gb=2.0, free_gb=10.0, compute_bytes=2)
+    for n, (plain, ckpt) in fits.items():
+        assert activation_gb(config, plain, 2) / n <= 8.0 < activation_gb(config, plain + 256, 2) / n
+        assert ckpt > plain  # checkpointing keeps one layer's input per layer, not its whole activations
+        per_token = (30 * 576 * 2 + (10 * 576 + 4 * 1536) * 2 + 2 * 576 * 4) / GB  # inputs + one whole layer
+        assert ckpt * per_token / n <= 8.0 < (ckpt + 256) * per_token / n
+    assert abs(fits[2][0] - 2 * fits[1][0]) <= 512  # activations divide by N
+    assert longest_cutoffs(config, states_gb=12.0, free_gb=10.0, compute_bytes=2)[8] == (0, 0)
+
+
+def test_check_reports_the_data_parallel_degree_and_the_cutoffs_per_size(tiny_model_dir, data_dir, tmp_path,
+                                                                       monkeypatch, capsys):
+    from trainer.cli import check
+
+    cfg = base_config(tiny_model_dir, data_dir, tmp_path / "out", sequence_parallel_size=2, per_device_train_batch_size=2,
+                      deepspeed=str(ROOT / "ds_configs/ds_z3_config.json"))
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setenv("NPROC_PER_NODE", "4")
+    assert check(str(tmp_path / "cfg.yaml"), []) == 0
+    text = capsys.readouterr().out
+    assert "data-parallel degree 4 / 2 = 2" in text
+    assert "2 x 1 accumulation x 2 data-parallel groups = 4 examples a step" in text
+    assert "(ZeRO-3 states" in text
+    for n in (1, 2, 4, 8):
+        assert f"sequence_parallel_size {n}:" in text
+    assert "<- this run" in text.split("sequence_parallel_size 2:")[1].split("\n")[0]
