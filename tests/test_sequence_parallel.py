@@ -106,6 +106,34 @@ def test_examples_attend_across_without_the_segment_layout_and_the_comparison_fa
     assert got != pytest.approx(want, rel=1e-5) and worst > 1e-4, (worst, got, want)
 
 
+def _pair_history(out: Path) -> list[float]:
+    state = json.loads((out / "trainer_state.json").read_text())
+    return [e[k] for e in state["log_history"] if "loss" in e for k in ("loss", "grad_norm", "rewards/margins")]
+
+
+@pytest.mark.slow  # two minutes on the shared 2-core machine
+@pytest.mark.distributed
+def test_dpo_with_two_way_sequence_parallelism_matches_one_process(tiny_model_dir, tmp_path):
+    """dpo reads each sequence's summed log-prob, and a pair's sequences straddle the cut: the wrapper gathers the
+    whole row's token losses (WholeRows); LoRA, so the reference is the same sharded model with the adapters off."""
+    data = tmp_path / "pairs"
+    data.mkdir()
+    pairs = [{"instruction": f"Question {i}: " + "tell me more " * (i % 5), "chosen": "Yes." + " yes indeed" * (i % 7),
+              "rejected": "No." + " no way" * (i % 4)} for i in range(12)]
+    (data / "p.json").write_text(json.dumps(pairs))
+    (data / "dataset_info.json").write_text(json.dumps({"p": {"file_name": "p.json", "ranking": True}}))
+    common = dict(stage="dpo", dataset="p", max_steps=3, learning_rate=1e-2, per_device_train_batch_size=2)
+    single = tmp_path / "one"
+    train_with(base_config(tiny_model_dir, data, single, **common))
+    double = tmp_path / "two"
+    proc = _launch(base_config(tiny_model_dir, data, double, **common, sequence_parallel_size=2,
+                               deepspeed=str(ROOT / "ds_configs/ds_z2_config.json")), tmp_path, "dpo")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got, want = _pair_history(double), _pair_history(single)
+    assert len(got) == 9 and want[0] == pytest.approx(0.693147, rel=1e-5)
+    assert got == pytest.approx(want, rel=1e-5, abs=2e-6)  # the margins are logged to 6 decimals
+
+
 # ---- the cut ---------------------------------------------------------------------------------------------------
 
 def _batch(lengths: list[int]) -> dict:
@@ -201,7 +229,7 @@ def test_the_alias_and_its_disagreement(tiny_model_dir, data_dir, tmp_path):
         EngineArguments(sequence_parallel_size=0)
 
 
-@pytest.mark.parametrize("stage", ["dpo", "orpo", "rm", "kto", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["rm", "kto", "ppo", "grpo"])
 def test_stages_whose_figures_span_the_shards_are_refused_by_name(stage):
     from types import SimpleNamespace
 
@@ -209,9 +237,11 @@ def test_stages_whose_figures_span_the_shards_are_refused_by_name(stage):
     from trainer.stages import STAGES
 
     config = SimpleNamespace(engine=SimpleNamespace(sequence_parallel_size=2))
-    with pytest.raises(ConfigError, match=f"supported for stages pt and sft; stage {stage}"):
+    with pytest.raises(ConfigError, match=f"supported for stages pt, sft, dpo and orpo; stage {stage}"):
         STAGES.lookup(stage)(config, None)
-    STAGES.lookup("sft")(config, None)
+    for accepted in ("sft", "pt"):
+        STAGES.lookup(accepted)(config, None)
+    assert STAGES.lookup("dpo").sequence_parallel == STAGES.lookup("orpo").sequence_parallel == "rows"
 
 
 def test_head_counts_it_does_not_divide_are_refused_with_the_sizes_that_work(tiny_model_dir):

@@ -185,3 +185,41 @@ def shard(batch: dict, rank: int, n: int) -> dict:
         ends = lengths.cumsum(0)
         out["item_lengths"] = ends.clamp(lo, hi) - (ends - lengths).clamp(lo, hi)
     return out
+
+
+class WholeRows:
+    """For stages whose loss reads per-sequence sums (dpo, orpo: a sequence may span shards): the wrapper runs the model
+    on this process's shard and gathers the per-token losses of the whole row back (a few bytes a token), so the stage
+    computes exactly what it would without sequence parallelism, the same on every process of the group; the engine
+    then counts each group's loss once (divides it by N). The gather's backward sums the group's gradients, which the
+    division makes the gradient of the loss counted once."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def cut(self, batch: dict) -> dict:
+        return shard(batch, group()[1], self.n)
+
+    def whole(self, values: torch.Tensor, total: int) -> torch.Tensor:
+        """This process's [1, T/N] per-token values -> the row's [1, T], in autograd."""
+        process_group, rank, n = group()
+        return _GatherRow.apply(values, process_group, rank, n)[:, :total]
+
+
+class _GatherRow(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, values, process_group, rank, n):
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(values) for _ in range(n)]
+        dist.all_gather(parts, values.contiguous(), group=process_group)
+        ctx.process_group, ctx.rank, ctx.width = process_group, rank, values.shape[1]
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.process_group)  # every process's loss reads every shard (all_reduce: gloo too)
+        return grad[:, ctx.rank * ctx.width:(ctx.rank + 1) * ctx.width], None, None, None

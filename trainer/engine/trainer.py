@@ -61,6 +61,10 @@ class ZeroTrainer(Trainer):
         self.sp = sequence_parallel.size_of(self.args)  # processes that share each sequence (1: off)
         if self.sp > 1:
             sequence_parallel.attach(self.accelerator, self.model, self.sp)
+            if stage.sequence_parallel == "rows":  # the wrapper runs shards and hands the stage whole rows
+                wrapper.sequence_parallel = sequence_parallel.WholeRows(self.sp)
+        # Each process of a group computes the same whole-row loss (WholeRows): counted once.
+        self._replicas = self.sp if stage is not None and stage.sequence_parallel == "rows" else 1
         self._grad_divisor = sequence_parallel.gradient_divisor(self.args.deepspeed, self.accelerator.num_processes,
                                                                 self.sp)
         if self.neftune_noise_alpha is not None:  # zerotune's, per example (model/neftune.py), not transformers'
@@ -84,13 +88,15 @@ class ZeroTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
-        if self.sp > 1 and model.training:  # counted whole (above), computed as this process's shard of each row
+        if self.sp > 1 and model.training and self._replicas == 1:  # counted whole, computed as this shard of it
             inputs = sequence_parallel.shard(inputs, sequence_parallel.group()[1], self.sp)
         out = self.stage.compute(self.wrapper, model, inputs)
         if out.batch is not None:  # the stage built the batch it ran (ppo: prompts with their sampled responses)
             inputs = dict(out.batch)
             book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
         loss_sum, count = out.loss_sum, out.items
+        if model.training and self._replicas > 1:
+            loss_sum = loss_sum / self._replicas
         if model.training and self._any_nonfinite(loss_sum):
             loss_sum = self._nonfinite(model, loss_sum)
         if model.training:
@@ -111,18 +117,18 @@ class ZeroTrainer(Trainer):
             if name == "loss":  # the Trainer logs the loss itself (exactly: each step is normalised globally)
                 continue
             counted = sums.new_full((), float("nan")) if counts is None else counts.detach().sum()
-            pair = torch.stack([sums.detach().sum().double(), counted.double()])
+            pair = torch.stack([sums.detach().sum().double(), counted.double()]) / self._replicas
             self._window_stats[name] = self._window_stats[name] + pair if name in self._window_stats else pair
         if not book:
             return
         tokens = float(book["real_tokens"].sum()) / self.sp  # the group shares each row's tokens
-        slots = float(inputs["input_ids"].numel())
+        slots = float(inputs["input_ids"].numel()) / self._replicas  # whole rows on every process of a group
         self._window["tokens"] += tokens
         self._window["slots"] += slots
         self._slots["real"] += tokens
         self._slots["capacity"] += slots
         pairs = float(book["attn_square"].sum()) / self.sp  # each process: 1/N of the heads over the whole row
-        head_tokens = float(out.items if out.head_tokens is None else out.head_tokens)
+        head_tokens = float(out.items if out.head_tokens is None else out.head_tokens) / self._replicas
         flops = tokens * self._linear_flops + pairs * self._pair_flops + head_tokens * self._head_flops
         if out.reference_passes:  # a reference model's forward over the same tokens
             flops += out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
