@@ -134,6 +134,49 @@ def test_dpo_with_two_way_sequence_parallelism_matches_one_process(tiny_model_di
     assert got == pytest.approx(want, rel=1e-5, abs=2e-6)  # the margins are logged to 6 decimals
 
 
+@pytest.mark.slow  # two launches of a minute each on the shared 2-core machine
+@pytest.mark.distributed
+def test_resuming_a_sequence_parallel_run_gives_the_same_next_losses(references, tiny_model_dir, tmp_path):
+    """4 steps straight == resumed from the step-2 checkpoint (ZeRO-3 state, and the data order: the Trainer skips
+    whole group batches, GroupBatches being the sampler it skips over)."""
+    data, _ = references
+    settings = dict(**COMMON, **LAYOUTS["padding_free"], sequence_parallel_size=2,
+                    deepspeed=str(ROOT / "ds_configs/ds_z3_config.json"))
+    settings.update(max_steps=4, save_steps=2, lr_scheduler_type="cosine", warmup_steps=1)
+    straight = tmp_path / "straight"
+    proc = _launch(base_config(tiny_model_dir, data, straight, **settings), tmp_path, "straight")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = tmp_path / "resumed"  # a fresh folder holding only the step-2 checkpoint, as a restarted job sees it
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    proc = _launch(base_config(tiny_model_dir, data, resumed, resume_from_checkpoint="true", **settings), tmp_path,
+                   "resumed")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    a, b = _history(straight), _history(resumed)
+    assert len(b) == 8 and b[4:] == pytest.approx(a[4:], rel=1e-5)  # steps 3 and 4: loss and gradient norm
+
+
+def test_a_group_deals_what_accelerate_deals_each_of_its_processes_in_turn():
+    from accelerate.data_loader import BatchSamplerShard, SeedableRandomSampler
+    from torch.utils.data import BatchSampler
+
+    from trainer.engine.sequence_parallel import _GroupSampler
+
+    base = BatchSampler(SeedableRandomSampler(range(23), data_seed=3), 2, False)
+    world, n = 4, 2
+    for epoch in (0, 1):
+        shards = [BatchSamplerShard(base, num_processes=world, process_index=r) for r in range(world)]
+        dealt = []
+        for shard_sampler in shards:
+            base.sampler.set_epoch(epoch)
+            dealt.append(list(shard_sampler))
+        for g in range(world // n):
+            base.sampler.set_epoch(epoch)
+            grouped = list(_GroupSampler(shards[g * n:(g + 1) * n], base))
+            assert grouped == [b for turn in zip(*dealt[g * n:(g + 1) * n]) for b in turn]
+            assert len(grouped) == len(_GroupSampler(shards[g * n:(g + 1) * n], base))
+
+
 # ---- the cut ---------------------------------------------------------------------------------------------------
 
 def _batch(lengths: list[int]) -> dict:

@@ -121,37 +121,71 @@ def group() -> tuple[object, int, int]:
 
 
 class GroupBatches:
-    """The train loader of every process of a sequence-parallel group, interleaved: each of the group's processes
-    draws its own batches (the loader is sharded over all processes), and the group then runs them one after the
-    other, every process holding each whole batch. So the group as a whole walks the data in the order one process
-    would, and each optimizer step holds batch x accumulation x (processes / N) batches, as DeepSpeed's adapter does."""
+    """The train loader of a sequence-parallel group: the batches the loader deals to each process of the group (it is
+    sharded over all processes), taken in turn, every process of the group holding each whole batch. So a group walks
+    the data in the order one process would, and an optimizer step holds batch x accumulation x (processes / N)
+    batches, as DeepSpeed's adapter does, without any communication: each process computes its group's index lists
+    from the same seeded sampler. It is a batch sampler over the loader's dataset (batch_sampler below), so
+    transformers' resume (accelerate.skip_first_batches) skips whole group batches and keeps the grouping."""
 
     def __init__(self, loader, n: int):
-        self.loader, self.n = loader, n
-        self.pending: list = []
-        self.iterator = None
+        import copy
+
+        shard_sampler = loader.batch_sampler  # accelerate's BatchSamplerShard of this process
+        if not hasattr(shard_sampler, "process_index"):
+            raise ConfigError("sequence parallelism needs a map-style dataset dealt by accelerate's batch sampler "
+                              "(streaming: true is not supported with sequence_parallel_size > 1).")
+        first = shard_sampler.process_index // n * n  # DeepSpeed's groups are consecutive ranks
+        members = []
+        for rank in range(first, first + n):
+            member = copy.copy(shard_sampler)
+            member.process_index = rank
+            members.append(member)
+        self.loader = loader
+        self.batch_sampler = _GroupSampler(members, shard_sampler.batch_sampler)
 
     def __len__(self):
-        return len(self.loader) * self.n
+        return len(self.batch_sampler)
 
-    def __getattr__(self, name):  # sampler, dataset, batch_size, set_epoch ... as the wrapped loader has them
+    def __getattr__(self, name):  # dataset, collate_fn, num_workers, set_epoch ... as the wrapped loader has them
+        if name == "loader":
+            raise AttributeError(name)
         return getattr(self.loader, name)
 
     def __iter__(self):
-        self.iterator, self.pending = iter(self.loader), []
-        return self
+        from torch.utils.data import DataLoader
 
-    def __next__(self):
-        if not self.pending:
-            import torch.distributed as dist
+        loader = self.loader
+        return iter(DataLoader(loader.dataset, batch_sampler=self.batch_sampler, collate_fn=loader.collate_fn,
+                               num_workers=loader.num_workers, pin_memory=loader.pin_memory))
 
-            process_group, _, _ = group()
-            batch = next(self.iterator)  # every process of a group has as many batches (even sharding)
-            gathered: list = [None] * self.n
-            dist.all_gather_object(gathered, {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()},
-                                   group=process_group)
-            self.pending = gathered
-        return self.pending.pop(0)
+
+class _GroupSampler:
+    """Index lists of each process of a group in turn (see GroupBatches). `batch_sampler` is the sampler they all
+    shard, where the Trainer sets each epoch."""
+
+    def __init__(self, members: list, batch_sampler):
+        self.members, self.batch_sampler = members, batch_sampler
+
+    def __len__(self):
+        return len(self.members[0]) * len(self.members)
+
+    def __iter__(self):
+        from torch.utils.data import SequentialSampler
+
+        # Every member must deal from the same order: accelerate's seedable sampler draws it from seed + epoch, and
+        # moves on to the next epoch after each pass, so each member's pass starts from this epoch again.
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        epoch = getattr(sampler, "epoch", None)
+        if epoch is None and not isinstance(sampler, SequentialSampler):
+            raise RuntimeError(f"sequence parallelism needs a seedable or sequential sampler, not {type(sampler)}")
+        lists = []
+        for member in self.members:
+            if epoch is not None:
+                sampler.set_epoch(epoch)
+            lists.append(list(member))
+        for batches in zip(*lists):
+            yield from batches
 
 
 def shard(batch: dict, rank: int, n: int) -> dict:
