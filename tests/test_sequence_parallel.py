@@ -63,14 +63,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def _launch(cfg: dict, tmp_path: Path, name: str, mutation: str = "") -> subprocess.CompletedProcess:
+def _launch(cfg: dict, tmp_path: Path, name: str, mutation: str = "", processes: int = 2) -> subprocess.CompletedProcess:
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=str(ROOT), script=str(ROOT / "launch/train.py")))
     cfg_file = tmp_path / f"{name}.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MUTATION": mutation}
-    return subprocess.run([launcher, "--num_gpus", "2", "--master_port", str(33500 + os.getpid() % 1000),
+    return subprocess.run([launcher, "--num_gpus", str(processes), "--master_port", str(33500 + os.getpid() % 1000),
                            str(driver), "--config", str(cfg_file)], cwd=ROOT, capture_output=True, text=True,
                           env=env, timeout=900)
 
@@ -88,6 +88,23 @@ def test_two_way_sequence_parallel_matches_one_process(layout, zero, references,
     got = _history(out)
     assert len(got) == 6
     assert got == pytest.approx(reference[layout], rel=1e-5)
+
+
+@pytest.mark.slow  # 4 + 2 processes on the shared 2-core machine: minutes
+@pytest.mark.distributed
+def test_two_data_parallel_by_two_sequence_parallel_matches_two_processes_of_plain_data_parallelism(
+        references, tiny_model_dir, tmp_path):
+    data, _ = references
+    settings = dict(**COMMON, **LAYOUTS["packed"], deepspeed=str(ROOT / "ds_configs/ds_z2_config.json"))
+    plain = tmp_path / "plain"
+    proc = _launch(base_config(tiny_model_dir, data, plain, **settings), tmp_path, "plain")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    grid = tmp_path / "grid"
+    proc = _launch(base_config(tiny_model_dir, data, grid, **settings, sequence_parallel_size=2), tmp_path, "grid",
+                   processes=4)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "data-parallel degree 2" in proc.stderr
+    assert _history(grid) == pytest.approx(_history(plain), rel=1e-5)
 
 
 @pytest.mark.distributed
@@ -156,25 +173,23 @@ def test_resuming_a_sequence_parallel_run_gives_the_same_next_losses(references,
     assert len(b) == 8 and b[4:] == pytest.approx(a[4:], rel=1e-5)  # steps 3 and 4: loss and gradient norm
 
 
-def test_a_group_deals_what_accelerate_deals_each_of_its_processes_in_turn():
+def test_a_group_is_dealt_what_one_rank_of_plain_data_parallelism_is():
+    from types import SimpleNamespace
+
     from accelerate.data_loader import BatchSamplerShard, SeedableRandomSampler
     from torch.utils.data import BatchSampler
 
-    from trainer.engine.sequence_parallel import _GroupSampler
+    from trainer.engine.sequence_parallel import GroupBatches
 
     base = BatchSampler(SeedableRandomSampler(range(23), data_seed=3), 2, False)
-    world, n = 4, 2
-    for epoch in (0, 1):
-        shards = [BatchSamplerShard(base, num_processes=world, process_index=r) for r in range(world)]
-        dealt = []
-        for shard_sampler in shards:
-            base.sampler.set_epoch(epoch)
-            dealt.append(list(shard_sampler))
-        for g in range(world // n):
-            base.sampler.set_epoch(epoch)
-            grouped = list(_GroupSampler(shards[g * n:(g + 1) * n], base))
-            assert grouped == [b for turn in zip(*dealt[g * n:(g + 1) * n]) for b in turn]
-            assert len(grouped) == len(_GroupSampler(shards[g * n:(g + 1) * n], base))
+    for rank in range(4):  # 4 processes, 2-way sequence parallelism = 2 data-parallel ranks
+        loader = SimpleNamespace(batch_sampler=BatchSamplerShard(base, num_processes=4, process_index=rank))
+        plain = BatchSamplerShard(base, num_processes=2, process_index=rank // 2)
+        base.sampler.set_epoch(0)  # each pass draws from seed + epoch, then moves on to the next epoch
+        grouped = list(GroupBatches(loader, 2).batch_sampler)
+        base.sampler.set_epoch(0)
+        assert grouped == list(plain)
+        assert len(GroupBatches(loader, 2)) == len(plain) == 2 * len(loader.batch_sampler)
 
 
 # ---- the cut ---------------------------------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def configure(values: dict, n: int) -> None:
     # sdpa only passes accelerate's name check; the real core attention is set once the model is loaded (attach).
     handler = DeepSpeedSequenceParallelConfig(sp_seq_length_is_variable=True, sp_attn_implementation="sdpa",
                                               sp_disable_in_eval=True)
-    values["parallelism_config"] = ParallelismConfig(sp_size=n, sp_backend="deepspeed", sp_handler=handler)
+    # accelerate sizes DeepSpeed's train_batch_size by the data-parallel degree it is given here.
+    values["parallelism_config"] = ParallelismConfig(sp_size=n, sp_backend="deepspeed", sp_handler=handler,
+                                                     dp_replicate_size=world // n)
 
 
 def gradient_divisor(deepspeed, processes: int, n: int) -> int:
@@ -121,12 +123,12 @@ def group() -> tuple[object, int, int]:
 
 
 class GroupBatches:
-    """The train loader of a sequence-parallel group: the batches the loader deals to each process of the group (it is
-    sharded over all processes), taken in turn, every process of the group holding each whole batch. So a group walks
-    the data in the order one process would, and an optimizer step holds batch x accumulation x (processes / N)
-    batches, as DeepSpeed's adapter does, without any communication: each process computes its group's index lists
-    from the same seeded sampler. It is a batch sampler over the loader's dataset (batch_sampler below), so
-    transformers' resume (accelerate.skip_first_batches) skips whole group batches and keeps the grouping."""
+    """The train loader of a sequence-parallel group: every process of the group holds each whole batch, dealt as
+    accelerate deals a plain data-parallel run of processes / N ranks (the group is one such rank: DeepSpeed's groups
+    are consecutive ranks). So N-way sequence parallelism over P processes walks the data exactly as P / N processes
+    of plain data parallelism do (one process when P = N), with no communication: each process deals its group's
+    batches from the same seeded sampler. It hands the Trainer that batch sampler (batch_sampler), so transformers'
+    resume (accelerate.skip_first_batches) skips whole group batches and keeps the grouping."""
 
     def __init__(self, loader, n: int):
         import copy
@@ -135,14 +137,10 @@ class GroupBatches:
         if not hasattr(shard_sampler, "process_index"):
             raise ConfigError("sequence parallelism needs a map-style dataset dealt by accelerate's batch sampler "
                               "(streaming: true is not supported with sequence_parallel_size > 1).")
-        first = shard_sampler.process_index // n * n  # DeepSpeed's groups are consecutive ranks
-        members = []
-        for rank in range(first, first + n):
-            member = copy.copy(shard_sampler)
-            member.process_index = rank
-            members.append(member)
-        self.loader = loader
-        self.batch_sampler = _GroupSampler(members, shard_sampler.batch_sampler)
+        group_sampler = copy.copy(shard_sampler)
+        group_sampler.num_processes = shard_sampler.num_processes // n
+        group_sampler.process_index = shard_sampler.process_index // n
+        self.loader, self.batch_sampler = loader, group_sampler
 
     def __len__(self):
         return len(self.batch_sampler)
@@ -158,34 +156,6 @@ class GroupBatches:
         loader = self.loader
         return iter(DataLoader(loader.dataset, batch_sampler=self.batch_sampler, collate_fn=loader.collate_fn,
                                num_workers=loader.num_workers, pin_memory=loader.pin_memory))
-
-
-class _GroupSampler:
-    """Index lists of each process of a group in turn (see GroupBatches). `batch_sampler` is the sampler they all
-    shard, where the Trainer sets each epoch."""
-
-    def __init__(self, members: list, batch_sampler):
-        self.members, self.batch_sampler = members, batch_sampler
-
-    def __len__(self):
-        return len(self.members[0]) * len(self.members)
-
-    def __iter__(self):
-        from torch.utils.data import SequentialSampler
-
-        # Every member must deal from the same order: accelerate's seedable sampler draws it from seed + epoch, and
-        # moves on to the next epoch after each pass, so each member's pass starts from this epoch again.
-        sampler = getattr(self.batch_sampler, "sampler", None)
-        epoch = getattr(sampler, "epoch", None)
-        if epoch is None and not isinstance(sampler, SequentialSampler):
-            raise RuntimeError(f"sequence parallelism needs a seedable or sequential sampler, not {type(sampler)}")
-        lists = []
-        for member in self.members:
-            if epoch is not None:
-                sampler.set_epoch(epoch)
-            lists.append(list(member))
-        for batches in zip(*lists):
-            yield from batches
 
 
 def shard(batch: dict, rank: int, n: int) -> dict:
