@@ -80,6 +80,11 @@ def test_segments_read_the_layout_once_per_forward_pass(tiny_model_dir, packed_r
     with torch.no_grad():
         model(**model_inputs(batch), use_cache=False)
         model(**model_inputs(Collator(0)(packed_rows[:2])), use_cache=False)
+        assert reads == []  # the collator's host copy of the lengths: nothing read back from the device
+        for rows in (packed_rows, packed_rows[:2]):  # a caller with the device tensors alone: once a forward
+            inputs = model_inputs(Collator(0)(rows))
+            del inputs["segment_lengths"]
+            model(**inputs, use_cache=False)
     assert len(reads) == 2 and model.config.num_hidden_layers > 1
 
 

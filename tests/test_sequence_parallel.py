@@ -223,6 +223,8 @@ def test_the_shards_rebuild_the_row_with_labels_shifted_before_the_cut(n):
     positions = torch.cat([s["position_ids"] for s in shards], 1)
     assert torch.equal(positions[:, :total], batch["position_ids"])
     cu = shards[0]["cu_seq_lens_q"]  # the whole row's layout on every shard, the padding a segment of its own
+    assert all(s["segment_lengths"] == tuple(cu.diff().tolist()) for s in shards)  # its host copy too
+    assert all("target_count" not in s for s in shards)  # the row's count, not a shard's
     assert all(torch.equal(s["cu_seq_lens_q"], cu) for s in shards)
     assert cu[-1] == width * n and torch.equal(cu[:len(batch["cu_seq_lens_q"])], batch["cu_seq_lens_q"])
     for s in shards:  # per-item token counts of the shard, for the per-item statistics

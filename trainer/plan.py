@@ -194,25 +194,83 @@ def available_gb() -> float:
 def decide_checkpointing(model, training_args, tokens_per_microbatch: int, sharded: bool = False) -> tuple[bool, str]:
     """Checkpointing costs ~20-25% of throughput; turn it on only when activations would not fit.
 
-    Decided from the memory every process will have left once its weights sit on the device (a model still on
-    the CPU will move to the GPU; ZeRO-3 and FSDP keep 1/world of it per process), and agreed over all processes
+    Decided from the memory every process will have left once its model states sit on the device (a model still on
+    the CPU will move to the GPU; model_states_bytes says what each process keeps), and agreed over all processes
     (the least free memory decides), since processes that disagree deadlock under ZeRO-3 and FSDP.
     """
     from trainer.engine.agree import agreed_min
-    from trainer.model.params import parameter_count, stored_bytes
 
     compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
     need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
-    share = training_args.world_size if sharded else 1
-    weights = sum(stored_bytes(p) for p in model.parameters()) / GB / share
-    trained = parameter_count(p for p in model.parameters() if p.requires_grad) * 12 / GB / share  # grads + Adam moments
+    weights, states, buffers, how = model_states_bytes(model, training_args, sharded)
+    weights, trained = weights / GB, (states + buffers) / GB
     to_move = torch.cuda.is_available() and not any(p.is_cuda for p in model.parameters())
     free = agreed_min(available_gb() - (weights if to_move else 0.0) - trained)
     on = need > 0.6 * free
     why = (f"activations ~{need:.1f} GB per micro-batch of {tokens_per_microbatch} tokens vs ~{free:.1f} GB free "
            f"after {weights:.1f} GB of weights{' (sharded)' if sharded else ''} and {trained:.1f} GB of gradients and "
-           "optimizer states, the least of all processes")
+           f"optimizer states{how}, the least of all processes")
     return on, why
+
+
+def model_states_bytes(model, training_args, sharded: bool = False) -> tuple[float, float, float, str]:
+    """(weights, gradients + optimizer states, DeepSpeed's buffers) in bytes on each process, and how they were
+    counted.
+
+    Without DeepSpeed the weights are counted as stored (fp32 for full fine-tuning, autocast computes in 16 bits) and
+    each trained parameter adds its gradient and Adam's two moments, 12 bytes; FSDP (`sharded`) divides all of it.
+    Under DeepSpeed with bf16/fp16 (the ZeRO paper's mixed precision: 2 + 2 + 12 bytes a trained parameter) the
+    weights become 16-bit, the gradients are 16-bit, and the optimizer keeps fp32 master weights and both moments
+    (12 bytes); ZeRO-1 partitions the 12, ZeRO-2 the gradients too, ZeRO-3 the weights too (frozen ones included);
+    offload_optimizer / offload_param move those to the CPU. Its communication buckets come on top (DeepSpeed's
+    documented sizes: reduce + allgather buckets in 16 bits, x4.5 with overlap_comm; ZeRO-3: reduce + prefetch)."""
+    from trainer.engine.options import deepspeed_dict
+    from trainer.model.params import parameter_count, stored_bytes
+
+    world = max(int(getattr(training_args, "world_size", 1) or 1), 1)
+    params = list(model.parameters())
+    trained = parameter_count(p for p in params if p.requires_grad)
+    stored = sum(stored_bytes(p) for p in params)
+    ds = deepspeed_dict(getattr(training_args, "deepspeed", None))
+    if not ds:
+        share = world if sharded else 1
+        return stored / share, 12 * trained / share, 0.0, ""
+    zero = ds.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0) or 0)
+    half = bool(training_args.bf16 or training_args.fp16)
+    weight_bytes, grad_bytes, optim_bytes = (2, 2, 12) if half else (4, 4, 8)  # fp32: the weights are the master
+    frozen = sum(stored_bytes(p) for p in params if not p.requires_grad)
+    if half:  # DeepSpeed casts the whole module to the 16-bit dtype (a quantized base stays as stored)
+        frozen = sum(stored_bytes(p) if p.element_size() < 2 else 2 * p.numel() for p in params
+                     if not p.requires_grad)
+    offload_params = stage == 3 and _offloaded(zero, "offload_param")
+    weights = 0.0 if offload_params else (trained * weight_bytes + frozen) / (world if stage == 3 else 1)
+    grads = trained * grad_bytes / (world if stage >= 2 else 1)
+    optimizer = 0.0 if _offloaded(zero, "offload_optimizer") else trained * optim_bytes / (world if stage >= 1 else 1)
+    hidden = getattr(model.config, "hidden_size", 0)
+    if stage == 3:
+        buckets = _bucket(zero, "reduce_bucket_size", hidden * hidden) + \
+            _bucket(zero, "stage3_prefetch_bucket_size", int(0.9 * hidden * hidden), default=5e7)
+    elif stage in (1, 2):
+        buckets = (_bucket(zero, "reduce_bucket_size", hidden * hidden)
+                   + _bucket(zero, "allgather_bucket_size", hidden * hidden)) * (4.5 if zero.get("overlap_comm") else 1)
+    else:
+        buckets = 0.0
+    buffers = buckets * (2 if half else 4)
+    how = (f" (ZeRO-{stage}: {weight_bytes}+{grad_bytes}+{optim_bytes} bytes a trained parameter, "
+           f"{buffers / GB:.1f} GB of DeepSpeed buckets)")
+    return weights, grads + optimizer, buffers, how
+
+
+def _offloaded(zero: dict, key: str) -> bool:
+    return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+
+def _bucket(zero: dict, key: str, auto: int, default: float = 5e8) -> float:
+    """A bucket's size in elements: as set, transformers' value for "auto" (from hidden_size), else DeepSpeed's
+    default."""
+    value = zero.get(key, default)
+    return float(auto) if value == "auto" else float(value)
 
 
 def labelled_text(tokenizer, ids: list[int], labels: list[int]) -> str:

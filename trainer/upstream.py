@@ -162,6 +162,17 @@ def _softmax_out() -> str | None:
     return _differs("no longer writes softmax(x, dim) in place", probs, torch.softmax(x, 1))
 
 
+def _assert_async() -> str | None:
+    import torch
+
+    torch._assert_async(torch.tensor(True), "fine")
+    try:
+        torch._assert_async(torch.tensor(False), "zerotune probe")
+    except RuntimeError:
+        return None
+    return "no longer raises on a false condition (checked at once on CPU)"
+
+
 def _silu_backward() -> str | None:
     import torch
 
@@ -633,6 +644,9 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              "the bf16 CPU attention's backward through its kept probabilities", _softmax_backward_data),
     Internal("torch.ops.aten._softmax.out", "trainer/model/losses.py",
              "the chunked loss takes the softmax of a logits chunk in place", _softmax_out, touches=("_softmax",)),
+    Internal("torch._assert_async", "trainer/model/losses.py",
+             "the loss head checks the collator's target count and sft's equal token weights on the device, without "
+             "a host read", _assert_async),
     Internal("torch.ops.aten.silu_backward", "trainer/model/lean_ops.py", "the lean SwiGLU's backward in one pass",
              _silu_backward),
     Internal("datasets.Dataset._fingerprint", "trainer/stages/reference_logps.py",

@@ -37,7 +37,7 @@ from trainer.data.processing import IGNORE_INDEX
 BOOKKEEPING = ("real_tokens", "attn_square")
 # What the model's forward receives; every other key is for the stage (labels, item_lengths, ...).
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                "max_length_k", "shared_prefix")
+                "max_length_k", "shared_prefix", "segment_lengths")
 
 
 def segment_layout(lengths: list[int]) -> dict:
@@ -180,6 +180,10 @@ class Collator:
                  "input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                  "position_ids": torch.tensor([positions])}
         batch.update(segment_layout(segments))
+        # Host copies of what the device tensors hold, so no forward reads them back (a GPU stall each time): the
+        # segment lengths for zerotune_segments, the labelled positions for the loss head (after the shift).
+        batch["segment_lengths"] = tuple(segments)
+        batch["target_count"] = sum(1 for label in labels[1:] if label != IGNORE_INDEX)
         if self.share_prefix or self.share_groups:
             batch["shared_prefix"] = torch.tensor(prefixes, dtype=torch.int32)
         batch["real_tokens"] = torch.tensor([len(ids)])
@@ -192,10 +196,13 @@ class Collator:
         ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(items), width), dtype=torch.long)
+        count = 0
         for b, it in enumerate(items):
             n = len(it["input_ids"])
+            row = self._labels(it)
             ids[b, :n] = torch.tensor(it["input_ids"])
-            labels[b, :n] = torch.tensor(self._labels(it))
+            labels[b, :n] = torch.tensor(row)
             mask[b, :n] = 1
+            count += sum(1 for label in row[1:] if label != IGNORE_INDEX)
         return {"item_lengths": mask.sum(dim=1), "input_ids": ids, "labels": labels, "attention_mask": mask,
-                "real_tokens": mask.sum(dim=1)}
+                "real_tokens": mask.sum(dim=1), "target_count": count}

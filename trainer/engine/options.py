@@ -28,7 +28,9 @@ class EngineArguments(OptimizerArguments):
         "pass, which measured both faster and leaner there.")})
     overwrite_output_dir: bool = False
     skip_nonfinite_batches: bool = field(
-        default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run."})
+        default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run (off: the "
+                                         "run stops, checked once an optimizer step; on: each micro-batch is "
+                                         "checked before its backward, one GPU-to-host read each)."})
     sequence_parallel_size: int = field(default=1, metadata={"help": (
         "Processes that share each sequence (DeepSpeed Ulysses; engine/sequence_parallel.py): every row is cut into "
         "this many shards, data-parallel degree = processes / sequence_parallel_size. 1: off.")})

@@ -169,7 +169,8 @@ def shard(batch: dict, rank: int, n: int) -> dict:
     targets = shift_targets(batch["labels"])
     total = ids.shape[1]
     pad = -total % n
-    out = {k: v for k, v in batch.items() if k not in ("labels", "input_ids", "position_ids")}
+    # target_count (the collator's host count of the row's labels) does not hold for a shard: the loss head counts.
+    out = {k: v for k, v in batch.items() if k not in ("labels", "input_ids", "position_ids", "target_count")}
     if pad:
         ids = torch.cat([ids, ids[:, -1:].expand(1, pad)], 1)
         positions = torch.cat([positions, torch.arange(pad, device=positions.device).unsqueeze(0)], 1)
@@ -178,6 +179,8 @@ def shard(batch: dict, rank: int, n: int) -> dict:
         cu = torch.cat([cu, cu.new_tensor([total + pad])])
         out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(int(batch["max_length_q"]), pad),
                    max_length_k=max(int(batch["max_length_k"]), pad))
+        if "segment_lengths" in batch:  # the same layout as host integers (zerotune_segments reads these first)
+            out["segment_lengths"] = (*batch["segment_lengths"], pad)
         if "shared_prefix" in batch:
             out["shared_prefix"] = torch.cat([batch["shared_prefix"], batch["shared_prefix"].new_zeros(1)])
     width = (total + pad) // n

@@ -51,10 +51,16 @@ class ZeroTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
         self._linear_flops, self._pair_flops, self._head_flops = flops_per_token(self.model)
         self._forward_linear, self._forward_head = forward_flops_per_token(self.model)
-        self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
+        # Accounting stays on the device until a log line reads it (a host read a micro-batch would stall the GPU):
+        # [real tokens, FLOPs] of the logging window and of the whole run; batch slots are host integers anyway.
+        self._window, self._window_slots = None, 0.0
         self._window_stats: dict[str, torch.Tensor] = {}  # name -> [sum, count] of the stage's statistics
         self._stat_names: list[str] = []
-        self._slots = {"real": 0.0, "capacity": 0.0}  # for the run's padding fraction
+        self._run_tokens, self._run_slots = None, 0.0  # for the run's padding fraction
+        self._step_nonfinite = None  # [non-finite micro-batches, the first one's loss] of the optimizer step so far
+        # transformers' nan/inf logging filter reads every micro-batch's loss on the host; zerotune stops on (or skips)
+        # a non-finite loss itself, so the filter has nothing left to filter.
+        self.args.logging_nan_inf_filter = False
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
         self.add_callback(_StageHooks(self))
@@ -97,8 +103,15 @@ class ZeroTrainer(Trainer):
         loss_sum, count = out.loss_sum, out.items
         if model.training and self._replicas > 1:
             loss_sum = loss_sum / self._replicas
-        if model.training and self._any_nonfinite(loss_sum):
-            loss_sum = self._nonfinite(model, loss_sum)
+        if model.training and self.skip_nonfinite:
+            # Skipping just this micro-batch needs the answer before its backward: one host read a micro-batch,
+            # the price of skip_nonfinite_batches.
+            if self._any_nonfinite(loss_sum):
+                loss_sum = self._nonfinite(model, loss_sum)
+        elif model.training:
+            self._note_nonfinite(loss_sum)
+            if self.accelerator.sync_gradients:  # the step's last micro-batch, before its backward and the step
+                self._stop_if_nonfinite()
         if model.training:
             self._account(book, inputs, out)
         if num_items_in_batch is not None and model.training:
@@ -112,7 +125,8 @@ class ZeroTrainer(Trainer):
         return (loss, None) if return_outputs else loss
 
     def _account(self, book: dict, inputs: dict, out) -> None:
-        """Throughput and the stage's statistics of a training micro-batch, for the next log line."""
+        """Throughput and the stage's statistics of a training micro-batch, for the next log line: device tensors
+        added up, never read here."""
         for name, (sums, counts) in out.stats.items():
             if name == "loss":  # the Trainer logs the loss itself (exactly: each step is normalised globally)
                 continue
@@ -121,19 +135,22 @@ class ZeroTrainer(Trainer):
             self._window_stats[name] = self._window_stats[name] + pair if name in self._window_stats else pair
         if not book:
             return
-        tokens = float(book["real_tokens"].sum()) / self.sp  # the group shares each row's tokens
-        slots = float(inputs["input_ids"].numel()) / self._replicas  # whole rows on every process of a group
-        self._window["tokens"] += tokens
-        self._window["slots"] += slots
-        self._slots["real"] += tokens
-        self._slots["capacity"] += slots
-        pairs = float(book["attn_square"].sum()) / self.sp  # each process: 1/N of the heads over the whole row
-        head_tokens = float(out.items if out.head_tokens is None else out.head_tokens) / self._replicas
+        # Under sequence parallelism a group's processes share each row (self.sp) or each hold it whole
+        # (self._replicas, WholeRows): each counts its share, so the sums over processes count every token once.
+        tokens = book["real_tokens"].sum().double() / self.sp
+        slots = float(inputs["input_ids"].numel()) / self._replicas  # a shape: known on the host
+        pairs = book["attn_square"].sum().double().to(tokens.device) / self.sp  # 1/N of the heads, whole rows
+        head = out.items if out.head_tokens is None else out.head_tokens
+        head_tokens = torch.as_tensor(head, dtype=torch.float64).to(tokens.device) / self._replicas
         flops = tokens * self._linear_flops + pairs * self._pair_flops + head_tokens * self._head_flops
         if out.reference_passes:  # a reference model's forward over the same tokens
-            flops += out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
-                                             + head_tokens * self._forward_head)
-        self._window["flops"] += flops
+            flops = flops + out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
+                                                    + head_tokens * self._forward_head)
+        both = torch.stack([tokens, flops])
+        self._window = both if self._window is None else self._window + both
+        self._run_tokens = tokens if self._run_tokens is None else self._run_tokens + tokens
+        self._window_slots += slots
+        self._run_slots += slots
 
     # ---- optimizer ----------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
@@ -316,13 +333,36 @@ class ZeroTrainer(Trainer):
             bad = self.accelerator.reduce(bad, reduction="sum")
         return bool(bad.item())
 
+    def _note_nonfinite(self, loss_sum) -> None:
+        """Count a non-finite micro-batch loss on the device (and keep the first such value for the message)."""
+        value = loss_sum.detach().double().reshape(())
+        bad = (~torch.isfinite(value)).double()
+        if self._step_nonfinite is None:
+            self._step_nonfinite = torch.stack([bad, value])
+            return
+        first = torch.where(self._step_nonfinite[0] > 0, self._step_nonfinite[1], value)
+        self._step_nonfinite = torch.stack([self._step_nonfinite[0] + bad, first])
+
+    def _stop_if_nonfinite(self) -> None:
+        """Once per optimizer step, before its last backward (so before DeepSpeed's step inside it and before the
+        Trainer's optimizer step): stop if any micro-batch of any process had a non-finite loss. One all-reduce and
+        one host read a step; the earlier micro-batches' non-finite gradients are never applied."""
+        noted, self._step_nonfinite = self._step_nonfinite, None
+        bad = noted[:1].clone()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bad.item():
+            local = noted[1] if noted[0].item() else None
+            self._nonfinite(None, float("nan") if local is None else local)
+
     def _nonfinite(self, model, loss_sum):
         step = self.state.global_step + 1
         if not self.skip_nonfinite:
             last = checkpoints.latest_checkpoint(self.args.output_dir)
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+            value = "on another process" if isinstance(loss_sum, float) else float(loss_sum)
             raise TrainingHalted(
-                f"non-finite loss ({float(loss_sum)}) at step {step} (epoch {self.state.epoch or 0:.2f}); {kept}. "
+                f"non-finite loss ({value}) at step {step} (epoch {self.state.epoch or 0:.2f}); {kept}. "
                 "Lower learning_rate, check the data, or set skip_nonfinite_batches: true to skip such batches.")
         self.skipped_batches += 1
         logger.warning("Skipping a batch with non-finite loss at step %d (%d skipped so far).", step,
@@ -335,41 +375,43 @@ class ZeroTrainer(Trainer):
         now = time.perf_counter()
         if "loss" in logs and self._window_start is not None:
             elapsed = max(now - self._window_start - self._excluded, 1e-9)
-            totals = torch.tensor([self._window["tokens"], self._window["flops"], self._window["slots"]],
-                                  dtype=torch.float64, device=self.args.device)
+            window = self._window if self._window is not None else torch.zeros(2, dtype=torch.float64)
+            names = sorted(self._window_stats)
+            # Throughput and the stage's statistics in one all-reduce and one host read for the whole window.
+            totals = torch.cat([window.to(self.args.device),
+                                torch.tensor([self._window_slots], dtype=torch.float64, device=self.args.device),
+                                *(self._window_stats[n].to(self.args.device) for n in names)])
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
-            tokens, flops, slots = totals.tolist()
+            totals = totals.tolist()
+            tokens, flops, slots = totals[:3]
             peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / elapsed, 2)
             logs["mfu"] = float(f"{flops / elapsed / peak:.4g}")  # 4 significant digits: tiny runs have tiny MFU
             logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
             logs["peak_memory_gb"] = round(peak_memory_gb(), 3)
-            logs.update(self._window_statistics())
+            logs.update(self._window_statistics(names, totals[3:]))
         reset = "loss" in logs or self._window_start is None
         super().log(logs, *args, **kwargs)
         if reset:  # the next window starts now: this log line (and the first one's peak measurement) left out
-            self._window = {"tokens": 0.0, "flops": 0.0, "slots": 0.0}
+            self._window, self._window_slots = None, 0.0
             self._window_stats = {}
             self._window_start, self._excluded = time.perf_counter(), 0.0
 
-    def _window_statistics(self) -> dict:
-        """The stage's statistics over the logging window: sums and counts over every micro-batch and process."""
-        names = sorted(self._window_stats)
+    def _window_statistics(self, names: list[str], totals: list[float]) -> dict:
+        """The stage's statistics over the logging window from their (sum, count) pairs, already summed over every
+        micro-batch and process."""
         if not names:
             return {}
-        totals = torch.stack([self._window_stats[n] for n in names]).to(self.args.device)
-        if self.accelerator.num_processes > 1:
-            totals = self.accelerator.reduce(totals, reduction="sum")
-        figures = self.stage.summarize({n: (s, None if math.isnan(c) else c)
-                                        for n, (s, c) in zip(names, totals.tolist())})
+        pairs = zip(totals[0::2], totals[1::2])
+        figures = self.stage.summarize({n: (s, None if math.isnan(c) else c) for n, (s, c) in zip(names, pairs)})
         return {n: round(float(v), 6) for n, v in figures.items()}
 
     def padding_fraction(self) -> float | None:
         """Share of the batch slots this process trained on that held padding (0 for perfectly packed rows)."""
-        if not self._slots["capacity"]:
+        if not self._run_slots:
             return None
-        return 1.0 - self._slots["real"] / self._slots["capacity"]
+        return 1.0 - float(self._run_tokens) / self._run_slots
 
     def _compute_dtype(self) -> str:
         return "bfloat16" if self.args.bf16 else "float16" if self.args.fp16 else "float32"

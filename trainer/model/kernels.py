@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import itertools
 import logging
 import re
 from dataclasses import dataclass
@@ -80,11 +81,13 @@ _layout_prefixes = _PerForward(lambda shared: _sources(shared.tolist()))
 _position_lengths = _PerForward(lambda pos: [[e - s for s, e in row] for row in segment_bounds(pos)])
 
 
-def _row_lengths(batch: int, q_len: int, position_ids, cu_seq_lens) -> list[list[int]]:
+def _row_lengths(batch: int, q_len: int, position_ids, cu_seq_lens, segment_lengths=None) -> list[list[int]]:
     """Per row, the lengths of the examples laid end to end in it."""
     if cu_seq_lens is not None:
         if batch != 1:
             raise ValueError("cu_seq_lens describe one row of examples laid end to end; got a batch of several rows")
+        if segment_lengths is not None and sum(segment_lengths) == q_len:  # the collator's host copy: no read-back
+            return [list(segment_lengths)]
         return [_layout_lengths(cu_seq_lens)]
     if position_ids is None:
         return [[q_len]] * batch
@@ -117,7 +120,7 @@ def _flash_varlen():
 
 
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
-                      position_ids=None, cu_seq_lens_q=None, shared_prefix=None, **kwargs):
+                      position_ids=None, cu_seq_lens_q=None, shared_prefix=None, segment_lengths=None, **kwargs):
     """query [B, H, T, D], key/value [B, Hkv, T, D] -> ([B, T, H, D], None)."""
     q_len, kv_len = query.shape[2], key.shape[2]
     if attention_mask is not None or q_len != kv_len:
@@ -127,10 +130,16 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     p = dropout if module.training else 0.0
-    row_lengths = _row_lengths(query.shape[0], q_len, position_ids, cu_seq_lens_q)
+    row_lengths = _row_lengths(query.shape[0], q_len, position_ids, cu_seq_lens_q, segment_lengths)
     prefixes = _layout_prefixes(shared_prefix) if shared_prefix is not None else None
+    # flash-attn first where it is installed and passed its probe: the user built it on purpose, it has FA3's Hopper
+    # kernels behind the same call, and its causal mask is proven bottom-right aligned for shared prompts (>= 2.1).
+    # Then PyTorch's own varlen flash attention (no wheel to build), for batches without shared prompts and without
+    # dropout (it has neither a documented key alignment nor dropout); then SDPA per segment.
     if _flash_fits(query):
         return _flash_rows(query, key, value, row_lengths, prefixes, p, scaling), None
+    if prefixes is None and p == 0.0 and _varlen_fits(query):
+        return _varlen_rows(query, key, value, row_lengths, cu_seq_lens_q, scaling), None
     gqa = query.shape[1] != key.shape[1]
     chunked = cpu_attention.fits(query, p)  # the CPU's faster bf16 path (same causal alignment as the mask below)
     if chunked:  # as bf16 autocast would cast them for SDPA, once for the whole batch
@@ -187,6 +196,51 @@ def _flash_rows(query, key, value, row_lengths, prefixes, dropout: float, scalin
     out = _flash_varlen()(q, torch.cat(k_rows), torch.cat(v_rows), cu_q_t, cu_k_t, max_q, max_k, dropout_p=dropout,
                           softmax_scale=scaling, causal=True)
     return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+
+
+def _varlen_fits(query: torch.Tensor) -> bool:
+    return _flash_device(query) and varlen_status().usable
+
+
+def _varlen_function():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def _varlen_rows(query, key, value, row_lengths, cu_seq_lens, scaling):
+    """All rows' segments as one call of torch.nn.attention.varlen.varlen_attn: [B, T, H, D]. The collator's
+    cu_seq_lens are used as they are (already on the device); only a caller without them (position_ids alone, or
+    several rows) has its boundaries built here, once a forward."""
+    status = varlen_status()
+    b, h, t, d = query.shape
+    q = query.transpose(1, 2).reshape(b * t, h, d)
+    k = key.transpose(1, 2).reshape(b * t, key.shape[1], d)
+    v = value.transpose(1, 2).reshape(b * t, value.shape[1], d)
+    extra = dict(status.causal)
+    if k.shape[1] != h:
+        if status.gqa:
+            extra["enable_gqa"] = True
+        else:  # a varlen_attn without grouped heads: each key/value head repeated for its group of query heads
+            k, v = (x.repeat_interleave(h // x.shape[1], dim=1) for x in (k, v))
+    if cu_seq_lens is None or b != 1:
+        cu_seq_lens = _varlen_cu(row_lengths, query.device)
+    longest = max(n for lengths in row_lengths for n in lengths)
+    out = _varlen_function()(q, k, v, cu_seq_lens, cu_seq_lens, longest, longest, scale=scaling, **extra)
+    return out.view(b, t, h, d)
+
+
+_cu_cache: dict = {}
+
+
+def _varlen_cu(row_lengths, device) -> torch.Tensor:
+    """cu_seq_lens over every row's segments, built once for each layout (not once per layer)."""
+    key = (tuple(map(tuple, row_lengths)), str(device))
+    if key not in _cu_cache:
+        _cu_cache.clear()  # one layout alive at a time: the current forward's
+        starts = [0, *itertools.accumulate(n for lengths in row_lengths for n in lengths)]
+        _cu_cache[key] = torch.tensor(starts, dtype=torch.int32, device=device)
+    return _cu_cache[key]
 
 
 def segment_mask(*args, attention_mask=None, **kwargs):
@@ -254,6 +308,65 @@ def flash_status() -> FlashStatus:
 
 def has_flash_attn() -> bool:
     return flash_status().usable
+
+
+@dataclass(frozen=True)
+class VarlenStatus:
+    usable: bool
+    gqa: bool = False  # takes fewer key/value heads than query heads (enable_gqa)
+    causal: tuple = ()  # the keyword that asks this torch's varlen_attn for causal attention, as (name, value) pairs
+    why: str = ""
+
+
+def _probe_varlen(device: str) -> VarlenStatus:
+    """Find torch.nn.attention.varlen.varlen_attn, learn how this torch asks it for causal attention (torch 2.13:
+    window_size=(-1, 0); earlier: is_causal=True), and run it forward and backward once on `device` against SDPA per
+    segment: a torch without it, or a GPU its kernel does not support, fails here with the reason."""
+    try:
+        fn = _varlen_function()
+    except ImportError:
+        return VarlenStatus(False, why=f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn")
+    params = inspect.signature(fn).parameters
+    if "window_size" in params:
+        causal = (("window_size", (-1, 0)),)
+    elif "is_causal" in params:
+        causal = (("is_causal", True),)
+    else:
+        return VarlenStatus(False, why="this torch's varlen_attn takes neither window_size nor is_causal")
+    why = ""
+    for gqa in ((True, False) if "enable_gqa" in params else (False,)):
+        try:
+            _smoke_varlen(fn, dict(causal), gqa, device)
+            return VarlenStatus(True, gqa=gqa, causal=causal, why=f"torch {torch.__version__}")
+        except Exception as err:  # noqa: BLE001 — any failure means: do not use it (this way)
+            why = f"varlen_attn failed a smoke call ({type(err).__name__}: {err})"
+    return VarlenStatus(False, why=why)
+
+
+def _smoke_varlen(fn, causal: dict, gqa: bool, device: str) -> None:
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(5, 4, 64, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    kv = torch.randn(5, 2 if gqa else 4, 64, device=device, dtype=torch.bfloat16, generator=gen)
+    cu = torch.tensor([0, 2, 5], device=device, dtype=torch.int32)
+    out = fn(q, kv, kv, cu, cu, 3, 3, **causal, **({"enable_gqa": True} if gqa else {}))
+    out.float().sum().backward()
+    full = kv.repeat_interleave(4 // kv.shape[1], dim=1)
+    want = torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, full, full)),
+                                                     is_causal=True).transpose(0, 1) for a, b in ((0, 2), (2, 5))])
+    if not (torch.isfinite(q.grad.float()).all() and torch.allclose(out.float(), want.float(), atol=2e-2)):
+        raise RuntimeError("its output differs from SDPA's per segment")
+
+
+@functools.cache
+def varlen_status() -> VarlenStatus:
+    """PyTorch's varlen flash attention on this process's GPU, probed once; where it fails the log says why."""
+    if not torch.cuda.is_available():
+        return VarlenStatus(False, why="no CUDA GPU")
+    status = _probe_varlen("cuda")
+    if not status.usable:
+        logger.warning("PyTorch's varlen_attn left out: %s; padding-free batches run SDPA per segment instead.",
+                       status.why)
+    return status
 
 
 LIGER_MIN = (0, 8, 5)  # earlier releases scale reduction="none" gradients by the first token's upstream grad

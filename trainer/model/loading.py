@@ -97,8 +97,15 @@ def attention_implementation(choice: str, config=None, segments_wanted: bool = F
         return "flash_attention_2"
     if choice == "auto":
         if torch.cuda.is_available() and not kernels.has_flash_attn():
-            logger.warning("flash-attn is not installed: packed rows use per-example SDPA instead of "
-                           "FlashAttention-2 varlen (pip install 'zerotune[gpu]').")
+            varlen = kernels.varlen_status()
+            if varlen.usable:
+                logger.info("Attention: padding-free batches run PyTorch's varlen flash attention (%s) through %s "
+                            "(flash-attn: %s); shared prompts and dropout run SDPA per segment.", varlen.why,
+                            kernels.SEGMENTS, kernels.flash_status().why)
+            else:
+                logger.warning("Attention: padding-free batches run SDPA per segment (%s): neither flash-attn (%s) "
+                               "nor PyTorch's varlen_attn (%s) is usable here.", kernels.SEGMENTS,
+                               kernels.flash_status().why, varlen.why)
         if uncovered:
             return "sdpa"
         kernels.register()

@@ -81,7 +81,7 @@ class _LinearNLL(torch.autograd.Function):
     """nll[i] = logsumexp(h_i W^T + b) - (h_i W^T + b)[t_i] over rows that all carry a target."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size, cdtype, grad_enabled):
+    def forward(ctx, hidden, weight, bias, targets, chunk_size, cdtype, grad_enabled, uniform):
         need_h, need_w, need_b = (grad_enabled and n for n in ctx.needs_input_grad[:3])
         acc = torch.promote_types(hidden.dtype, torch.float32)
         w = weight.to(cdtype)
@@ -103,7 +103,7 @@ class _LinearNLL(torch.autograd.Function):
                 grad_h[s:s + len(t)] = d_low @ w
             if need_w:
                 grad_w += d_low.T @ h
-        ctx.chunk_size, ctx.cdtype = chunk_size, cdtype
+        ctx.chunk_size, ctx.cdtype, ctx.uniform = chunk_size, cdtype, uniform
         ctx.save_for_backward(hidden, weight, bias, targets, grad_h, grad_w, grad_b)
         return nll
 
@@ -114,14 +114,18 @@ class _LinearNLL(torch.autograd.Function):
         d_hidden = (grad_h * g.unsqueeze(1)).to(hidden.dtype) if grad_h is not None else None
         d_weight = d_bias = None
         if grad_w is not None or grad_b is not None:
-            if len(g) and bool(g.min() == g.max()):  # every token weighted alike: the sums formed ahead hold
+            if ctx.uniform and len(g):
+                # The caller's word that every token weighs alike (sft's sum / count), checked on the device: a host
+                # read of g.min() == g.max() here would stall the GPU once per micro-batch.
+                torch._assert_async(g.min() == g.max(), "chunked_token_nll(uniform=True) got unequal token weights")
+            if len(g) and (ctx.uniform or bool(g.min() == g.max())):  # the sums formed ahead hold
                 scale = g[0]
                 d_weight = None if grad_w is None else (grad_w * scale).to(weight.dtype)
                 d_bias = None if grad_b is None else (grad_b * scale).to(bias.dtype)
             else:
                 d_weight, d_bias = _weighted_head_grads(hidden, weight, bias, targets, g, ctx.chunk_size, ctx.cdtype,
                                                         grad_w is not None, grad_b is not None)
-        return d_hidden, d_weight, d_bias, None, None, None, None
+        return d_hidden, d_weight, d_bias, None, None, None, None, None
 
 
 def _weighted_head_grads(hidden, weight, bias, targets, g, chunk_size, cdtype, need_w, need_b):
@@ -143,10 +147,15 @@ def _weighted_head_grads(hidden, weight, bias, targets, g, chunk_size, cdtype, n
 
 
 def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                      targets: torch.Tensor, chunk_size: int = 512) -> torch.Tensor:
-    """Per-token negative log-likelihood of `targets` (0 where ignored), at least fp32. hidden: [N, H]; targets: [N]."""
+                      targets: torch.Tensor, chunk_size: int = 512, count: int | None = None,
+                      uniform: bool = False) -> torch.Tensor:
+    """Per-token negative log-likelihood of `targets` (0 where ignored), at least fp32. hidden: [N, H]; targets: [N].
+
+    count: how many targets are not ignored, when the caller knows it on the host (the collator counted it): the
+    labelled rows are then found without a device-to-host read. uniform: the caller weights every token alike (the
+    loss is a plain sum or mean), so backward need not check that on the host."""
     cdtype = compute_dtype(hidden.device.type, hidden.dtype)
-    keep = targets.ne(IGNORE_INDEX).nonzero().squeeze(1)
+    keep = _kept_rows(targets, count)
     out = hidden.new_zeros(targets.shape[0], dtype=torch.promote_types(hidden.dtype, torch.float32))
     if keep.numel() == 0:
         # Nothing to learn here, but keep the head in the graph: every rank must produce the same gradients.
@@ -154,8 +163,19 @@ def chunked_token_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     h = hidden.index_select(0, keep)
     with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen explicitly inside
         nll = _LinearNLL.apply(h, weight, bias, targets.index_select(0, keep), chunk_size, cdtype,
-                               torch.is_grad_enabled())
+                               torch.is_grad_enabled(), uniform)
     return out.index_put((keep,), nll)
+
+
+def _kept_rows(targets: torch.Tensor, count: int | None) -> torch.Tensor:
+    """Indices of the targets that are not ignored. nonzero() must read its result's size back to the host (a GPU
+    stall per call); with the count known ahead, nonzero_static does not, and a device-side assert catches a count
+    that does not match the targets (a batch changed after the collator counted it)."""
+    kept = targets.ne(IGNORE_INDEX)
+    if count is None:
+        return kept.nonzero().squeeze(1)
+    torch._assert_async(kept.sum() == count, "target_count does not match the labels: recount it after changing them")
+    return torch.nonzero_static(kept, size=count).squeeze(1)
 
 
 def shift_targets(labels: torch.Tensor) -> torch.Tensor:

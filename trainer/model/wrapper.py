@@ -38,6 +38,8 @@ class TokenNLL:
     targets: torch.Tensor
     chunk_size: int
     liger: bool = False
+    count: int | None = None  # targets not ignored, counted on the host by the collator (no sync to find them)
+    uniform: bool = False  # every token weighs alike in the loss (sft, pt)
 
     def __call__(self, weight: torch.Tensor, bias: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
         flat, targets = hidden.reshape(-1, hidden.shape[-1]), self.targets.reshape(-1)
@@ -46,7 +48,7 @@ class TokenNLL:
 
             nll = liger_fused_linear_cross_entropy(flat, weight, targets, bias, reduction="none")
         else:
-            nll = chunked_token_nll(flat, weight, bias, targets, self.chunk_size)
+            nll = chunked_token_nll(flat, weight, bias, targets, self.chunk_size, self.count, self.uniform)
         return nll.view(hidden.shape[:-1])
 
 
@@ -175,8 +177,9 @@ class ModelWrapper:
         """NEFTune's per-token lengths for this batch's forward (nothing without NEFTune)."""
         return self.neftune.batch(batch) if self.neftune is not None else contextlib.nullcontext()
 
-    def token_nll(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts."""
+    def token_nll(self, model: nn.Module, batch: dict, uniform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts.
+        uniform: the caller's loss weighs every token alike (a plain sum)."""
         rows = self.sequence_parallel if model.training else None
         whole = batch
         if rows is not None:  # this process's shard runs; the whole row's losses come back (sequence_parallel.py)
@@ -186,7 +189,8 @@ class ModelWrapper:
         inputs = model_inputs(batch)
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:
-            with _engaged(model, TokenNLL(targets, self.chunk_size, self.liger)), self._noise(batch):
+            mode = TokenNLL(targets, self.chunk_size, self.liger, batch.get("target_count"), uniform)
+            with _engaged(model, mode), self._noise(batch):
                 nll = model(**inputs).logits
         else:
             with self._noise(batch):

@@ -17,7 +17,7 @@ class _TokenLM(Stage):
     def compute(self, wrapper, model, batch: dict) -> StageOutput:
         from trainer.data.collators import item_sums
 
-        nll, mask = wrapper.token_nll(model, batch)
+        nll, mask = wrapper.token_nll(model, batch, uniform=True)  # the loss is the plain sum of nll
         sums, counts = item_sums(nll * mask, batch), item_sums(mask.to(nll.dtype), batch)
         return StageOutput(loss_sum=sums.sum(), items=counts.sum(), stats={"loss": (sums, counts)})
 
