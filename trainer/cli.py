@@ -135,9 +135,12 @@ def check(config: str, overrides: list[str]) -> int:
 
     raw = read_yaml(config)
     raw.update(parse_override(o) for o in overrides)
-    # The plan needs no DeepSpeed engine; building one here would claim a process group of one.
-    cfg = load_config(config, list(overrides) + ["overwrite_output_dir=true", "deepspeed=null"])
-    print(describe(cfg, deepspeed=raw.get("deepspeed")))
+    # The plan needs no DeepSpeed engine; building one here would claim a process group of one (and sequence
+    # parallelism, which needs DeepSpeed, is described from the YAML's value).
+    sp = int(raw.get("sequence_parallel_size") or raw.get("cp_size") or 1)
+    cfg = load_config(config, list(overrides) + ["overwrite_output_dir=true", "deepspeed=null",
+                                                 "sequence_parallel_size=1", "cp_size=null"])
+    print(describe(cfg, deepspeed=raw.get("deepspeed"), sequence_parallel=sp))
     return 0
 
 

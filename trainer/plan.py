@@ -157,6 +157,27 @@ def activation_gb(model_config, tokens: int, compute_bytes: int) -> float:
     return tokens * layers * per_token_layer / GB
 
 
+def activation_gb_per_token(model_config, compute_bytes: int, checkpointing: bool) -> float:
+    """Activations kept for the backward per token of a micro-batch (activation_gb's model); with gradient
+    checkpointing, each layer's input plus one layer's whole activations (the one being recomputed)."""
+    whole = activation_gb(model_config, 1, compute_bytes)
+    if not checkpointing:
+        return whole
+    layers = max(getattr(model_config, "num_hidden_layers", 1), 1)
+    return layers * getattr(model_config, "hidden_size", 0) * compute_bytes / GB + whole / layers
+
+
+def longest_cutoffs(model_config, states_gb: float, free_gb: float, compute_bytes: int,
+                    sizes=(1, 2, 4, 8)) -> dict[int, tuple[int, int]]:
+    """sequence_parallel_size -> the longest cutoff_len (one row a pass) whose activations fit beside the model
+    states, (without, with) gradient checkpointing. Sequence parallelism divides a row's activations by N (each
+    process holds 1/N of the tokens; attention holds 1/N of the heads over the whole row); the loss head is chunked
+    (no [tokens x vocab] logits). 0: the model states alone do not fit."""
+    room = max(free_gb - states_gb, 0.0)
+    return {n: tuple(int(room / (activation_gb_per_token(model_config, compute_bytes, ckpt) / n)) // 256 * 256
+                     for ckpt in (False, True)) for n in sizes}
+
+
 def available_gb() -> float:
     if torch.cuda.is_available():
         free, _ = torch.cuda.mem_get_info()
@@ -269,8 +290,9 @@ def labelled_text(tokenizer, ids: list[int], labels: list[int]) -> str:
     return "".join(out)
 
 
-def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
-    """The plan; `deepspeed` is the YAML's DeepSpeed config (the check builds the config without DeepSpeed)."""
+def describe(config: RunConfig, with_data: bool = True, deepspeed=None, sequence_parallel: int = 1) -> str:
+    """The plan; `deepspeed` and `sequence_parallel` are the YAML's (the check builds the config without DeepSpeed,
+    hence without sequence parallelism)."""
     from trainer.model.loading import load_tokenizer
 
     t, d = config.training, config.data
@@ -278,6 +300,12 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
     lines = [f"model            {config.model.model_name_or_path} ({config.finetuning.finetuning_type}, "
              f"stage {config.finetuning.stage})",
              f"processes        {world} ({per_node} per node x {nodes} node(s))"]
+    sp = sequence_parallel
+    if sp > 1:
+        lines.append(f"sequence par.    {sp} processes share each row (DeepSpeed Ulysses): data-parallel degree "
+                     f"{world} / {sp} = {world // sp}" + ("" if world % sp == 0 else
+                                                          f"; REFUSED: {sp} does not divide {world} processes"))
+    dp = max(world // sp, 1)
     if config.finetuning.finetuning_type == "lora":
         from trainer.model.lora_variants import plan
 
@@ -296,11 +324,13 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
         lines.append(f"deepspeed        {deepspeed}: ZeRO-{zero_stage(deepspeed)}"
                      + (f" with {' and '.join(offload)} offload" if offload else "")
                      + " (its row below is what each device holds)")
-    rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * world
+    rows_per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * dp
     unit = "packed rows" if d.packing else "examples"
     per, passes = t.per_device_train_batch_size * config.passes, config.passes
-    lines.append(f"global batch     {per} x {t.gradient_accumulation_steps // passes} accumulation x {world} = "
-                 f"{rows_per_step} {unit} a step")
+    lines.append(f"global batch     {per} x {t.gradient_accumulation_steps // passes} accumulation x {dp}"
+                 f"{' data-parallel groups' if sp > 1 else ''} = {rows_per_step} {unit} a step"
+                 + (f" (each group runs its {per * (t.gradient_accumulation_steps // passes)} as passes of one row)"
+                    if sp > 1 else ""))
     what_if = "NPROC_PER_NODE" in os.environ or "NNODES" in os.environ
     auto = str(config.engine.forward_batch_size).lower() == "auto"
     if what_if and auto and passes > 1 and not torch.cuda.is_available():
@@ -332,7 +362,7 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
             items = len(lengths)
             lines.append(f"data             {len(lengths)} examples, {sum(lengths)} tokens, mean {mean:.0f} (no packing)")
             lines.append(f"tokens a step    ~{min(rows_per_step, items) * mean:.0f} real tokens")
-        steps = stage.steps_per_epoch(items, t.per_device_train_batch_size, t.gradient_accumulation_steps, world)
+        steps = stage.steps_per_epoch(items, t.per_device_train_batch_size, t.gradient_accumulation_steps, dp)
         lines.append(f"steps an epoch   {steps} optimizer steps over {items} {unit}")
         if rows_per_step > items:
             lines.append(f"WARNING          one step takes {rows_per_step} {unit} but the data has only {items}: every "
@@ -365,10 +395,33 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None) -> str:
         frozen_bytes = stored + 2 * (total - weights)  # every base weight is frozen under LoRA
     lines.append("model states per device (DeepSpeed estimators, with this optimizer's state; activations not "
                  "included):")
-    for stage_name, (gpu, cpu) in zero_memory(total, at_once, largest, per_node, nodes, state, frozen_bytes).items():
+    states = zero_memory(total, at_once, largest, per_node, nodes, state, frozen_bytes)
+    for stage_name, (gpu, cpu) in states.items():
         cpu_text = f", CPU {cpu:.2f} GB per node" if cpu else ""
         if refused and stage_name != "ZeRO-0 (DDP)":
             lines.append(f"  {stage_name:18s} refused with {METHOD_KEYS[chosen_method(config.engine)]}")
             continue
         lines.append(f"  {stage_name:18s} {gpu:8.2f} GB{cpu_text}")
+    lines += _long_context(config, model, states, deepspeed, sp)
     return "\n".join(lines)
+
+
+def _long_context(config: RunConfig, model, states: dict, deepspeed, sp: int) -> list[str]:
+    """The longest cutoff_len one device fits under the run's ZeRO stage for sequence_parallel_size 1, 2, 4, 8."""
+    from trainer.engine.options import deepspeed_dict, zero_stage
+
+    stage = zero_stage(deepspeed) if deepspeed else 0
+    ds = deepspeed_dict(deepspeed).get("zero_optimization", {})
+    offload = (ds.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    row = "ZeRO-0 (DDP)" if stage == 0 else f"ZeRO-{3 if stage == 3 else 2}" + (" + offload" if offload else "")
+    free = available_gb()
+    where = "free GPU memory" if torch.cuda.is_available() else "this machine's available RAM"
+    t = config.training
+    fits = longest_cutoffs(model.config, states[row][0], free, 2 if (t.bf16 or t.fp16) else 4)
+    lines = [f"long context     longest cutoff_len a device fits, one row a pass ({row} states, ~{free:.0f} GB "
+             f"{where}; sequence parallelism divides activations by N; an estimate):"]
+    for n, (plain, ckpt) in fits.items():
+        mark = "  <- this run" if n == sp else ""
+        lines.append(f"  sequence_parallel_size {n}: {plain:>9,d} tokens, {ckpt:>10,d} with gradient checkpointing"
+                     + mark)
+    return lines

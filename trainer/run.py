@@ -133,15 +133,16 @@ def log_layout(config: RunConfig, train, stage) -> None:
               if d.packing else "padding-free: each micro-batch's examples laid end to end, kept apart, no padding"
               if d.padding_free else "padded: one right-padded example a row")
     unit = "packed rows" if d.packing else stage.item_name
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * t.world_size
+    sp = config.engine.sequence_parallel_size
+    dp = t.world_size // sp  # data-parallel degree: each sequence-parallel group of sp processes shares its rows
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * dp
+    what = "batch x accumulation x processes" + (f" / sequence_parallel_size {sp}" if sp > 1 else "")
     if hasattr(train, "__len__"):
-        steps = stage.steps_per_epoch(len(train), t.per_device_train_batch_size, t.gradient_accumulation_steps,
-                                      t.world_size)
-        logger.info("Batches %s; %d %s a step (batch x accumulation x processes): %d optimizer steps an epoch over "
-                    "%d %s.", layout, per_step, stage.batch_item_name or unit, steps, len(train), unit)
+        steps = stage.steps_per_epoch(len(train), t.per_device_train_batch_size, t.gradient_accumulation_steps, dp)
+        logger.info("Batches %s; %d %s a step (%s): %d optimizer steps an epoch over %d %s.", layout, per_step,
+                    stage.batch_item_name or unit, what, steps, len(train), unit)
     else:
-        logger.info("Batches %s; %d %s a step (batch x accumulation x processes).", layout, per_step,
-                    stage.batch_item_name or unit)
+        logger.info("Batches %s; %d %s a step (%s).", layout, per_step, stage.batch_item_name or unit, what)
 
 
 def shard_model(model, config: RunConfig):
@@ -205,7 +206,9 @@ def run(config: RunConfig) -> dict:
     if t.eval_strategy != "no" and evaluation is None:
         raise ConfigError(f"eval_strategy: {t.eval_strategy} needs eval data: set val_size or eval_dataset.")
 
-    model = load_model(m, t, f.finetuning_type, segments_wanted=stage.wants_segments,
+    # Sequence parallelism needs the attention that reads the segment layout (engine/sequence_parallel.py).
+    model = load_model(m, t, f.finetuning_type,
+                       segments_wanted=stage.wants_segments or config.engine.sequence_parallel_size > 1,
                        sharded=shards_weights(config), rank0_weights=rank0_weights)
     if template is not None:
         stops = template.stop_token_ids(tokenizer)

@@ -601,6 +601,23 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              "trainer/model/value_head.py, trainer/model/lean_ops.py, trainer/model/params.py, trainer/plan.py",
              "ZeRO-3 parameters are recognised by ds_id and counted by ds_numel (they hold 0 elements locally)",
              reads("deepspeed.runtime.zero.partition_parameters", "param.ds_numel = ", "param.ds_id = ")),
+    Internal("deepspeed.utils.groups._get_sequence_parallel_group", "trainer/engine/sequence_parallel.py",
+             "a process's sequence-parallel group, rank and size (set up by UlyssesSPAttentionHF's mpu)",
+             _all(*(signature(f"deepspeed.utils.groups._get_sequence_parallel_{n}") for n in
+                    ("group", "rank", "world_size"))),
+             touches=("_get_sequence_parallel_rank", "_get_sequence_parallel_world_size")),
+    Internal("deepspeed.runtime.comm.coalesced_collectives.reduce_scatter_coalesced", "trainer/engine/sequence_parallel.py",
+             "ZeRO-3's reduce-scatter averages gradients over all processes, ignoring sequence parallelism (ZeRO-1/2 "
+             "divide by processes / N): gradient_divisor scales the loss for each", _all(
+                 reads("deepspeed.runtime.comm.coalesced_collectives",  # the function is wrapped (nvtx): its module
+                       "def reduce_scatter_coalesced(", "tensor_partition_flat_buffer.div_(world_sz)"),
+                 reads("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
+                       "/ float(self.sequence_parallel_size)"))),
+    Internal("accelerate.Accelerator.deepspeed_ulysses_dl_adapter", "trainer/engine/sequence_parallel.py",
+             "replaced per accelerator by zerotune's GroupBatches (whole batches, cut by the engine after counting); "
+             "the Trainer calls it once the model is prepared", _all(
+                 signature("accelerate.Accelerator.deepspeed_ulysses_dl_adapter", "self", "dl", "model"),
+                 reads("transformers.Trainer._prepare_for_training", "self.accelerator.deepspeed_ulysses_dl_adapter("))),
     Internal("deepspeed.launcher.launch", "trainer/engine/signals.py",
              "workers watch the DeepSpeed runner and launcher processes, found by these module names",
              _launcher_modules),

@@ -31,6 +31,19 @@ class EngineArguments(OptimizerArguments):
         default=False, metadata={"help": "Skip batches whose loss is nan/inf instead of stopping the run (off: the "
                                          "run stops, checked once an optimizer step; on: each micro-batch is "
                                          "checked before its backward, one GPU-to-host read each)."})
+    sequence_parallel_size: int = field(default=1, metadata={"help": (
+        "Processes that share each sequence (DeepSpeed Ulysses; engine/sequence_parallel.py): every row is cut into "
+        "this many shards, data-parallel degree = processes / sequence_parallel_size. 1: off.")})
+    cp_size: int | None = field(default=None, metadata={"help": "Alias of sequence_parallel_size (LLaMA-Factory v1)."})
+
+    def __post_init__(self):
+        if self.cp_size is not None:
+            if self.sequence_parallel_size not in (1, self.cp_size):
+                raise ConfigError(f"cp_size: {self.cp_size} and sequence_parallel_size: {self.sequence_parallel_size} "
+                                  "disagree; set one of them (cp_size is an alias).")
+            self.sequence_parallel_size = self.cp_size
+        if self.sequence_parallel_size < 1:
+            raise ConfigError(f"sequence_parallel_size: {self.sequence_parallel_size} must be at least 1 (1: off).")
 
 
 @dataclass

@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import SCHEDULER_NAME
 
 from trainer.data.collators import BOOKKEEPING
-from trainer.engine import checkpoints, fsdp
+from trainer.engine import checkpoints, fsdp, sequence_parallel
 from trainer.engine.metrics import device_peak_flops, flops_per_token, forward_flops_per_token, peak_memory_gb
 from trainer.engine.optimizer_options import OptimizerArguments, deepspeed_optimizer
 from trainer.engine.optimizers import build_optimizer, default_labels, describe_groups
@@ -64,6 +64,15 @@ class ZeroTrainer(Trainer):
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
         self.add_callback(_StageHooks(self))
+        self.sp = sequence_parallel.size_of(self.args)  # processes that share each sequence (1: off)
+        if self.sp > 1:
+            sequence_parallel.attach(self.accelerator, self.model, self.sp)
+            if stage.sequence_parallel == "rows":  # the wrapper runs shards and hands the stage whole rows
+                wrapper.sequence_parallel = sequence_parallel.WholeRows(self.sp)
+        # Each process of a group computes the same whole-row loss (WholeRows): counted once.
+        self._replicas = self.sp if stage is not None and stage.sequence_parallel == "rows" else 1
+        self._grad_divisor = sequence_parallel.gradient_divisor(self.args.deepspeed, self.accelerator.num_processes,
+                                                                self.sp)
         if self.neftune_noise_alpha is not None:  # zerotune's, per example (model/neftune.py), not transformers'
             wrapper.use_neftune(self.model, self.neftune_noise_alpha)
             self.neftune_noise_alpha = None
@@ -79,15 +88,21 @@ class ZeroTrainer(Trainer):
         count = torch.as_tensor(count, device=device).reshape(())
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             count = self.accelerator.reduce(count, reduction="sum")
+            if self.sp > 1:  # every process of a sequence-parallel group counted the same whole batches
+                count = count // self.sp
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
+        if self.sp > 1 and model.training and self._replicas == 1:  # counted whole, computed as this shard of it
+            inputs = sequence_parallel.shard(inputs, sequence_parallel.group()[1], self.sp)
         out = self.stage.compute(self.wrapper, model, inputs)
         if out.batch is not None:  # the stage built the batch it ran (ppo: prompts with their sampled responses)
             inputs = dict(out.batch)
             book = {k: inputs.pop(k) for k in BOOKKEEPING if k in inputs}
         loss_sum, count = out.loss_sum, out.items
+        if model.training and self._replicas > 1:
+            loss_sum = loss_sum / self._replicas
         if model.training and self.skip_nonfinite:
             # Skipping just this micro-batch needs the answer before its backward: one host read a micro-batch,
             # the price of skip_nonfinite_batches.
@@ -102,8 +117,9 @@ class ZeroTrainer(Trainer):
         if num_items_in_batch is not None and model.training:
             loss = loss_sum / num_items_in_batch.clamp(min=1)
             if self.args.average_tokens_across_devices:
-                # DDP, DeepSpeed and FSDP average gradients over processes; the divisor above is already global.
-                loss = loss * self.accelerator.num_processes
+                # DDP, DeepSpeed and FSDP average gradients over processes (sequence parallelism: see
+                # gradient_divisor); the divisor above is already global.
+                loss = loss * self._grad_divisor
         else:
             loss = loss_sum / count.clamp(min=1)
         return (loss, None) if return_outputs else loss
@@ -115,15 +131,17 @@ class ZeroTrainer(Trainer):
             if name == "loss":  # the Trainer logs the loss itself (exactly: each step is normalised globally)
                 continue
             counted = sums.new_full((), float("nan")) if counts is None else counts.detach().sum()
-            pair = torch.stack([sums.detach().sum().double(), counted.double()])
+            pair = torch.stack([sums.detach().sum().double(), counted.double()]) / self._replicas
             self._window_stats[name] = self._window_stats[name] + pair if name in self._window_stats else pair
         if not book:
             return
-        tokens = book["real_tokens"].sum().double()
-        slots = float(inputs["input_ids"].numel())  # a shape: known on the host
-        pairs = book["attn_square"].sum().double().to(tokens.device)
+        # Under sequence parallelism a group's processes share each row (self.sp) or each hold it whole
+        # (self._replicas, WholeRows): each counts its share, so the sums over processes count every token once.
+        tokens = book["real_tokens"].sum().double() / self.sp
+        slots = float(inputs["input_ids"].numel()) / self._replicas  # a shape: known on the host
+        pairs = book["attn_square"].sum().double().to(tokens.device) / self.sp  # 1/N of the heads, whole rows
         head = out.items if out.head_tokens is None else out.head_tokens
-        head_tokens = torch.as_tensor(head, dtype=torch.float64).to(tokens.device)
+        head_tokens = torch.as_tensor(head, dtype=torch.float64).to(tokens.device) / self._replicas
         flops = tokens * self._linear_flops + pairs * self._pair_flops + head_tokens * self._head_flops
         if out.reference_passes:  # a reference model's forward over the same tokens
             flops = flops + out.reference_passes * (tokens * self._forward_linear + pairs * self._pair_flops / 3
@@ -401,7 +419,12 @@ class ZeroTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._window_start is None:
             self._window_start, self._excluded = time.perf_counter(), 0.0
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The logged loss is the mean over processes of what each returns, scaled for the gradient average
+        # (compute_loss); sequence-parallel processes return shares of one row. The backward has run: this only
+        # scales what is logged.
+        scale = self.accelerator.num_processes / self._grad_divisor
+        return loss * scale if scale != 1 else loss
 
 
 class _StageHooks(TrainerCallback):

@@ -79,6 +79,10 @@ def training_arguments(values: dict, engine: EngineArguments, streaming: bool = 
         # batches are one row, so every process reads the stream and keeps its own share of the items instead.
         values.setdefault("accelerator_config", {"dispatch_batches": False})
     split_batch(values, engine.forward_batch_size, cuda or not split_rows)
+    if engine.sequence_parallel_size > 1:
+        from trainer.engine.sequence_parallel import configure
+
+        configure(values, engine.sequence_parallel_size)
     if values.get("deepspeed"):
         # Only now, with a config that passed every check: the process-wide environment it sets would otherwise
         # outlive a refused config in the same process.

@@ -147,6 +147,7 @@ class ModelWrapper:
     def __init__(self, model: nn.Module, chunk_size: int = 512, chunked: bool = True, liger: bool = False):
         self.chunk_size = chunk_size
         self.neftune = None  # use_neftune: noise on the input embeddings of training forwards
+        self.sequence_parallel = None  # engine/sequence_parallel.WholeRows: training forwards run on row shards
         base = _base_model(model)
         head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
         self.patched = type(head) is nn.Linear or _rows_trained(head)
@@ -179,7 +180,12 @@ class ModelWrapper:
     def token_nll(self, model: nn.Module, batch: dict, uniform: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(nll [B, T], mask [B, T]): the loss of predicting labels[:, t + 1] at position t, and where it counts.
         uniform: the caller's loss weighs every token alike (a plain sum)."""
-        targets = shift_targets(batch["labels"])
+        rows = self.sequence_parallel if model.training else None
+        whole = batch
+        if rows is not None:  # this process's shard runs; the whole row's losses come back (sequence_parallel.py)
+            batch = rows.cut(batch)
+        # A sequence-parallel shard comes with its labels shifted before the row was cut (engine/sequence_parallel.py).
+        targets = batch["shift_labels"] if "shift_labels" in batch else shift_targets(batch["labels"])
         inputs = model_inputs(batch)
         inputs["use_cache"] = False  # packed rows are only kept apart without a cache (PLATFORM.md)
         if self.chunked:
@@ -191,6 +197,8 @@ class ModelWrapper:
                 logits = model(**inputs).logits.float()
             nll = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                                   reduction="none").view(targets.shape)
+        if rows is not None:
+            nll, targets = rows.whole(nll, whole["input_ids"].shape[1]), shift_targets(whole["labels"])
         return nll, targets.ne(IGNORE_INDEX)
 
     def token_values(self, model: nn.Module, batch: dict, value_head: nn.Module) -> torch.Tensor:

@@ -60,8 +60,20 @@ class Stage:
     batch_item_name: str | None = None  # what per_device_train_batch_size counts when not dataset items (grpo)
     plotted: tuple = ("loss", "eval_loss")  # what plot_loss draws from the log history
     options: type = NoOptions
+    # Under sequence parallelism (engine/sequence_parallel.py): False (refused), "shard" (its loss adds up over the
+    # shards of a row: the engine cuts the batch) or "rows" (it reads whole rows of per-token losses: the wrapper runs
+    # each shard and gathers them back).
+    sequence_parallel: bool | str = False
 
     def __init__(self, config=None, options=None):
+        n = getattr(getattr(config, "engine", None), "sequence_parallel_size", 1)
+        if n > 1 and not self.sequence_parallel:
+            from trainer.errors import ConfigError
+
+            raise ConfigError(f"sequence_parallel_size: {n} is supported for stages pt, sft, dpo and orpo; stage "
+                              f"{self.name} reads figures of whole sequences that its shards do not bring back yet. "
+                              "Train it with sequence_parallel_size: 1 (ZeRO-3 and gradient checkpointing for "
+                              "memory).")
         self.config = config
         self.opts = options if options is not None else self.options()
 

@@ -40,6 +40,7 @@ class OrpoOptions(PreferenceOptions):
 class DPO(ReferenceStage):
     name = "dpo"
     options = PreferenceOptions
+    sequence_parallel = "rows"  # per-sequence log-probs: whole rows of token losses (sequence_parallel.WholeRows)
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)

@@ -7,6 +7,8 @@ from trainer.stages.base import Stage, StageOutput, register
 
 
 class _TokenLM(Stage):
+    sequence_parallel = "shard"  # a sum of token losses: each shard adds its own tokens
+
     def count_items(self, batch: dict):
         from trainer.model.losses import IGNORE_INDEX, shift_targets
 
