@@ -252,3 +252,43 @@ def bytes_per_weight(bits: int, double_quantization: bool = True, blocksize: int
         return 1.0
     scales = (1 + 4 / 256) / blocksize if double_quantization else 4 / blocksize
     return 0.5 + scales
+
+
+def _get(qc, *keys):
+    """The first of `keys` that a quantization_config (a dict or transformers' config object) sets."""
+    for key in keys:
+        value = qc.get(key) if isinstance(qc, dict) else getattr(qc, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def checkpoint_bytes_per_weight(model_config) -> tuple[str, float | None, str] | None:
+    """A checkpoint quantized ahead: (method, bytes a quantized weight takes with its scales, how they were read from
+    its quantization_config), bytes None where the method's layout is not known here; None for a 16-bit checkpoint.
+    GPTQ and AWQ pack `bits` a weight, with an fp16 scale and a packed zero point a group of `group_size` weights
+    of a row (group_size -1: one a row, negligible); AQLM's codes take num_codebooks x nbits_per_codebook bits a
+    group of in_group_size weights (its codebooks, a few MB a model, not counted); bitsandbytes as it quantizes."""
+    method = prequantized_method(model_config)
+    if method is None:
+        return None
+    qc = model_config.quantization_config
+    if method == "bitsandbytes":
+        if _get(qc, "load_in_4bit"):
+            double = bool(_get(qc, "bnb_4bit_use_double_quant"))
+            kind = str(_get(qc, "bnb_4bit_quant_type") or "fp4").upper()
+            return method, bytes_per_weight(4, double), f"4-bit {kind}" + (", double quantization" if double else "")
+        return method, bytes_per_weight(8), "8-bit"
+    if method == "aqlm":
+        codebooks, nbits, group = (_get(qc, "num_codebooks"), _get(qc, "nbits_per_codebook"),
+                                   _get(qc, "in_group_size"))
+        if codebooks and nbits and group:
+            bits = codebooks * nbits / group
+            return method, bits / 8, f"{bits:g} bits a weight ({codebooks} codebooks of {nbits} bits a group of {group})"
+    bits = _get(qc, "bits", "w_bit")  # w_bit, q_group_size: AutoAWQ's own names
+    if method in DEQUANTIZED_ON_LOAD or not bits:
+        return method, None, f"{method}: its bytes a weight are not known here"
+    group = _get(qc, "group_size", "q_group_size") or -1
+    if group > 0:
+        return method, bits / 8 + (2 + bits / 8) / group, f"{bits}-bit, group_size {group}"
+    return method, bits / 8, f"{bits}-bit, one scale a row"
