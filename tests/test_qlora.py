@@ -102,6 +102,34 @@ def test_the_base_linears_are_4bit_and_compute_what_bitsandbytes_dequantizes(qmo
     assert "14 Linear4bit over a bitsandbytes base run PEFT's own forward" in caplog.text
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("owned", [True, False])
+def test_a_quantized_load_releases_the_checkpoints_memory_map(qmodel_dir, tmp_path, monkeypatch, owned):
+    """transformers leaves the weights it does not quantize (embeddings, norms, head) as views of the mapped
+    safetensors file, which keeps every page quantization read resident: after zerotune's load no parameter lies in
+    the mapping and the kernel lists no mapping of the file (the control, without the copy, shows both)."""
+    import shutil
+
+    from trainer.model import quantization
+    from trainer.model.loading import load_causal_lm
+    from trainer.model.options import ModelArguments
+
+    folder = tmp_path / "ckpt"  # a file of its own: no other test's model maps it
+    shutil.copytree(qmodel_dir, folder)
+    if not owned:
+        monkeypatch.setattr(quantization, "own_cpu_weights", lambda model: 0)
+    # fp32 as saved: no conversion, so transformers hands over views of the file
+    model = load_causal_lm(ModelArguments(model_name_or_path=str(folder), quantization_bit=4), dtype=torch.float32,
+                           quantize=True)
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in
+              Path("/proc/self/maps").read_text().splitlines() if str(folder / "model.safetensors") in line]
+    inside = [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in ranges)]
+    if owned:
+        assert ranges == [] and inside == []
+    else:
+        assert ranges and "model.embed_tokens.weight" in inside, (ranges, inside)
+
+
 def test_lora_weights_train_and_the_4bit_weights_stay(qmodel_dir, data_dir):
     from trainer.data.collators import Collator
     from trainer.model.wrapper import ModelWrapper

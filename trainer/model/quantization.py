@@ -231,6 +231,27 @@ def prepare_for_training(model: nn.Module) -> None:
                     "would hold them in fp32, %.1f MB more).", kept / 1e6, 2 * kept / MB)
 
 
+def own_cpu_weights(model: nn.Module) -> int:
+    """Copy the unquantized weights that a quantized load left on the CPU (embeddings, norms, head) out of the
+    checkpoint's memory map; returns how many weights. transformers hands them over as views of the mapped
+    safetensors file, and one view keeps the whole mapping alive: every page that quantization read (the whole
+    16-bit checkpoint) then stays resident, counted in the process's RSS, for the whole run."""
+    copied = 0
+    for p in model.parameters():
+        if p.device.type == "cpu" and p.is_floating_point() and _bits_of_parameter(p) is None:
+            p.data = p.data.clone()
+            copied += numel(p)
+    if copied:
+        logger.info("Quantized load: its %.2fM 16-bit weights copied out of the checkpoint's memory map, which is "
+                    "released (else the 16-bit checkpoint's pages would stay in RSS).", copied / 1e6)
+    return copied
+
+
+def _bits_of_parameter(p: torch.Tensor) -> str | None:
+    """bitsandbytes' own parameter types (their packed storage may be a float dtype), by name."""
+    return type(p).__name__ if type(p).__name__ in ("Params4bit", "Int8Params") else None
+
+
 def _keep_cpu_layout(model: nn.Module) -> int:
     """Turn off Linear4bit's CPU repacking (support_avx512bf16_for_cpu) in every 4-bit layer; returns how many had
     it on."""
