@@ -102,6 +102,34 @@ def test_the_base_linears_are_4bit_and_compute_what_bitsandbytes_dequantizes(qmo
     assert "14 Linear4bit over a bitsandbytes base run PEFT's own forward" in caplog.text
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("owned", [True, False])
+def test_a_quantized_load_releases_the_checkpoints_memory_map(qmodel_dir, tmp_path, monkeypatch, owned):
+    """transformers leaves the weights it does not quantize (embeddings, norms, head) as views of the mapped
+    safetensors file, which keeps every page quantization read resident: after zerotune's load no parameter lies in
+    the mapping and the kernel lists no mapping of the file (the control, without the copy, shows both)."""
+    import shutil
+
+    from trainer.model import quantization
+    from trainer.model.loading import load_causal_lm
+    from trainer.model.options import ModelArguments
+
+    folder = tmp_path / "ckpt"  # a file of its own: no other test's model maps it
+    shutil.copytree(qmodel_dir, folder)
+    if not owned:
+        monkeypatch.setattr(quantization, "own_cpu_weights", lambda model: 0)
+    # fp32 as saved: no conversion, so transformers hands over views of the file
+    model = load_causal_lm(ModelArguments(model_name_or_path=str(folder), quantization_bit=4), dtype=torch.float32,
+                           quantize=True)
+    ranges = [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in
+              Path("/proc/self/maps").read_text().splitlines() if str(folder / "model.safetensors") in line]
+    inside = [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in ranges)]
+    if owned:
+        assert ranges == [] and inside == []
+    else:
+        assert ranges and "model.embed_tokens.weight" in inside, (ranges, inside)
+
+
 def test_lora_weights_train_and_the_4bit_weights_stay(qmodel_dir, data_dir):
     from trainer.data.collators import Collator
     from trainer.model.wrapper import ModelWrapper
@@ -294,7 +322,7 @@ def test_check_counts_the_4bit_weights_at_their_bytes(qmodel_dir, data_dir, tmp_
         return cfg, describe(cfg, with_data=False)
 
     config, text = plan(quantization_bit=4)
-    layers, weights, stored = quantized_weights(config)
+    layers, weights, stored, _ = quantized_weights(config)
     model, _ = _policy(qmodel_dir)
     loaded = quantized_linears(model)[4]
     assert (layers, weights) == (loaded[0], loaded[1]) == (14, 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 64 * 128))
@@ -331,6 +359,49 @@ def test_the_check_answers_whether_a_70b_qlora_fits_one_80gb_gpu(tmp_path, data_
     gb = float([line for line in text.splitlines() if "ZeRO-0" in line][0].split()[-2])
     assert 38 < gb < 42, text
     assert "560 Linear layers, 68451.0M weights in 32.89 GB (16-bit: 127.50 GB)" in text
+
+
+@pytest.mark.parametrize("method,qc,per_weight", [
+    ("gptq", {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}, None),
+    ("awq", {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm",
+             "modules_to_not_convert": ["down_proj"]}, None),
+    ("fp8", {"quant_method": "fp8", "activation_scheme": "dynamic"}, 2.0)])
+def test_the_check_counts_a_checkpoint_quantized_ahead_at_its_own_bits(tmp_path, data_dir, method, qc, per_weight):
+    """A GPTQ or AWQ checkpoint (config.json only: the plan reads no weights) counts its Linear layers at the bytes of
+    the tensors those methods store, summed layer by layer from their shapes: qweight (bits x in x out, packed),
+    scales (fp16, one a group of group_size inputs a row) and qzeros (bits each, packed); AWQ's
+    modules_to_not_convert stay 16-bit. A method whose layout the plan does not know is counted at 16-bit and says so."""
+    from trainer.plan import describe, parameter_counts, quantized_weights
+    from trainer.run import build_config
+
+    folder = tmp_path / method
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "tie_word_embeddings": False, "quantization_config": qc}))  # Llama-2-7B's shape, 8 KV heads
+    config = build_config(base_config(folder, data_dir, tmp_path / "o", bf16=True))
+    shapes = {"q_proj": (4096, 4096), "k_proj": (4096, 1024), "v_proj": (4096, 1024), "o_proj": (4096, 4096),
+              "gate_proj": (4096, 11008), "up_proj": (4096, 11008), "down_proj": (11008, 4096)}  # (in, out)
+    skipped = set(qc.get("modules_to_not_convert", []))
+    quantized = {n: s for n, s in shapes.items() if n not in skipped}
+    if per_weight is None:
+        bits, group = qc["bits"], qc["group_size"]
+        expected = 32 * sum(i * o * bits / 8 + (i // group) * o * 2 + (i // group) * o * bits / 8
+                            for i, o in quantized.values())
+    else:
+        expected = 32 * sum(i * o * per_weight for i, o in quantized.values())
+    layers, weights, stored, kind = quantized_weights(config)
+    assert (layers, weights) == (32 * len(quantized), 32 * sum(i * o for i, o in quantized.values()))
+    assert stored == pytest.approx(expected)
+    text = describe(config, with_data=False)
+    assert f"{method} checkpoint, its quantization_config" in kind and f"quantized        {kind}" in text
+    if per_weight is not None:
+        assert "counted at 16-bit (an upper bound)" in kind
+    # The memory plan's frozen base: those bytes, and the rest (embeddings, head, norms, skipped layers) at 2 a weight.
+    total, trained, _ = parameter_counts(config)
+    gb = float([line for line in text.splitlines() if "ZeRO-0" in line][0].split()[-2])
+    assert gb == pytest.approx((16 * trained + expected + 2 * (total - weights)) / 2**30, abs=0.006)
 
 
 # ---- refusals -----------------------------------------------------------------------------------------------------
@@ -494,24 +565,35 @@ def test_zero3_and_fsdp_shard_the_4bit_weights_and_two_processes_match_one(layou
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
-def test_qlora_under_zero3_on_one_gpu(qmodel_dir, data_dir, tmp_path):
-    """QLoRA under DeepSpeed ZeRO-3: the 4-bit weights, stored packed in bf16 (bnb_4bit_quant_storage), are
-    partitioned like any bf16 weight and the run trains; its losses follow the same run without DeepSpeed."""
+def test_qlora_under_zero3_on_one_gpu(qmodel_dir, pattern_dir, tmp_path):
+    """QLoRA under DeepSpeed ZeRO-3 on one GPU: the base Linear layers are bitsandbytes 4-bit, their packed weights
+    stored in bf16 (bnb_4bit_quant_storage) and partitioned by ZeRO-3 like any bf16 weight (loaded without zero.Init,
+    which transformers skips for a quantized load, and without a device_map, which it refuses under ZeRO-3:
+    bitsandbytes places them on the current GPU); the loss falls on an obvious pattern, and the first steps follow
+    the same run without DeepSpeed."""
     import yaml
 
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "bf16": {"enabled": "auto"},
-          "zero_optimization": {"stage": 3}}
-    (tmp_path / "z3.json").write_text(json.dumps(ds))
-    common = dict(quantization_bit=4, bf16=True, max_steps=4, learning_rate=5e-3)
-    _, plain = train_with(base_config(qmodel_dir, data_dir, tmp_path / "plain", **common))
+    common = dict(quantization_bit=4, bf16=True, dataset="alpaca", cutoff_len=64, per_device_train_batch_size=4,
+                  learning_rate=1e-2, max_steps=24, seed=0)
+    _, plain = train_with(base_config(qmodel_dir, pattern_dir, tmp_path / "plain", **common))
     out = tmp_path / "z3"
-    (tmp_path / "z3.yaml").write_text(yaml.safe_dump(base_config(qmodel_dir, data_dir, out, **common,
-                                                                 deepspeed=str(tmp_path / "z3.json"))))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "launch/train.py",
+    # The repo's ZeRO-3 config, as users run it. The driver records the weights before the first forward, when
+    # every one is still partitioned (ZeRO-3 keeps a small "persistent" one whole only once it has gathered it).
+    (tmp_path / "z3.yaml").write_text(yaml.safe_dump(base_config(
+        qmodel_dir, pattern_dir, out, **common, deepspeed=str(ROOT / "ds_configs/ds_z3_config.json"))))
+    (tmp_path / "driver.py").write_text(RECORD_4BIT)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                           "--master_port", str(29500 + os.getpid() % 1000 + 2000), str(tmp_path / "driver.py"),
                            "--config", str(tmp_path / "z3.yaml")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bitsandbytes: 14 of 15 Linear layers in 4-bit NF4" in done.stderr
-    zero3 = _losses(json.loads((out / "trainer_state.json").read_text()))
-    for step, loss in _losses(plain).items():
-        assert zero3[step] == pytest.approx(loss, rel=2e-2), (zero3, _losses(plain))
+    held = json.loads((out / "held-rank0.json").read_text())
+    assert len(held) == 14
+    for name, p in held.items():
+        assert p["type"] == "Params4bit" and p["dtype"] == "torch.bfloat16", (name, p)
+        assert p["partitioned"] and p["local"] == 0 and p["whole"] > 0, (name, p)  # released outside the forward
+    zero3 = list(_losses(json.loads((out / "trainer_state.json").read_text())).values())
+    alone = list(_losses(plain).values())
+    assert len(zero3) == 24 and zero3[-1] < 0.3 * zero3[0], zero3  # the CPU run of these settings: 6.65 -> 0.9
+    assert zero3[:4] == pytest.approx(alone[:4], rel=2e-2), (zero3, alone)

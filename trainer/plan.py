@@ -93,26 +93,44 @@ def optimizer_plan(config: RunConfig, model) -> tuple[float, int, str]:
     return state, at_once, what
 
 
-def quantized_weights(config: RunConfig) -> tuple[int, int, float] | None:
-    """(Linear layers, weights, bytes) that quantization_bit quantizes, from the model's config alone: every Linear but
-    those transformers keeps unquantized (the output head, tied weights), each at bitsandbytes' bytes a weight (the
-    packed weights and their scales). None without quantization_bit."""
+def quantized_weights(config: RunConfig) -> tuple[int, int, float, str] | None:
+    """(Linear layers, weights, bytes, what quantizes them) of the quantized base, from the model's config alone:
+    every Linear but those transformers keeps unquantized (the output head, tied weights, the checkpoint's
+    modules_to_not_convert), at the bytes a weight of a checkpoint quantized ahead (GPTQ, AWQ, AQLM, bitsandbytes:
+    its quantization_config, which wins over quantization_bit as it does at load) or of quantization_bit
+    (bitsandbytes), scales included. None for a 16-bit base."""
     m = config.model
-    if m.quantization_bit is None:
-        return None
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.quantizers.base import get_keys_to_not_convert
 
-    from trainer.model.quantization import bytes_per_weight
+    from trainer.model.quantization import bytes_per_weight, checkpoint_bytes_per_weight
 
     mc = AutoConfig.from_pretrained(m.model_name_or_path, trust_remote_code=m.trust_remote_code)
+    ahead = checkpoint_bytes_per_weight(mc)
+    if ahead is None and m.quantization_bit is None:
+        return None
+    if ahead is not None:
+        method, per_weight, kind = ahead
+        if per_weight is None:  # said, not guessed: the 16-bit figure is the most those weights can take
+            per_weight, kind = 2.0, f"{kind}, counted at 16-bit (an upper bound)"
+        qc = mc.quantization_config
+        skipped = (qc.get("modules_to_not_convert") if isinstance(qc, dict) else
+                   getattr(qc, "modules_to_not_convert", None)) or []
+        kind = f"{kind} ({method} checkpoint, its quantization_config)"
+    else:
+        per_weight, skipped = bytes_per_weight(m.quantization_bit, m.double_quantization), []
+        kind = f"{m.quantization_bit}-bit" + (f" {m.quantization_type.upper()}" + (
+            ", double quantization" if m.double_quantization else "") if m.quantization_bit == 4 else "") + \
+            " (bitsandbytes)"
+    if hasattr(mc, "quantization_config"):  # the meta model is built 16-bit; the plan counts the bytes itself
+        del mc.quantization_config
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(mc, trust_remote_code=m.trust_remote_code)
     kept = set(get_keys_to_not_convert(model))
     layers = [module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-              and name not in kept]
+              and name not in kept and not any(skip in name.split(".") for skip in skipped)]
     weights = sum(module.weight.numel() for module in layers)
-    return len(layers), weights, weights * bytes_per_weight(m.quantization_bit, m.double_quantization)
+    return len(layers), weights, weights * per_weight, kind
 
 
 def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: int, state_bytes: float | None = None,
@@ -385,11 +403,8 @@ def describe(config: RunConfig, with_data: bool = True, deepspeed=None, sequence
     frozen_bytes = None
     quantized = quantized_weights(config)
     if quantized:
-        m = config.model
-        layers, weights, stored = quantized
-        kind = f"{m.quantization_bit}-bit" + (f" {m.quantization_type.upper()}" + (
-            ", double quantization" if m.double_quantization else "") if m.quantization_bit == 4 else "")
-        lines.append(f"quantized        {kind} (bitsandbytes): {layers} Linear layers, {weights / 1e6:.1f}M weights in "
+        layers, weights, stored, kind = quantized
+        lines.append(f"quantized        {kind}: {layers} Linear layers, {weights / 1e6:.1f}M weights in "
                      f"{stored / GB:.2f} GB (16-bit: {2 * weights / GB:.2f} GB); the other "
                      f"{(total - weights) / 1e6:.1f}M weights in 16-bit")
         frozen_bytes = stored + 2 * (total - weights)  # every base weight is frozen under LoRA

@@ -180,9 +180,6 @@ def run(config: RunConfig) -> dict:
         raise ConfigError("Several GPUs in one process: launch with `zerotune train` (it starts one process per "
                           "GPU) or with deepspeed/torchrun.")
     set_seed(t.seed)
-    from trainer.engine.host_memory import keep_freed_memory
-
-    keep_freed_memory(on_cpu=t.use_cpu or not torch.cuda.is_available())
     if t.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         # ZeRO-3 partitions weights as they load (zero.Init), which needs DeepSpeed's view of the process group.
         import deepspeed
@@ -246,6 +243,11 @@ def run(config: RunConfig) -> dict:
 
     wrapper = ModelWrapper(model, chunked=m.chunked_loss, liger=m.enable_liger_kernel and liger_available())
     stage.prepare(model, wrapper)
+    from trainer.engine.host_memory import keep_freed_memory
+
+    # Only once the models are loaded: quantizing a 1.5B base on load under it kept ~4 GB of freed temporaries
+    # (benchmarks/RESULTS.md, "QLoRA memory").
+    keep_freed_memory(on_cpu=t.use_cpu or not torch.cuda.is_available())
     collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
     if t.do_train:
         log_layout(config, train, stage)

@@ -188,6 +188,7 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
                           f"{err}") from None
     if quantization.is_quantized(model):
         logger.info(quantization.describe(model) or f"{path}: a quantized checkpoint.")
+        quantization.own_cpu_weights(model)
         if trains:
             quantization.prepare_for_training(model)
     for adapter in adapters:

@@ -231,6 +231,27 @@ def prepare_for_training(model: nn.Module) -> None:
                     "would hold them in fp32, %.1f MB more).", kept / 1e6, 2 * kept / MB)
 
 
+def own_cpu_weights(model: nn.Module) -> int:
+    """Copy the unquantized weights that a quantized load left on the CPU (embeddings, norms, head) out of the
+    checkpoint's memory map; returns how many weights. transformers hands them over as views of the mapped
+    safetensors file, and one view keeps the whole mapping alive: every page that quantization read (the whole
+    16-bit checkpoint) then stays resident, counted in the process's RSS, for the whole run."""
+    copied = 0
+    for p in model.parameters():
+        if p.device.type == "cpu" and p.is_floating_point() and _bits_of_parameter(p) is None:
+            p.data = p.data.clone()
+            copied += numel(p)
+    if copied:
+        logger.info("Quantized load: its %.2fM 16-bit weights copied out of the checkpoint's memory map, which is "
+                    "released (else the 16-bit checkpoint's pages would stay in RSS).", copied / 1e6)
+    return copied
+
+
+def _bits_of_parameter(p: torch.Tensor) -> str | None:
+    """bitsandbytes' own parameter types (their packed storage may be a float dtype), by name."""
+    return type(p).__name__ if type(p).__name__ in ("Params4bit", "Int8Params") else None
+
+
 def _keep_cpu_layout(model: nn.Module) -> int:
     """Turn off Linear4bit's CPU repacking (support_avx512bf16_for_cpu) in every 4-bit layer; returns how many had
     it on."""
@@ -252,3 +273,43 @@ def bytes_per_weight(bits: int, double_quantization: bool = True, blocksize: int
         return 1.0
     scales = (1 + 4 / 256) / blocksize if double_quantization else 4 / blocksize
     return 0.5 + scales
+
+
+def _get(qc, *keys):
+    """The first of `keys` that a quantization_config (a dict or transformers' config object) sets."""
+    for key in keys:
+        value = qc.get(key) if isinstance(qc, dict) else getattr(qc, key, None)
+        if value is not None:
+            return value
+    return None
+
+
+def checkpoint_bytes_per_weight(model_config) -> tuple[str, float | None, str] | None:
+    """A checkpoint quantized ahead: (method, bytes a quantized weight takes with its scales, how they were read from
+    its quantization_config), bytes None where the method's layout is not known here; None for a 16-bit checkpoint.
+    GPTQ and AWQ pack `bits` a weight, with an fp16 scale and a packed zero point a group of `group_size` weights
+    of a row (group_size -1: one a row, negligible); AQLM's codes take num_codebooks x nbits_per_codebook bits a
+    group of in_group_size weights (its codebooks, a few MB a model, not counted); bitsandbytes as it quantizes."""
+    method = prequantized_method(model_config)
+    if method is None:
+        return None
+    qc = model_config.quantization_config
+    if method == "bitsandbytes":
+        if _get(qc, "load_in_4bit"):
+            double = bool(_get(qc, "bnb_4bit_use_double_quant"))
+            kind = str(_get(qc, "bnb_4bit_quant_type") or "fp4").upper()
+            return method, bytes_per_weight(4, double), f"4-bit {kind}" + (", double quantization" if double else "")
+        return method, bytes_per_weight(8), "8-bit"
+    if method == "aqlm":
+        codebooks, nbits, group = (_get(qc, "num_codebooks"), _get(qc, "nbits_per_codebook"),
+                                   _get(qc, "in_group_size"))
+        if codebooks and nbits and group:
+            bits = codebooks * nbits / group
+            return method, bits / 8, f"{bits:g} bits a weight ({codebooks} codebooks of {nbits} bits a group of {group})"
+    bits = _get(qc, "bits", "w_bit")  # w_bit, q_group_size: AutoAWQ's own names
+    if method in DEQUANTIZED_ON_LOAD or not bits:
+        return method, None, f"{method}: its bytes a weight are not known here"
+    group = _get(qc, "group_size", "q_group_size") or -1
+    if group > 0:
+        return method, bits / 8 + (2 + bits / 8) / group, f"{bits}-bit, group_size {group}"
+    return method, bits / 8, f"{bits}-bit, one scale a row"
