@@ -575,3 +575,44 @@ def test_a_killed_run_resumes_mid_generation_exactly(tiny_model_dir, sums_dir, t
         assert later, key
         for s in later:
             assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)
+
+
+# ---- each prompt prefilled once in generation ------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["sdpa", "segments"])
+def test_a_shared_prefill_samples_what_separate_prefills_do(tiny_model_dir, attention):
+    """group G with shared_prefill (one forward of each prompt, its KV cache repeated G times) gives the tokens of
+    G separate copies of the prompt prefilled in the same batch, from the same seed: sampled (every step draws one
+    batch of the same rows) and greedy, left-padded prompts of 8, 1 and 3 tokens together, on plain SDPA and on
+    zerotune_segments (grpo's attention path). Greedy, each prompt's completion is also the one it gets alone (which
+    the cached keys' positions decide: generate's own for a left-padded row)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.generation import GenerationSettings, generate
+    from trainer.model import kernels
+
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=kernels.SEGMENTS if attention == "segments" else "sdpa")
+    with torch.no_grad():  # sharper than the initial weights, so that a wrong key changes the tokens
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    prompts, group = [[5, 6, 7, 8, 9, 10, 11, 12], [11], [12, 13, 14]], 4
+    for sampled in (True, False):
+        settings = GenerationSettings(max_new_tokens=12, do_sample=sampled, temperature=1.0, top_p=1.0, top_k=0)
+        runs = []
+        for shared in (True, False):
+            torch.manual_seed(7)
+            runs.append(generate(model, prompts, [1], 0, settings, group=group, shared_prefill=shared))
+        assert len(runs[0]) == len(prompts) * group and runs[0] == runs[1]
+        if sampled:
+            assert len({tuple(r) for r in runs[0][:group]}) > 1  # a group's samples differ
+        else:
+            alone = [generate(model, [p], [1], 0, settings)[0] for p in prompts]
+            assert runs[0] == [a for a in alone for _ in range(group)]
+    # chunks of whole groups (batch_size counts samples) and one-token prompts only (nothing to share)
+    settings = GenerationSettings(max_new_tokens=5, do_sample=False)
+    whole = generate(model, prompts, [1], 0, settings, group=group)
+    assert generate(model, prompts, [1], 0, settings, batch_size=8, group=group) == whole
+    assert whole == [r[:5] for r in runs[0]]
+    assert generate(model, [[11], [3]], [1], 0, settings, group=2) == \
+        generate(model, [[11], [3]], [1], 0, settings, group=2, shared_prefill=False)

@@ -90,8 +90,10 @@ def grpo_rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         rows.append(json.loads(item[COLUMN][0]))
     with precision(trainer), sampling_seed(a, keys[0], trainer.accelerator.process_index):
         generated = time.perf_counter()
-        responses = generate(model, [s.prompt for s in samples], stage.stop_ids, tokenizer.pad_token_id, g,
-                             batch_size=stage.generate_together(len(samples)))
+        group = o.num_generations  # the share holds whole groups, each prompt's completions consecutive
+        responses = generate(model, [s.prompt for s in samples[::group]], stage.stop_ids, tokenizer.pad_token_id,
+                             g, batch_size=stage.generate_together(len(samples)), group=group,
+                             shared_prefill=o.grpo_shared_prefill)
         generated = time.perf_counter() - generated
     for s, r in zip(samples, responses):
         s.response = r
