@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: demo test install demo-model bench bench-peers clean
+.PHONY: demo test install demo-model bench bench-peers bench-trl clean
 
 install: $(STAMP)
 
@@ -45,6 +45,12 @@ bench-peers: demo-model
 	  .venv-peers/bin/pip uninstall -y -q torchvision torchaudio && \
 	  .venv-peers/bin/python benchmarks/peers_env.py)
 	$(PY) -m benchmarks.throughput --peers $(BENCH_ARGS)
+
+# TRL's GRPOTrainer in its own venv (the latest trl pip picks, with the CPU torch pin), beside zerotune's grpo.
+bench-trl: demo-model
+	test -x .venv-trl/bin/trl || ($(PYTHON) -m venv .venv-trl && \
+	  .venv-trl/bin/pip install -q --disable-pip-version-check "$(TORCH)" trl peft)
+	$(PY) -m benchmarks.grpo --peers $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) saves models

@@ -575,3 +575,183 @@ def test_a_killed_run_resumes_mid_generation_exactly(tiny_model_dir, sums_dir, t
         assert later, key
         for s in later:
             assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)
+
+
+# ---- each prompt prefilled once in generation ------------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["sdpa", "segments"])
+def test_a_shared_prefill_samples_what_separate_prefills_do(tiny_model_dir, attention):
+    """group G with shared_prefill (one forward of each prompt, its KV cache repeated G times) gives the tokens of
+    G separate copies of the prompt prefilled in the same batch, from the same seed: sampled (every step draws one
+    batch of the same rows) and greedy, left-padded prompts of 8, 1 and 3 tokens together, on plain SDPA and on
+    zerotune_segments (grpo's attention path). Greedy, each prompt's completion is also the one it gets alone (which
+    the cached keys' positions decide: generate's own for a left-padded row)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.generation import GenerationSettings, generate
+    from trainer.model import kernels
+
+    kernels.register()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, dtype=torch.float32, attn_implementation=kernels.SEGMENTS if attention == "segments" else "sdpa")
+    with torch.no_grad():  # sharper than the initial weights, so that a wrong key changes the tokens
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    prompts, group = [[5, 6, 7, 8, 9, 10, 11, 12], [11], [12, 13, 14]], 4
+    for sampled in (True, False):
+        settings = GenerationSettings(max_new_tokens=12, do_sample=sampled, temperature=1.0, top_p=1.0, top_k=0)
+        runs = []
+        for shared in (True, False):
+            torch.manual_seed(7)
+            runs.append(generate(model, prompts, [1], 0, settings, group=group, shared_prefill=shared))
+        assert len(runs[0]) == len(prompts) * group and runs[0] == runs[1]
+        if sampled:
+            assert len({tuple(r) for r in runs[0][:group]}) > 1  # a group's samples differ
+        else:
+            alone = [generate(model, [p], [1], 0, settings)[0] for p in prompts]
+            assert runs[0] == [a for a in alone for _ in range(group)]
+    # chunks of whole groups (batch_size counts samples) and one-token prompts only (nothing to share)
+    settings = GenerationSettings(max_new_tokens=5, do_sample=False)
+    whole = generate(model, prompts, [1], 0, settings, group=group)
+    assert generate(model, prompts, [1], 0, settings, batch_size=8, group=group) == whole
+    assert whole == [r[:5] for r in runs[0]]
+    assert generate(model, [[11], [3]], [1], 0, settings, group=2) == \
+        generate(model, [[11], [3]], [1], 0, settings, group=2, shared_prefill=False)
+
+
+# ---- the example ------------------------------------------------------------------------------------------------------
+def test_the_grpo_example_validates_and_reads_its_prompts(tiny_model_dir, monkeypatch):
+    """examples/grpo_lora.yaml as `zerotune check` reads it (on the tiny model): stage grpo with its reward function,
+    the arithmetic prompts through the prompts data kind, 2 prompts x 8 completions a step."""
+    from pathlib import Path
+
+    from trainer.plan import describe
+    from trainer.run import load_config
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    cfg = load_config(str(root / "examples/grpo_lora.yaml"),
+                      [f"model_name_or_path={tiny_model_dir}", "overwrite_output_dir=true"])
+    opts = cfg.stage_options
+    assert cfg.finetuning.stage == "grpo" and opts.num_generations == 8 and opts.beta == 0
+    assert opts.reward_funcs == ["examples/grpo_rewards.py:exact_sum"]
+    plan = describe(cfg)
+    assert "What is 13 + 14? Answer with just the number." in plan
+
+
+def test_the_example_reward_scores_right_wrong_and_unparseable_completions():
+    """exact_sum: the last number written is the answer (1), another number (0), no number at all (0); plain and
+    conversational completions alike, thousands commas read."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "grpo_rewards_example", Path(__file__).resolve().parents[1] / "examples/grpo_rewards.py")
+    rewards = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rewards)
+    completions = ["27", "13 + 14 = 27.", "The answer is 26.", "twenty-seven", "", "27 or maybe 28", "1,200",
+                   [{"role": "assistant", "content": "It is 33"}]]
+    answers = ["27", "27", "27", "27", "27", "27", "1200", "33"]
+    assert rewards.exact_sum(completions=completions, answer=answers, prompts=[""] * 8) == \
+        [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_a_completion_with_its_own_seed_is_the_one_it_gets_alone(tiny_model_dir):
+    """seeds (grpo: one a completion, from its slot): each sample draws from its own generator, so the group's G
+    samples of a left-padded batch of prompts (8, 1 and 3 tokens), prefilled once, are token for token the G
+    independent generations of each prompt alone with the same seeds; top-k / top-p and temperature as transformers
+    applies them; a group's samples differ."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.generation import GenerationSettings, generate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    prompts, group = [[5, 6, 7, 8, 9, 10, 11, 12], [11], [12, 13, 14]], 4
+    seeds = [1000 + i for i in range(len(prompts) * group)]
+    for knobs in (dict(temperature=1.0, top_p=1.0, top_k=0), dict(temperature=0.7, top_p=0.9, top_k=20)):
+        settings = GenerationSettings(max_new_tokens=10, do_sample=True, **knobs)
+        together = generate(model, prompts, [1], 0, settings, group=group, seeds=seeds)
+        unshared = generate(model, prompts, [1], 0, settings, group=group, seeds=seeds, shared_prefill=False)
+        alone = [generate(model, [p], [1], 0, settings, seeds=[seeds[i * group + j]])[0]
+                 for i, p in enumerate(prompts) for j in range(group)]
+        assert together == unshared == alone
+        assert len({tuple(r) for r in together[:group]}) > 1
+
+
+def test_own_draws_sample_the_tempered_truncated_softmax():
+    """The per-sample draw (argmax of the processed scores plus Gumbel noise) picks each token as often as
+    softmax(logits / temperature) restricted to the top-k says: 20000 draws against the probabilities."""
+    from trainer.generation import GenerationSettings, _own_draws
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
+    settings = GenerationSettings(temperature=0.8, top_k=4, top_p=1.0)
+    processors = _own_draws(settings, [3], "cpu")
+    counts = torch.zeros(6)
+    for _ in range(20000):
+        counts[int(processors(torch.zeros(1, 1, dtype=torch.long), logits.clone()).argmax())] += 1
+    expected = torch.softmax(torch.cat([logits[0, :4] / 0.8, torch.full((2,), -math.inf)]), dim=0)
+    torch.testing.assert_close(counts / 20000, expected, atol=0.012, rtol=0)
+
+
+# ---- processes and signals --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_give_one_process_losses(tiny_model_dir, sums_dir, tmp_path):
+    """One generation of 4 prompts x 4 completions a step, trained twice (num_iterations 2, so the old log-probs are
+    in play) with a KL to the reference: one process with all 16 completions, then two processes (DeepSpeed ZeRO-2,
+    gloo) with 2 prompts' groups each. A completion's sampling seed is its slot in the generation, not its process,
+    so both sample the same completions: the same losses, rewards, KL and entropy, step by step."""
+    from test_distributed import ROOT, _deepspeed, _history
+
+    common = dict(beta=0.04, num_iterations=2, max_steps=4, max_completion_length=6)
+    single = tmp_path / "one"
+    train_with(_grpo(tiny_model_dir, sums_dir, single, per_device_train_batch_size=16, **common))
+    double = tmp_path / "two"
+    proc = _deepspeed(_grpo(tiny_model_dir, sums_dir, double, per_device_train_batch_size=8,
+                            deepspeed=str(ROOT / "ds_configs/ds_z2_config.json"), **common), tmp_path, "grpo-2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for key in ("loss", "reward", "kl", "entropy", "completions/mean_length"):
+        one, two = _history(single, key), _history(double, key)
+        assert one and two == pytest.approx(one, rel=1e-4, abs=1e-6), key  # rewards: at each of 2 generations
+    assert _history(single, "kl")[0] == 0 and _history(single, "kl")[-1] != 0
+
+
+@pytest.mark.slow
+def test_sigterm_mid_generation_resumes_exactly(tiny_model_dir, sums_dir, tmp_path):
+    """SIGTERM arriving while the second generation is being sampled (step 3 of 6; num_iterations 2): the run
+    finishes that step, checkpoints and stops; resumed, it trains the generation's second pass on the completions it
+    sampled and every later step as the uninterrupted run did."""
+    import signal
+
+    from test_reliability import _drive
+
+    settings = dict(max_steps=6, beta=0.04, num_iterations=2)
+    _, reference = train_with(_grpo(tiny_model_dir, sums_dir, tmp_path / "straight", **settings))
+    stopped = tmp_path / "stopped"
+    cfg = _grpo(tiny_model_dir, sums_dir, stopped, save_steps=100, **settings)
+    patch = """
+        import trainer.generation as generation
+        original, calls = generation.generate, []
+        def generating(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # what a cluster scheduler sends before preemption, mid-generation
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs)
+        generation.generate = generating
+    """
+    proc = _drive(tmp_path, cfg, patch)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-3000:]
+    assert sorted(p.name for p in stopped.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (stopped / "checkpoint-3" / "grpo_experience_0.pt").is_file()
+    proc = _drive(tmp_path, cfg, "", "resume_from_checkpoint=true")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((stopped / "trainer_state.json").read_text())
+    for key in ("loss", "kl", "reward", "entropy"):
+        want = {e["step"]: e[key] for e in reference["log_history"] if key in e}
+        got = {e["step"]: e[key] for e in resumed["log_history"] if key in e}
+        later = [s for s in want if s > 3]  # the reward: at step 5's generation
+        assert later and later[-1] == 6 - (key == "reward"), key
+        for s in later:
+            assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)

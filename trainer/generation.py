@@ -24,38 +24,105 @@ class GenerationSettings:
 
 
 def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
-             settings: GenerationSettings | None = None, batch_size: int = 16, streamer=None) -> list[list[int]]:
+             settings: GenerationSettings | None = None, batch_size: int = 16, streamer=None, group: int = 1,
+             shared_prefill: bool = True, seeds: list[int] | None = None) -> list[list[int]]:
     """Token ids of each prompt's continuation, cut after its first stop token (which is kept). A transformers
-    streamer (one prompt at a time) receives the tokens as they come (zerotune chat)."""
+    streamer (one prompt at a time) receives the tokens as they come (zerotune chat).
+
+    group: sample each prompt `group` times (grpo's num_generations); the outputs are then each prompt's `group`
+    continuations, consecutive. With shared_prefill each prompt is run through the model once and its KV cache
+    repeated for the group's samples (batch_size then counts samples); without, the prompt is repeated before
+    the forward, as transformers' num_return_sequences does. Either way one batch of len(chunk) x group rows
+    samples every step, so the random draws, and the tokens, are the same.
+
+    seeds: one per returned sample (len(prompts) x group); each sample then draws from its own generator, so its
+    tokens do not depend on which samples share its batch, chunk or process (grpo: a completion's seed is its slot
+    in the generation)."""
     import torch
 
     settings = settings or GenerationSettings()
     kwargs = asdict(settings)
-    if not settings.do_sample:  # greedy: sampling knobs would only raise warnings
+    own_draws = seeds is not None and settings.do_sample
+    if seeds is not None and len(seeds) != len(prompts) * group:
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts) * group} samples")
+    if not settings.do_sample or own_draws:  # greedy (or sampled by _OwnDraws): sampling knobs only raise warnings
         for key in ("temperature", "top_p", "top_k"):
             kwargs.pop(key)
+        kwargs["do_sample"] = False
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs: list[list[int]] = []
+    per_call = max(1, batch_size // group)  # prompts a generate call
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
+        for start in range(0, len(prompts), per_call):
+            chunk = prompts[start:start + per_call]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for b, prompt in enumerate(chunk):
                 ids[b, width - len(prompt):] = torch.tensor(prompt)
                 mask[b, width - len(prompt):] = 1
+            ids, mask = ids.to(device), mask.to(device)
             with torch.no_grad():
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True,
+                cache = _prefill(model, ids, mask, group) if shared_prefill and group > 1 else {}
+                if own_draws:
+                    rows = seeds[start * group:(start + len(chunk)) * group]
+                    cache["logits_processor"] = _own_draws(settings, rows, device)
+                out = model.generate(input_ids=ids.repeat_interleave(group, 0),
+                                     attention_mask=mask.repeat_interleave(group, 0), use_cache=True,
                                      eos_token_id=list(stop_ids), pad_token_id=pad_id, streamer=streamer,
-                                     synced_gpus=_in_step(model), **kwargs)
+                                     synced_gpus=_in_step(model), **cache, **kwargs)
             for row in out[:, width:].tolist():
                 outputs.append(_until_stop(row, set(stop_ids)))
     finally:
         model.train(was_training)
     return outputs
+
+
+def _own_draws(settings: GenerationSettings, seeds: list[int], device):
+    """Sampling with one generator a row: temperature, top-k and top-p as transformers' sampling applies them, then
+    the Gumbel-max draw (argmax of the scores plus Gumbel noise is an exact sample of their softmax), run by greedy
+    decoding, since transformers' multinomial draw takes one generator for the whole batch."""
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    class GumbelNoise(LogitsProcessor):
+        def __init__(self):
+            self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+        def __call__(self, input_ids, scores):
+            uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, device=device, dtype=torch.float32)
+                                   for g in self.generators])
+            return scores.float() - torch.log(-torch.log(uniform))
+
+    steps = [TemperatureLogitsWarper(settings.temperature)] if settings.temperature != 1.0 else []
+    if settings.top_k:
+        steps.append(TopKLogitsWarper(settings.top_k))
+    if settings.top_p < 1.0:
+        steps.append(TopPLogitsWarper(settings.top_p))
+    return LogitsProcessorList(steps + [GumbelNoise()])
+
+
+def _prefill(model, ids, mask, group: int) -> dict:
+    """The KV cache of every prompt token but the last (which generate runs itself, producing the first sampled
+    token's logits), computed once a prompt and repeated for its group, as the keyword generate reads it. Positions
+    are generate's own for left-padded rows (count of real tokens before, pads at 0), so the cached keys are the
+    ones an unshared generation would hold."""
+    import inspect
+
+    if ids.shape[1] < 2:  # one-token prompts: nothing before the last token to share
+        return {}
+    prefix = mask[:, :-1]
+    positions = (prefix.cumsum(-1) - 1).clamp(min=0)
+    # transformers 5.24 names it `cache` (past_key_values deprecated); earlier releases only past_key_values
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes keywords through
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    out = model(input_ids=ids[:, :-1], attention_mask=prefix, position_ids=positions, use_cache=True)
+    cache = out[name]
+    cache.batch_repeat_interleave(group)
+    return {name: cache}
 
 
 def _in_step(model) -> bool:

@@ -94,6 +94,9 @@ class _GRPOKeys:
     # zerotune's: each prompt computed once a group in the update and no-grad forwards (the pair stages' prefix
     # sharing, from 2 answers to num_generations); needs the zerotune_segments attention path.
     grpo_prefix_sharing: bool = True
+    # zerotune's: in generation each prompt is prefilled once and its KV cache repeated for its num_generations
+    # samples (the same tokens as prefilling every copy; off only to measure it).
+    grpo_shared_prefill: bool = True
 
     def __post_init__(self):
         for key, why in TRL_REFUSED.items():
@@ -233,6 +236,9 @@ class GRPO(OnlineStage):
         elif self.shares_prompts:
             logger.info("grpo_prefix_sharing: each prompt is computed once a group in the update and reference "
                         "forwards, the group's other completions attending to the first one's prompt.")
+        logger.info("grpo_shared_prefill: %s", "each prompt is prefilled once in generation, its KV cache repeated "
+                    "for its num_generations samples" if self.opts.grpo_shared_prefill else
+                    "off: generation prefills every completion's copy of its prompt")
         load_models(self.rewards, model, lora=True)
         return model
 

@@ -72,6 +72,12 @@ def _reward_kwargs(trainer, prompts: list, completions: list, samples: list[Samp
     return kwargs
 
 
+def completion_seed(args, key: tuple) -> int:
+    """A completion's own sampling seed: the run's seed, the generation and the completion's slot in it (never the
+    process), so a completion is the same whichever process samples it and in whatever company."""
+    return hash((args.seed, key[0], key[1], key[2])) % (2 ** 31)
+
+
 def grpo_rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
     """(experience: key -> [its sample], the generation's statistics as (sums, counts) for the log)."""
     from trainer.generation import generate
@@ -90,8 +96,10 @@ def grpo_rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
         rows.append(json.loads(item[COLUMN][0]))
     with precision(trainer), sampling_seed(a, keys[0], trainer.accelerator.process_index):
         generated = time.perf_counter()
-        responses = generate(model, [s.prompt for s in samples], stage.stop_ids, tokenizer.pad_token_id, g,
-                             batch_size=stage.generate_together(len(samples)))
+        group = o.num_generations  # the share holds whole groups, each prompt's completions consecutive
+        responses = generate(model, [s.prompt for s in samples[::group]], stage.stop_ids, tokenizer.pad_token_id,
+                             g, batch_size=stage.generate_together(len(samples)), group=group,
+                             shared_prefill=o.grpo_shared_prefill, seeds=[completion_seed(a, key) for key in keys])
         generated = time.perf_counter() - generated
     for s, r in zip(samples, responses):
         s.response = r

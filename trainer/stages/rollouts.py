@@ -205,8 +205,9 @@ def rollout(stage, trainer, keys: list[tuple]) -> tuple[dict, dict]:
     together = stage.opts.generation_batch_size or chunk * a.gradient_accumulation_steps
     with precision(trainer), sampling_seed(a, keys[0], trainer.accelerator.process_index):
         generated = time.perf_counter()
-        responses = generate(model, [s.prompt for s in samples], stops, tokenizer.pad_token_id, g,
-                             batch_size=together)
+        # a prompt's stage.samples responses (advantage_estimator grpo) share its prefill
+        responses = generate(model, [s.prompt for s in samples[::stage.samples]], stops, tokenizer.pad_token_id,
+                             g, batch_size=together, group=stage.samples)
         generated = time.perf_counter() - generated
     for s, r in zip(samples, responses):
         s.response = r
