@@ -110,6 +110,15 @@ def table(n1: int, n2: int, at: int, speed1: float | None, speed2: float | None,
             f"| 2 | 2 | {n2} | {ratio} | {fmt(speed2)} |\n")
 
 
+def probe_table(probes: list[Probe], cap: float) -> str:
+    """Every probe as a markdown row."""
+    rows = [f"| {p.n} | {p.length} | {'yes' if p.fits else 'no'} | "
+            f"{'?' if p.peak_rss_gb is None else f'{p.peak_rss_gb:.2f}'} | "
+            f"{'?' if p.tokens_per_second is None else f'{p.tokens_per_second:.1f}'} |" for p in probes]
+    return (f"| sequence_parallel_size | length | fits {cap:g} GiB | peak RSS GiB (highest process) | tokens/s |\n"
+            "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def long_text(model_dir: str, tokens: int) -> str:
     """The demo set's answers concatenated until the text is at least `tokens` tokens long."""
     from transformers import AutoTokenizer
@@ -171,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="longest length probed (default 16384; quick 8192)")
     parser.add_argument("--bisect", type=int, default=2, help="halvings after the doubling (default 2)")
     parser.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage (default 2)")
+    parser.add_argument("--lengths", default="", help="comma list: probe only these lengths (no search), at --sizes")
+    parser.add_argument("--sizes", default="1,2", help="with --lengths: the sequence_parallel_size values (1,2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     cap = args.cap_gb or (0.65 if args.quick else 3.0)
@@ -212,6 +223,12 @@ def main(argv: list[str] | None = None) -> int:
         return run
 
     began = time.time()
+    if args.lengths:  # fixed probes, e.g. to finish a search cut short on a busy machine
+        for n in (int(v) for v in args.sizes.split(",")):
+            for length in (int(v) for v in args.lengths.split(",")):
+                fits(n)(length)
+        print(probe_table(probes, cap))
+        return 0
     n1 = search(fits(1), start, limit, args.bisect)
     n2 = search(fits(2), max(n1, start), limit, args.bisect) if n1 else 0
     at = n1 or start
@@ -221,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
     md = (f"{precision}\n\nLoad average at start {load:.1f} on {os.cpu_count()} CPUs; ZeRO-{args.zero}; "
           f"{'quick: tiny random model' if args.quick else 'SmolLM2-135M'}; {time.time() - began:.0f} s.\n\n"
-          + table(n1, n2, at, speed(1), speed(2), cap))
+          + table(n1, n2, at, speed(1), speed(2), cap) + "\n" + probe_table(probes, cap))
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

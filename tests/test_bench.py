@@ -110,7 +110,7 @@ def test_quick_step_profile_groups_the_ops(tmp_path):
 
 
 def test_long_context_search_doubles_then_bisects_to_the_longest_length_that_fits():
-    from benchmarks.long_context import search, table
+    from benchmarks.long_context import Probe, probe_table, search, table
 
     probed = []
 
@@ -129,3 +129,5 @@ def test_long_context_search_doubles_then_bisects_to_the_longest_length_that_fit
     assert all(p % 64 == 0 for p in probed) and len(probed) <= 7
     md = table(1280, 2560, 1280, 100.0, None, 3.0)
     assert "| 2 | 2 | 2560 | 2.00x | ? |" in md and "under 3 GiB a process" in md and "tokens/s at 1280" in md
+    rows = probe_table([Probe(1, 512, True, 1.49, 15.3, 90.0), Probe(2, 4096, False, None, None, 3.0, "exit 1")], 3)
+    assert "| 1 | 512 | yes | 1.49 | 15.3 |" in rows and "| 2 | 4096 | no | ? | ? |" in rows
