@@ -1,10 +1,12 @@
 """Long context: the longest sequence a LoRA sft trains under a fixed memory cap per process, with sequence
-parallelism off (N = 1: one process) and on (N = 2: two processes sharing each row through DeepSpeed's Ulysses),
-and the tokens/s of both at a length both can do.
+parallelism off (N = 1: one process) and on (N processes sharing each row through DeepSpeed's Ulysses; N = the
+smallest > 1 the model's heads allow: 2 for the quick model, 3 for SmolLM2-135M, whose 9 query / 3 key-value heads
+Ulysses cannot split in 2), and the tokens/s of both at a length both can do.
 
     python -m benchmarks.long_context                 # SmolLM2-135M (make demo-model), cap 3 GiB a process
     python -m benchmarks.long_context --quick         # the tests' tiny random model: checks the script runs
     python -m benchmarks.long_context --cap-gb 4 --zero 3
+    python -m benchmarks.long_context --lengths 2048 --sizes 1,3   # fixed probes, no search
 
 Every run is the same YAML launched by the DeepSpeed launcher on CPU (gloo), ZeRO-2 by default (--zero 3), with
 `--num_gpus N` and `sequence_parallel_size: N`: sft, LoRA, one example a step, padding-free, 2 steps, the example a
@@ -14,7 +16,7 @@ divides). A run fits when it trains and the peak RSS of each of its processes (V
 exit) stays under the cap; nothing is killed at the cap, a run above it just does not count.
 
 The search per N: lengths double from --start until one does not fit, then --bisect halvings of the gap between
-the last that fit and the first that did not (lengths on a multiple of 64). N = 2 starts at the longest length
+the last that fit and the first that did not (lengths on a multiple of 64). N > 1 starts at the longest length
 N = 1 fit, so its first probe is the length both do and its tokens/s is measured there.
 tokens/s = tokens trained (2 steps x length) / the HF Trainer's train_runtime.
 """
@@ -100,14 +102,14 @@ def search(fits: Callable[[int], bool], start: int, limit: int, bisect: int, mul
     return best
 
 
-def table(n1: int, n2: int, at: int, speed1: float | None, speed2: float | None, cap: float) -> str:
-    """The markdown table of the two searches."""
+def table(n1: int, n2: int, at: int, speed1: float | None, speed2: float | None, cap: float, sp: int = 2) -> str:
+    """The markdown table of the two searches (N = 1 and N = sp)."""
     ratio = f"{n2 / n1:.2f}x" if n1 else "?"
     fmt = (lambda s: f"{s:.1f}" if s else "?")
     return ("| sequence_parallel_size | processes | longest length under "
             f"{cap:g} GiB a process | vs N = 1 | tokens/s at {at} |\n|---|---|---|---|---|\n"
             f"| 1 | 1 | {n1} | 1.00x | {fmt(speed1)} |\n"
-            f"| 2 | 2 | {n2} | {ratio} | {fmt(speed2)} |\n")
+            f"| {sp} | {sp} | {n2} | {ratio} | {fmt(speed2)} |\n")
 
 
 def probe_table(probes: list[Probe], cap: float) -> str:
@@ -117,6 +119,15 @@ def probe_table(probes: list[Probe], cap: float) -> str:
             f"{'?' if p.tokens_per_second is None else f'{p.tokens_per_second:.1f}'} |" for p in probes]
     return (f"| sequence_parallel_size | length | fits {cap:g} GiB | peak RSS GiB (highest process) | tokens/s |\n"
             "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
+def smallest_degree(model_dir: str) -> int:
+    """The smallest sequence_parallel_size > 1 the model's heads allow (Ulysses splits the heads: SmolLM2-135M's 9
+    query / 3 key-value heads allow 3 and 9, not 2)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg["num_attention_heads"]
+    kv = cfg.get("num_key_value_heads") or heads
+    return next(d for d in range(2, heads + 1) if heads % d == 0 and (kv % d == 0 or d % kv == 0))
 
 
 def long_text(model_dir: str, tokens: int) -> str:
@@ -181,7 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bisect", type=int, default=2, help="halvings after the doubling (default 2)")
     parser.add_argument("--zero", type=int, choices=(2, 3), default=2, help="ZeRO stage (default 2)")
     parser.add_argument("--lengths", default="", help="comma list: probe only these lengths (no search), at --sizes")
-    parser.add_argument("--sizes", default="1,2", help="with --lengths: the sequence_parallel_size values (1,2)")
+    parser.add_argument("--sizes", default="", help="with --lengths: the sequence_parallel_size values (default 1 and "
+                                                    "--sp)")
+    parser.add_argument("--sp", type=int, default=None, help="N compared with 1 (default: the smallest the model's "
+                                                              "heads allow: 2 for the quick model, 3 for SmolLM2)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     cap = args.cap_gb or (0.65 if args.quick else 3.0)
@@ -195,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="zerotune-long-"))
     model_dir = benchmark_model(args.quick, work)
     bf16 = cpu_supports_bf16()
+    sp = args.sp or smallest_degree(model_dir)
     data = write_data(work / "data", model_dir, limit + 256)
     cfg = {"model_name_or_path": model_dir, "stage": "sft", "do_train": True, "finetuning_type": "lora",
            "lora_target": "all", "dataset": "long", "dataset_dir": str(data), "template": "chatml",
@@ -206,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = cpu_precision_line(bf16)
     load = os.getloadavg()[0]
     print(precision, file=sys.stderr)
-    print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs; cap {cap:g} GiB a process; ZeRO-{args.zero}",
-          file=sys.stderr)
+    print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs; cap {cap:g} GiB a process; ZeRO-{args.zero}; "
+          f"N = 1 against N = {sp} (the smallest the model's heads allow)", file=sys.stderr)
 
     probes: list[Probe] = []
 
@@ -224,13 +239,13 @@ def main(argv: list[str] | None = None) -> int:
 
     began = time.time()
     if args.lengths:  # fixed probes, e.g. to finish a search cut short on a busy machine
-        for n in (int(v) for v in args.sizes.split(",")):
+        for n in (int(v) for v in (args.sizes or f"1,{sp}").split(",")):
             for length in (int(v) for v in args.lengths.split(",")):
                 fits(n)(length)
         print(probe_table(probes, cap))
         return 0
     n1 = search(fits(1), start, limit, args.bisect)
-    n2 = search(fits(2), max(n1, start), limit, args.bisect) if n1 else 0
+    n2 = search(fits(sp), max(n1, start), limit, args.bisect) if n1 else 0
     at = n1 or start
 
     def speed(n: int) -> float | None:
@@ -238,14 +253,14 @@ def main(argv: list[str] | None = None) -> int:
 
     md = (f"{precision}\n\nLoad average at start {load:.1f} on {os.cpu_count()} CPUs; ZeRO-{args.zero}; "
           f"{'quick: tiny random model' if args.quick else 'SmolLM2-135M'}; {time.time() - began:.0f} s.\n\n"
-          + table(n1, n2, at, speed(1), speed(2), cap) + "\n" + probe_table(probes, cap))
+          + table(n1, n2, at, speed(1), speed(sp), cap, sp) + "\n" + probe_table(probes, cap))
     print(md)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_context.md").write_text(md)
     (out / "long_context.json").write_text(json.dumps(
         {"cap_gb": cap, "zero": args.zero, "quick": args.quick, "bf16": bf16, "load_average": load,
-         "longest": {"1": n1, "2": n2}, "compared_at": at, "probes": [asdict(p) for p in probes]}, indent=1))
+         "longest": {"1": n1, str(sp): n2}, "compared_at": at, "probes": [asdict(p) for p in probes]}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -129,5 +129,15 @@ def test_long_context_search_doubles_then_bisects_to_the_longest_length_that_fit
     assert all(p % 64 == 0 for p in probed) and len(probed) <= 7
     md = table(1280, 2560, 1280, 100.0, None, 3.0)
     assert "| 2 | 2 | 2560 | 2.00x | ? |" in md and "under 3 GiB a process" in md and "tokens/s at 1280" in md
+    assert "| 3 | 3 | 2560 |" in table(1280, 2560, 1280, 100.0, None, 3.0, sp=3)
     rows = probe_table([Probe(1, 512, True, 1.49, 15.3, 90.0), Probe(2, 4096, False, None, None, 3.0, "exit 1")], 3)
     assert "| 1 | 512 | yes | 1.49 | 15.3 |" in rows and "| 2 | 4096 | no | ? | ? |" in rows
+
+
+def test_long_context_compares_with_the_smallest_degree_the_heads_allow(tmp_path):
+    from benchmarks.long_context import smallest_degree
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3}))
+    assert smallest_degree(str(tmp_path)) == 3  # SmolLM2-135M: Ulysses cannot split 9 heads in 2
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2}))
+    assert smallest_degree(str(tmp_path)) == 2
