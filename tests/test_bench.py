@@ -107,3 +107,37 @@ def test_quick_step_profile_groups_the_ops(tmp_path):
     shares = [float(s) for s in re.findall(r"\| [a-z ]+ \| [0-9.]+ \| ([0-9.]+)% \|", text.split("| op |")[0])]
     assert "| matmul |" in text and abs(sum(shares) - 100) < 0.5
     assert group_of("aten::mm") == "matmul" and group_of("aten::_to_copy") == "dtype casts and copies"
+
+
+def test_long_context_search_doubles_then_bisects_to_the_longest_length_that_fits():
+    from benchmarks.long_context import Probe, probe_table, search, table
+
+    probed = []
+
+    def under(limit):
+        def fits(length):
+            probed.append(length)
+            return length <= limit
+        return fits
+
+    assert search(under(1500), 256, 16384, bisect=2) == 1024 + 256  # 2048 fails; 1536 fails; 1280 fits
+    assert probed == [256, 512, 1024, 2048, 1536, 1280]
+    assert search(under(100_000), 256, 3000, bisect=2) == 3000  # the limit itself is the last probe
+    assert search(under(100), 256, 16384, bisect=2) == 0  # not even the start fits
+    probed.clear()
+    assert search(under(1100), 1024, 16384, bisect=5, multiple=64) == 1088  # never off the 64 grid, stops when dense
+    assert all(p % 64 == 0 for p in probed) and len(probed) <= 7
+    md = table(1280, 2560, 1280, 100.0, None, 3.0)
+    assert "| 2 | 2 | 2560 | 2.00x | ? |" in md and "under 3 GiB a process" in md and "tokens/s at 1280" in md
+    assert "| 3 | 3 | 2560 |" in table(1280, 2560, 1280, 100.0, None, 3.0, sp=3)
+    rows = probe_table([Probe(1, 512, True, 1.49, 15.3, 90.0), Probe(2, 4096, False, None, None, 3.0, "exit 1")], 3)
+    assert "| 1 | 512 | yes | 1.49 | 15.3 |" in rows and "| 2 | 4096 | no | ? | ? |" in rows
+
+
+def test_long_context_compares_with_the_smallest_degree_the_heads_allow(tmp_path):
+    from benchmarks.long_context import smallest_degree
+
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 9, "num_key_value_heads": 3}))
+    assert smallest_degree(str(tmp_path)) == 3  # SmolLM2-135M: Ulysses cannot split 9 heads in 2
+    (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2}))
+    assert smallest_degree(str(tmp_path)) == 2
