@@ -70,7 +70,9 @@ def smollm_tokenizer():
 
 @pytest.fixture()
 def packed_rows(tiny_tokenizer, data_dir):
-    """4 packed rows of the alpaca test set (cutoff 128), at least one holding several examples."""
+    """4 packed rows of the alpaca test set (examples cut at 128 tokens, rows of 256), each holding several examples:
+    the rows holding the most (rows of 128 held one example each but one, so the tests reading them compared
+    nothing across examples)."""
     from trainer.data.options import DataArguments
     from trainer.data.packing import pack_dataset
     from trainer.data.processing import tokenized_dataset
@@ -79,9 +81,10 @@ def packed_rows(tiny_tokenizer, data_dir):
     args = DataArguments(dataset_dir=str(data_dir), template="chatml", cutoff_len=128)
     data, _ = tokenized_dataset(["alpaca"], args, "supervised", tiny_tokenizer, get_template("chatml", tiny_tokenizer),
                                 True)
-    rows, _ = pack_dataset(data.select(range(16)), 128)
-    assert len(rows) >= 4 and any(len(r["lengths"]) > 1 for r in rows)
-    return [rows[i] for i in range(4)]
+    rows, _ = pack_dataset(data, 256)
+    chosen = sorted(rows, key=lambda r: -len(r["lengths"]))[:4]
+    assert all(len(r["lengths"]) > 1 for r in chosen), [len(r["lengths"]) for r in rows]
+    return chosen
 
 
 @pytest.fixture()
