@@ -179,3 +179,19 @@ def test_a_users_own_allocator_choice_is_left_alone(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libjemalloc.so.2")
     assert host_memory.user_chose() == "LD_PRELOAD"
     assert host_memory.keep_freed_memory(on_cpu=True) is False
+
+
+def test_a_quantized_base_keeps_glibcs_allocator_defaults(monkeypatch, caplog):
+    """QLoRA is a choice of memory over speed: no mallopt call, and the log says why."""
+    import ctypes
+    import logging
+
+    from trainer.engine import host_memory
+
+    calls = []
+    monkeypatch.setattr(ctypes, "CDLL", lambda *a, **k: calls.append(a))
+    for name in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "LD_PRELOAD", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level(logging.INFO, logger="trainer.engine.host_memory"):
+        assert host_memory.keep_freed_memory(on_cpu=True, quantized=True) is False
+    assert calls == [] and "quantized base" in caplog.text

@@ -247,7 +247,7 @@ def run(config: RunConfig) -> dict:
 
     # Only once the models are loaded: quantizing a 1.5B base on load under it kept ~4 GB of freed temporaries
     # (benchmarks/RESULTS.md, "QLoRA memory").
-    keep_freed_memory(on_cpu=t.use_cpu or not torch.cuda.is_available())
+    keep_freed_memory(on_cpu=t.use_cpu or not torch.cuda.is_available(), quantized=m.quantization_bit is not None)
     collator = stage.collator(tokenizer.pad_token_id, padding_free=d.padding_free)
     if t.do_train:
         log_layout(config, train, stage)

@@ -35,9 +35,15 @@ def user_chose() -> str | None:
     return ", ".join(chosen) or None
 
 
-def keep_freed_memory(on_cpu: bool) -> bool:
+def keep_freed_memory(on_cpu: bool, quantized: bool = False) -> bool:
     """Raise glibc's mmap and trim thresholds for this process; True where they were raised."""
     if not on_cpu or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if quantized:
+        # A quantized base is a choice of memory over speed: kept blocks of its per-layer dequantized weights cost
+        # ~1.1 GB for ~5% speed on a 1.5B QLoRA (benchmarks/RESULTS.md, "QLoRA memory").
+        logger.info("CPU training on a quantized base: the host allocator keeps glibc's defaults (freed memory is "
+                    "returned; keeping it would be ~5%% faster for ~1 GB more on a 1.5B model).")
         return False
     chosen = user_chose()
     if chosen:
