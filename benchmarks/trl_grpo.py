@@ -11,8 +11,7 @@ import importlib.util
 import json
 from pathlib import Path
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+from trl_sft import CHATML  # run as a script: its folder is on sys.path; one ChatML for both TRL runs
 
 
 def main() -> None:
