@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.throughput import PEERS_VENV, ROOT, _run, benchmark_model
+from benchmarks.throughput import PEERS_VENV, ROOT, _run, benchmark_model, run_filter
 
 LF_ENV = {"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "FORCE_TORCHRUN": "0", "WANDB_DISABLED": "true"}
 
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=None, help="pairs (default 64; quick 8)")
     parser.add_argument("--cutoff", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--only", default="", help="comma list of run names to keep (substring match)")
+    parser.add_argument("--only", default="", help="comma list of run names to keep (substring; =name exact)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -160,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
           f"once; LLaMA-Factory's padded batches ~{slots['padded']} slots), cutoff {args.cutoff}, batch {args.batch}, "
           f"bf16 {bf16}", file=sys.stderr)
     base = common_yaml(model_dir, data_dir, args.cutoff, args.batch, bf16)
-    keep = [k.strip() for k in args.only.split(",") if k.strip()]
-    wanted = (lambda name: not keep or any(k in name for k in keep))
+    wanted = run_filter(args.only)
 
     rows: list[Row] = []
     layout_slots = {"prefix sharing off": slots["real"], "packing": slots["shared"]}

@@ -225,6 +225,13 @@ def bar_chart(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def run_filter(only: str):
+    """The `--only` option of every benchmark: a comma list of run names to keep, each matched as a substring of
+    the name, or exactly when it starts with "=" (one row whose name is a prefix of others')."""
+    keys = [k.strip() for k in only.split(",") if k.strip()]
+    return lambda name: not keys or any(name == k[1:] if k.startswith("=") else k in name for k in keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny random model and a handful of examples")
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=None, help="examples of alpaca_en_demo (default 96; quick 8)")
     parser.add_argument("--cutoff", type=int, default=1024)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--only", default="", help="comma list of run names to keep (substring match)")
+    parser.add_argument("--only", default="", help="comma list of run names to keep (substring; =name exact)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
@@ -249,8 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = len(lengths)
     print(f"benchmark set: {examples} examples, {real_tokens} real tokens, cutoff {args.cutoff}, batch {args.batch}, "
           f"bf16 {common['bf16']}", file=sys.stderr)
-    keep = [k.strip() for k in args.only.split(",") if k.strip()]
-    wanted = (lambda name: not keep or any(k in name for k in keep))
+    wanted = run_filter(args.only)
 
     results: list[Result] = []
     for name, cfg in zerotune_runs(model_dir, common, args.quick).items():
