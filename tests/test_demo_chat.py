@@ -25,8 +25,11 @@ def test_chat_names_the_identity_the_demo_run_taught(tmp_path):
     assert before.returncode == 0, before.stderr[-3000:]
     assert "Nimbus" not in before.stdout
     out = tmp_path / "identity"
+    # 4 examples a step in one padding-free forward: ~2.3x the examples a second of 1 a forward on 2 cores (a
+    # ~45-token forward is mostly fixed costs); it still names Nimbus after the same 1.5 epochs in half the steps
     run = _zerotune("train", "examples/sft_lora.yaml", f"model_name_or_path={model}", "dataset=identity",
-                    "cutoff_len=256", "gradient_accumulation_steps=2", "learning_rate=2e-3", "num_train_epochs=1.5",
+                    "cutoff_len=256", "per_device_train_batch_size=4",
+                    "gradient_accumulation_steps=1", "learning_rate=2e-3", "num_train_epochs=1.5",
                     "val_size=0", "eval_strategy=no", f"output_dir={out}", "plot_loss=false", "report_to=none")
     assert run.returncode == 0, run.stderr[-3000:]
     after = _zerotune("chat", "examples/sft_lora.yaml", *common, f"adapter_name_or_path={out}", "--message",
