@@ -47,7 +47,7 @@ def _counted_step(monkeypatch, cfg) -> collections.Counter:
             active[0] = False
 
     monkeypatch.setattr(engine.ZeroTrainer, "_inner_training_loop", counted_loop)
-    monkeypatch.setattr(engine, "device_peak_flops", lambda dtype: 1e12)  # its one-off measurement reads back too
+    monkeypatch.setattr(engine, "device_peak_flops", lambda dtype, given=None: 1e12)  # its one-off measurement reads back too
     train_with(cfg)
     return calls
 

@@ -104,3 +104,28 @@ def test_mfu_peak_by_exact_device_name(name, dtype, peak):
     from trainer.engine.metrics import table_peak
 
     assert table_peak(name, dtype) == peak
+
+
+def test_a_given_peak_is_used_as_is_and_nothing_is_measured(monkeypatch, caplog):
+    import logging
+
+    from trainer.engine import metrics
+
+    def measure(dtype_name):
+        raise AssertionError("measured although mfu_peak_tflops was given")
+
+    monkeypatch.setattr(metrics, "_measured_peak", measure)
+    with caplog.at_level(logging.INFO, logger="trainer.engine.metrics"):
+        assert metrics.device_peak_flops("float32", 2.5) == 2.5e12
+    assert "2.5 TFLOP/s (mfu_peak_tflops)" in caplog.text
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_a_peak_that_is_not_positive_is_refused_by_name(value, tmp_path):
+    from tiny import base_config
+
+    from trainer.errors import ConfigError
+    from trainer.run import build_config
+
+    with pytest.raises(ConfigError, match="mfu_peak_tflops"):
+        build_config(base_config(tmp_path, tmp_path, tmp_path / "out", mfu_peak_tflops=value))

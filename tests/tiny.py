@@ -91,6 +91,9 @@ def base_config(model_dir: Path, data_dir: Path, output_dir: Path, **overrides) 
         "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
         "num_train_epochs": 1, "lr_scheduler_type": "constant", "bf16": False, "report_to": "none",
         "disable_tqdm": True, "seed": 7, "dataloader_num_workers": 0,
+        # MFU against a given peak (about this 2-core CPU's bf16 one): each training process would otherwise
+        # measure a second of matmuls, some minutes over the suite's processes (test_e2e keeps the measurement)
+        "mfu_peak_tflops": 0.1,
     }
     cfg.update(overrides)
     return cfg

@@ -254,7 +254,8 @@ def run(config: RunConfig) -> dict:
     stop = GracefulStop()
     trainer = ZeroTrainer(model=model, args=t, train_dataset=train, eval_dataset=evaluation, data_collator=collator,
                           processing_class=tokenizer, stage=stage, wrapper=wrapper, callbacks=[stop, *callbacks],
-                          skip_nonfinite=config.engine.skip_nonfinite_batches, optimizer_options=config.engine)
+                          skip_nonfinite=config.engine.skip_nonfinite_batches, optimizer_options=config.engine,
+                          mfu_peak_tflops=config.engine.mfu_peak_tflops)
     stop.accelerator = trainer.accelerator
     results: dict = {}
     if efficiency is not None:

@@ -83,8 +83,12 @@ def forward_flops_per_token(model: torch.nn.Module) -> tuple[float, float]:
 
 
 @functools.lru_cache(maxsize=None)
-def device_peak_flops(dtype_name: str) -> float:
-    """Peak FLOP/s of the device in the compute dtype: the data sheet on GPU, a measured matmul on CPU."""
+def device_peak_flops(dtype_name: str, given_tflops: float | None = None) -> float:
+    """Peak FLOP/s of the device in the compute dtype: the user's (mfu_peak_tflops), else the data sheet on GPU,
+    else a measured matmul."""
+    if given_tflops is not None:
+        logger.info("MFU is relative to the given %s peak, %g TFLOP/s (mfu_peak_tflops).", dtype_name, given_tflops)
+        return given_tflops * 1e12
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         peak = table_peak(name, dtype_name)

@@ -35,6 +35,10 @@ class EngineArguments(OptimizerArguments):
         "Processes that share each sequence (DeepSpeed Ulysses; engine/sequence_parallel.py): every row is cut into "
         "this many shards, data-parallel degree = processes / sequence_parallel_size. 1: off.")})
     cp_size: int | None = field(default=None, metadata={"help": "Alias of sequence_parallel_size (LLaMA-Factory v1)."})
+    mfu_peak_tflops: float | None = field(default=None, metadata={"help": (
+        "The device's peak TFLOP/s in the compute dtype, the denominator of MFU. Unset: the data sheet's for GPUs "
+        "in zerotune's table, else a matmul measured for about a second by each process. Set it for a device the "
+        "table lacks, or to spare each process that second.")})
 
     def __post_init__(self):
         if self.cp_size is not None:
@@ -42,6 +46,9 @@ class EngineArguments(OptimizerArguments):
                 raise ConfigError(f"cp_size: {self.cp_size} and sequence_parallel_size: {self.sequence_parallel_size} "
                                   "disagree; set one of them (cp_size is an alias).")
             self.sequence_parallel_size = self.cp_size
+        if self.mfu_peak_tflops is not None and not self.mfu_peak_tflops > 0:
+            raise ConfigError(f"mfu_peak_tflops: {self.mfu_peak_tflops} must be a positive number of TFLOP/s "
+                              "(or unset, to take the device's from the table or a measurement).")
         if self.sequence_parallel_size < 1:
             raise ConfigError(f"sequence_parallel_size: {self.sequence_parallel_size} must be at least 1 (1: off).")
 

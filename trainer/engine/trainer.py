@@ -35,13 +35,15 @@ logger = logging.getLogger(__name__)
 
 class ZeroTrainer(Trainer):
     def __init__(self, *args, stage, wrapper, skip_nonfinite: bool = False,
-                 optimizer_options: OptimizerArguments | None = None, **kwargs):
+                 optimizer_options: OptimizerArguments | None = None, mfu_peak_tflops: float | None = None,
+                 **kwargs):
         kwargs.setdefault("compute_metrics", _summed_statistics)
         check_trainer_api()
         super().__init__(*args, **kwargs)
         self.stage = stage
         self.wrapper = wrapper
         self.skip_nonfinite = skip_nonfinite
+        self.mfu_peak_tflops = mfu_peak_tflops
         self.optimizer_options = optimizer_options or OptimizerArguments()
         self.skipped_batches = 0
         self._staging = False
@@ -385,7 +387,7 @@ class ZeroTrainer(Trainer):
                 totals = self.accelerator.reduce(totals, reduction="sum")
             totals = totals.tolist()
             tokens, flops, slots = totals[:3]
-            peak = device_peak_flops(self._compute_dtype()) * self.accelerator.num_processes
+            peak = device_peak_flops(self._compute_dtype(), self.mfu_peak_tflops) * self.accelerator.num_processes
             logs["tokens_per_second"] = round(tokens / elapsed, 2)
             logs["mfu"] = float(f"{flops / elapsed / peak:.4g}")  # 4 significant digits: tiny runs have tiny MFU
             logs["padding_fraction"] = round(1 - tokens / slots, 4) if slots else 0.0
