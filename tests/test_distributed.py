@@ -363,6 +363,10 @@ def test_pair_stages_two_processes_match_one(stage, kind, layout, tiny_model_dir
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert _history(double, "loss") == pytest.approx(_history(single, "loss"), rel=1e-4)
     assert _history(double, metric) == pytest.approx(_history(single, metric), rel=1e-3, abs=1e-6)
+    if layout == "fsdp":  # rank 0 alone read the weights of a LoRA or full run (model/rank0_load.py)
+        from trainer.model.rank0_load import LOGGED
+
+        assert (LOGGED in proc.stdout + proc.stderr) == (kind != "freeze"), proc.stderr[-3000:]
     if kind == "freeze" and layout != "zero2":  # ZeRO-2 does not shard weights: the reference is a plain copy
         placed = "partitioned by ZeRO-3" if layout == "zero3" else "sharded with FSDP"
         assert f"Reference model {placed} like the policy" in proc.stdout + proc.stderr

@@ -21,8 +21,12 @@ logger = logging.getLogger(__name__)
 LOGGED = "FSDP: weights loaded on rank 0 only, broadcast at sharding"
 
 # Stages whose model preparation between loading and sharding reads no weight values (or only through the
-# decisions broadcast here); the others keep every process loading the checkpoint.
-STAGES = ("sft", "pt")
+# decisions broadcast here), each proven against one process (tests/test_distributed.py for rm and dpo); the
+# others keep every process loading the checkpoint. rm's new value head is part of the model rank 0 broadcasts;
+# dpo's reference is the base with the adapters off (LoRA), precomputed log-probs, or a frozen model every
+# process loads again from disk (model/reference.py), never a copy of the policy's weights. orpo and kto would
+# take the same path but have no FSDP test yet; ppo and grpo load reward models and generate before sharding.
+STAGES = ("sft", "pt", "rm", "dpo")
 
 
 def rank() -> int:
