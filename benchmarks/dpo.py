@@ -10,7 +10,7 @@ is drawn from a log-normal, the answers are short. Every tool gets the same LLaM
 all linear layers, pref_beta 0.1, sigmoid, the same cutoff, batch, learning rate and bf16 setting, one epoch);
 zerotune's rows add one key each. pairs/s = pairs / the wall time of the whole command (loading, tokenizing, a
 reference pass before training and saving included), so nothing a tool does is off the clock. Peak RSS is the
-child process's own maximum (os.wait4). "token slots" is what each layout computes: both sequences of every pair
+command's own maximum (throughput._run). "token slots" is what each layout computes: both sequences of every pair
 padded to the batch's longest (LLaMA-Factory), both end to end (prefix sharing off), or each prompt once.
 """
 

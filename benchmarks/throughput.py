@@ -14,9 +14,9 @@ on" forces it on. And on CPU zerotune runs each batch as passes of one row with 
 (forward_batch_size: auto; the same optimizer steps and gradient): the row "whole batch a pass" runs the
 --batch rows at once, as the peers do. Real tokens are counted once, the same way for every tool: the non-pad tokens of the examples as zerotune's template renders them (the peers render the same
 ChatML conversation). tokens/s = real tokens / the Trainer's train_runtime (each tool uses the HF Trainer,
-so the clock covers the same loop: data, forward, backward, optimizer). Peak RSS is the child process's
-own maximum resident set (os.wait4). Startup is wall time minus train_runtime: loading, tokenizing and
-setup before the first step.
+so the clock covers the same loop: data, forward, backward, optimizer). Peak RSS is the command's own maximum
+resident set (_run; not the benchmark process's, which exec would carry over). Startup is wall time minus
+train_runtime: loading, tokenizing and setup before the first step.
 """
 
 from __future__ import annotations
@@ -61,16 +61,32 @@ def benchmark_model(quick: bool, work: Path) -> str:
     return str(prepare(ROOT / "models" / "smollm2-135m-instruct").resolve())
 
 
+# Linux keeps a process's peak RSS across exec, so a command forked from this benchmark (a GB once it has loaded
+# transformers) would report at least the benchmark's own peak. A small Python started first forks the command and
+# writes down the command's own peak (KiB), as /usr/bin/time does.
+_PEAK_OF_CHILD = """import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as f:
+    f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def _run(cmd: list[str], cwd: Path, env: dict | None = None) -> tuple[int, float, float, str]:
-    """(exit code, wall seconds, peak RSS GB of the child, combined output)."""
+    """(exit code, wall seconds, peak RSS GB of the command itself, combined output)."""
     start = time.time()
     log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    with tempfile.NamedTemporaryFile(mode="r", suffix=".maxrss") as peak:
+        proc = subprocess.run([sys.executable, "-c", _PEAK_OF_CHILD, peak.name, *map(str, cmd)], cwd=cwd,
+                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        kib = int(peak.read() or 0)
     wall = time.time() - start
     log.seek(0)
-    return proc.returncode, wall, usage.ru_maxrss / 2**20, log.read()
+    return proc.returncode, wall, kib / 2**20, log.read()
 
 
 def _train_runtime(output_dir: Path) -> float:

@@ -149,3 +149,21 @@ def test_long_context_compares_with_the_smallest_degree_the_heads_allow(tmp_path
     assert smallest_degree(str(tmp_path)) == 3  # SmolLM2-135M: Ulysses cannot split 9 heads in 2
     (tmp_path / "config.json").write_text(json.dumps({"num_attention_heads": 4, "num_key_value_heads": 2}))
     assert smallest_degree(str(tmp_path)) == 2
+
+
+def test_a_run_reports_the_commands_own_peak_memory_not_the_benchmarks():
+    """Linux keeps the peak RSS across exec: a command forked straight from a process holding 400 MB would report
+    at least 400 MB. _run reports the command's own (a bare interpreter: tens of MB), and its exit code."""
+    import os
+    import sys
+
+    from benchmarks.throughput import _run
+
+    held = bytearray(400 * 2**20)  # touched: resident in this process
+    held[::4096] = b"x" * len(held[::4096])
+    code, _, peak_gb, _ = _run([sys.executable, "-c", "pass"], Path.cwd())
+    assert code == 0 and 0 < peak_gb < 0.2, peak_gb
+    _, status, usage = os.wait4(os.spawnv(os.P_NOWAIT, sys.executable, [sys.executable, "-c", "pass"]), 0)
+    assert usage.ru_maxrss / 2**20 > 0.39  # the control: forked from here, it carries this process's peak
+    assert _run([sys.executable, "-c", "raise SystemExit(3)"], Path.cwd())[0] == 3
+    del held
