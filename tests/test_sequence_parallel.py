@@ -76,13 +76,17 @@ def _launch(cfg: dict, tmp_path: Path, name: str, mutation: str = "", processes:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout, zero", [("packed", 2), ("padding_free", 3)])
-def test_two_way_sequence_parallel_matches_one_process(layout, zero, references, tiny_model_dir, tmp_path):
+# tiled: each process's shard of the row also runs its MLP in shards (model/tiled_mlp.py; automatic count, agreed
+# over the processes under ZeRO-3), against the same plain one-process reference.
+@pytest.mark.parametrize("layout, zero, tiled", [("packed", 2, False), ("padding_free", 3, False), ("packed", 3, True)])
+def test_two_way_sequence_parallel_matches_one_process(layout, zero, tiled, references, tiny_model_dir, tmp_path):
     data, reference = references
     out = tmp_path / "sp"
     proc = _launch(base_config(tiny_model_dir, data, out, **COMMON, **LAYOUTS[layout], sequence_parallel_size=2,
-                               deepspeed=str(ROOT / f"ds_configs/ds_z{zero}_config.json")), tmp_path, "sp")
+                               deepspeed=str(ROOT / f"ds_configs/ds_z{zero}_config.json"),
+                               **({"tiled_mlp": True} if tiled else {})), tmp_path, "sp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("Tiled MLP (DeepSpeed's TiledMLP) in 2 decoder layers" in proc.stderr) == tiled
     assert "DeepSpeed Ulysses over 2 processes a group, zerotune_segments" in proc.stderr
     assert "data-parallel degree 1" in proc.stderr
     got = _history(out)
