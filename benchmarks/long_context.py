@@ -13,7 +13,8 @@ Every run is the same YAML launched by the DeepSpeed launcher on CPU (gloo), ZeR
 single long text (the demo set's answers concatenated) cut at the probed `cutoff_len`, so each step trains exactly
 that many tokens. Gradient checkpointing is off in both (the row's activations are what sequence parallelism
 divides). A run fits when it trains and the peak RSS of each of its processes (VmHWM, read by the process itself at
-exit) stays under the cap; nothing is killed at the cap, a run above it just does not count.
+exit) stays under the cap; a run above it does not count, and one that passes the cap by KILL_MARGIN_GB is stopped
+there (its peak is then the size it had reached).
 
 The search per N: lengths double from --start until one does not fit, then --bisect halvings of the gap between
 the last that fit and the first that did not (lengths on a multiple of 64). N > 1 starts at the longest length
@@ -38,6 +39,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 MULTIPLE = 64
+KILL_MARGIN_GB = 0.5  # a probe is stopped this far over the cap (it does not fit already)
 
 # Runs launch/train.py in the worker and writes this process's peak RSS (VmHWM) at exit, one file a rank.
 DRIVER = """
@@ -155,6 +157,39 @@ def write_data(folder: Path, model_dir: str, tokens: int) -> Path:
     return folder
 
 
+def group_rss_gb(pgid: int) -> float:
+    """The largest resident set (GiB) among the live processes of a process group."""
+    largest = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    largest = max(largest, int(line.split()[1]))
+        except (OSError, ValueError, IndexError):  # the process ended while being read
+            continue
+    return largest / 2**20
+
+
+def watch(proc: subprocess.Popen, stop_gb: float) -> float | None:
+    """Waits for the probe; stops its whole process group once a process passes stop_gb (a run far over the cap
+    is a 'does not fit' already, and N processes each far over it could exhaust a shared machine's memory).
+    The size it passed, or None when it ended by itself."""
+    import signal
+
+    while proc.poll() is None:
+        rss = group_rss_gb(proc.pid)
+        if rss > stop_gb:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return rss
+        time.sleep(0.5)
+    return None
+
+
 def probe(n: int, length: int, cfg: dict, work: Path, cap_gb: float) -> Probe:
     import yaml
 
@@ -169,14 +204,19 @@ def probe(n: int, length: int, cfg: dict, work: Path, cap_gb: float) -> Probe:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ZEROTUNE_CACHE": str(work / "cache")}
     start = time.time()
-    proc = subprocess.run([launcher, "--num_gpus", str(n), "--master_port", str(29700 + os.getpid() % 500),
-                           str(driver), "--config", str(run / "run.yaml")], cwd=ROOT, capture_output=True,
-                          text=True, env=env)
+    log = run / "log.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([launcher, "--num_gpus", str(n), "--master_port", str(29700 + os.getpid() % 500),
+                                 str(driver), "--config", str(run / "run.yaml")], cwd=ROOT, stdout=sink,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        over = watch(proc, cap_gb + KILL_MARGIN_GB)
     wall = time.time() - start
+    if over:
+        return Probe(n, length, False, over, None, wall, f"stopped: a process passed {over:.2f} GiB")
     peaks = [int(f.read_text()) / 2**20 for f in rss_dir.iterdir()]
     peak = max(peaks) if len(peaks) == n else None
     if proc.returncode or peak is None:
-        tail = (proc.stdout + proc.stderr)[-1500:]
+        tail = log.read_text()[-1500:]
         return Probe(n, length, False, peak, None, wall, f"exit {proc.returncode}: {tail}")
     runtime = json.loads((out / "train_results.json").read_text())["train_runtime"]
     return Probe(n, length, peak <= cap_gb, peak, STEPS * length / runtime, wall)
