@@ -7,6 +7,7 @@ Ulysses cannot split in 2), and the tokens/s of both at a length both can do.
     python -m benchmarks.long_context --quick         # the tests' tiny random model: checks the script runs
     python -m benchmarks.long_context --cap-gb 4 --zero 3
     python -m benchmarks.long_context --lengths 2048 --sizes 1,3   # fixed probes, no search
+    python -m benchmarks.long_context --tiled-mlp     # tiled_mlp: true in both (model/tiled_mlp.py)
 
 Every run is the same YAML launched by the DeepSpeed launcher on CPU (gloo), ZeRO-2 by default (--zero 3), with
 `--num_gpus N` and `sequence_parallel_size: N`: sft, LoRA, one example a step, padding-free, 2 steps, the example a
@@ -236,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--sp)")
     parser.add_argument("--sp", type=int, default=None, help="N compared with 1 (default: the smallest the model's "
                                                               "heads allow: 2 for the quick model, 3 for SmolLM2)")
+    parser.add_argument("--tiled-mlp", action="store_true", help="tiled_mlp: true in every run, both N (the MLP's "
+                                                                      "intermediates one shard at a time)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     cap = args.cap_gb or (0.65 if args.quick else 3.0)
@@ -257,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
            "max_steps": STEPS, "learning_rate": 1e-4, "bf16": bf16, "gradient_checkpointing": False,
            "deepspeed": str(ROOT / f"ds_configs/ds_z{args.zero}_config.json"), "overwrite_output_dir": True,
            "overwrite_cache": True, "report_to": "none", "disable_tqdm": True, "save_strategy": "no",
-           "logging_steps": 1}
+           "logging_steps": 1, **({"tiled_mlp": True} if args.tiled_mlp else {})}
     precision = cpu_precision_line(bf16)
     load = os.getloadavg()[0]
     print(precision, file=sys.stderr)
     print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs; cap {cap:g} GiB a process; ZeRO-{args.zero}; "
-          f"N = 1 against N = {sp} (the smallest the model's heads allow)", file=sys.stderr)
+          f"N = 1 against N = {sp} (the smallest the model's heads allow); tiled MLP "
+          f"{'on' if args.tiled_mlp else 'off'}", file=sys.stderr)
 
     probes: list[Probe] = []
 
@@ -292,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return next((p.tokens_per_second for p in probes if p.n == n and p.length == at and p.fits), None)
 
     md = (f"{precision}\n\nLoad average at start {load:.1f} on {os.cpu_count()} CPUs; ZeRO-{args.zero}; "
+          f"tiled MLP {'on' if args.tiled_mlp else 'off'}; "
           f"{'quick: tiny random model' if args.quick else 'SmolLM2-135M'}; {time.time() - began:.0f} s.\n\n"
           + table(n1, n2, at, speed(1), speed(sp), cap, sp) + "\n" + probe_table(probes, cap))
     print(md)
@@ -299,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_context.md").write_text(md)
     (out / "long_context.json").write_text(json.dumps(
-        {"cap_gb": cap, "zero": args.zero, "quick": args.quick, "bf16": bf16, "load_average": load,
+        {"cap_gb": cap, "zero": args.zero, "quick": args.quick, "bf16": bf16, "tiled_mlp": args.tiled_mlp,
+         "load_average": load,
          "longest": {"1": n1, str(sp): n2}, "compared_at": at, "probes": [asdict(p) for p in probes]}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0
