@@ -140,3 +140,36 @@ def test_what_cannot_take_it_is_refused_by_name(tiny_model_dir, data_dir, tmp_pa
         tiled_mlp.apply_tiled_mlp(moe, None)
     with pytest.raises(ConfigError, match="no decoder-layer MLP"):
         tiled_mlp.apply_tiled_mlp(nn.Linear(2, 2), None)
+
+
+def test_zerotune_check_counts_the_tiled_mlp_in_the_longest_cutoffs(tiny_model_dir, data_dir, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Each size's longest cutoff is the longest whose activations, without the MLP's intermediates, fit; longer than
+    without tiling; and `zerotune check` reports those, saying so."""
+    import yaml
+    from transformers import LlamaConfig
+
+    from trainer.cli import check
+    from trainer.plan import activation_gb, longest_cutoffs
+
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3)
+    plain = longest_cutoffs(config, states_gb=2.0, free_gb=10.0, compute_bytes=2)
+    tiled = longest_cutoffs(config, states_gb=2.0, free_gb=10.0, compute_bytes=2, tiled_mlp=True)
+    for n, (longest, _) in tiled.items():
+        assert activation_gb(config, longest, 2, tiled_mlp=True) / n <= 8.0 < \
+            activation_gb(config, longest + 256, 2, tiled_mlp=True) / n
+        assert longest > plain[n][0] and tiled[n][1] > plain[n][1]
+    monkeypatch.setattr("trainer.plan.available_gb", lambda: 10.0)
+    texts = []
+    for on in (False, True):
+        cfg = base_config(tiny_model_dir, data_dir, tmp_path / "out", tiled_mlp=on)
+        (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+        assert check(str(tmp_path / "cfg.yaml"), []) == 0
+        texts.append(capsys.readouterr().out)
+    assert "tiled_mlp keeps no MLP intermediates" in texts[1] and "tiled_mlp" not in texts[0]
+
+    def cutoff(text):
+        return int(text.split("sequence_parallel_size 1:")[1].split("tokens")[0].replace(",", ""))
+
+    assert cutoff(texts[1]) > cutoff(texts[0])
