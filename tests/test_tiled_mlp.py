@@ -19,11 +19,11 @@ def _history(out) -> list[float]:
     return [e[k] for e in state["log_history"] if "loss" in e for k in ("loss", "grad_norm")]
 
 
-# full: the MLP's own weights train through the recompute; lora: only the adapters inside the MLP do.
-@pytest.mark.parametrize("finetuning_type", ["full", "lora"])
-def test_tiled_mlp_trains_as_the_plain_mlp_and_runs_once_a_shard(finetuning_type, tiny_model_dir, data_dir, tmp_path,
-                                                                    monkeypatch, caplog):
-    common = dict(finetuning_type=finetuning_type, max_steps=3, packing=True, per_device_train_batch_size=1,
+def test_tiled_mlp_trains_as_the_plain_mlp_and_runs_once_a_shard(tiny_model_dir, data_dir, tmp_path, monkeypatch,
+                                                                    caplog):
+    """LoRA: the adapters inside the MLP train through the recompute (full fine-tuning, where the MLP's own weights
+    do: tests/test_sequence_parallel.py, under DeepSpeed)."""
+    common = dict(finetuning_type="lora", max_steps=3, packing=True, per_device_train_batch_size=1,
                   learning_rate=1e-2)
     train_with(base_config(tiny_model_dir, data_dir, tmp_path / "plain", **common))
     calls = []
