@@ -7,13 +7,15 @@ Ulysses cannot split in 2), and the tokens/s of both at a length both can do.
     python -m benchmarks.long_context --quick         # the tests' tiny random model: checks the script runs
     python -m benchmarks.long_context --cap-gb 4 --zero 3
     python -m benchmarks.long_context --lengths 2048 --sizes 1,3   # fixed probes, no search
+    python -m benchmarks.long_context --tiled-mlp     # tiled_mlp: true in both (model/tiled_mlp.py)
 
 Every run is the same YAML launched by the DeepSpeed launcher on CPU (gloo), ZeRO-2 by default (--zero 3), with
 `--num_gpus N` and `sequence_parallel_size: N`: sft, LoRA, one example a step, padding-free, 2 steps, the example a
 single long text (the demo set's answers concatenated) cut at the probed `cutoff_len`, so each step trains exactly
 that many tokens. Gradient checkpointing is off in both (the row's activations are what sequence parallelism
 divides). A run fits when it trains and the peak RSS of each of its processes (VmHWM, read by the process itself at
-exit) stays under the cap; nothing is killed at the cap, a run above it just does not count.
+exit) stays under the cap; a run above it does not count, and one that passes the cap by KILL_MARGIN_GB is stopped
+there (its peak is then the size it had reached).
 
 The search per N: lengths double from --start until one does not fit, then --bisect halvings of the gap between
 the last that fit and the first that did not (lengths on a multiple of 64). N > 1 starts at the longest length
@@ -38,6 +40,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
 MULTIPLE = 64
+KILL_MARGIN_GB = 0.5  # a probe is stopped this far over the cap (it does not fit already)
 
 # Runs launch/train.py in the worker and writes this process's peak RSS (VmHWM) at exit, one file a rank.
 DRIVER = """
@@ -155,6 +158,39 @@ def write_data(folder: Path, model_dir: str, tokens: int) -> Path:
     return folder
 
 
+def group_rss_gb(pgid: int) -> float:
+    """The largest resident set (GiB) among the live processes of a process group."""
+    largest = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    largest = max(largest, int(line.split()[1]))
+        except (OSError, ValueError, IndexError):  # the process ended while being read
+            continue
+    return largest / 2**20
+
+
+def watch(proc: subprocess.Popen, stop_gb: float) -> float | None:
+    """Waits for the probe; stops its whole process group once a process passes stop_gb (a run far over the cap
+    is a 'does not fit' already, and N processes each far over it could exhaust a shared machine's memory).
+    The size it passed, or None when it ended by itself."""
+    import signal
+
+    while proc.poll() is None:
+        rss = group_rss_gb(proc.pid)
+        if rss > stop_gb:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return rss
+        time.sleep(0.5)
+    return None
+
+
 def probe(n: int, length: int, cfg: dict, work: Path, cap_gb: float) -> Probe:
     import yaml
 
@@ -169,14 +205,19 @@ def probe(n: int, length: int, cfg: dict, work: Path, cap_gb: float) -> Probe:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ZEROTUNE_CACHE": str(work / "cache")}
     start = time.time()
-    proc = subprocess.run([launcher, "--num_gpus", str(n), "--master_port", str(29700 + os.getpid() % 500),
-                           str(driver), "--config", str(run / "run.yaml")], cwd=ROOT, capture_output=True,
-                          text=True, env=env)
+    log = run / "log.txt"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([launcher, "--num_gpus", str(n), "--master_port", str(29700 + os.getpid() % 500),
+                                 str(driver), "--config", str(run / "run.yaml")], cwd=ROOT, stdout=sink,
+                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        over = watch(proc, cap_gb + KILL_MARGIN_GB)
     wall = time.time() - start
+    if over:
+        return Probe(n, length, False, over, None, wall, f"stopped: a process passed {over:.2f} GiB")
     peaks = [int(f.read_text()) / 2**20 for f in rss_dir.iterdir()]
     peak = max(peaks) if len(peaks) == n else None
     if proc.returncode or peak is None:
-        tail = (proc.stdout + proc.stderr)[-1500:]
+        tail = log.read_text()[-1500:]
         return Probe(n, length, False, peak, None, wall, f"exit {proc.returncode}: {tail}")
     runtime = json.loads((out / "train_results.json").read_text())["train_runtime"]
     return Probe(n, length, peak <= cap_gb, peak, STEPS * length / runtime, wall)
@@ -196,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     "--sp)")
     parser.add_argument("--sp", type=int, default=None, help="N compared with 1 (default: the smallest the model's "
                                                               "heads allow: 2 for the quick model, 3 for SmolLM2)")
+    parser.add_argument("--tiled-mlp", action="store_true", help="tiled_mlp: true in every run, both N (the MLP's "
+                                                                      "intermediates one shard at a time)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
     cap = args.cap_gb or (0.65 if args.quick else 3.0)
@@ -217,12 +260,13 @@ def main(argv: list[str] | None = None) -> int:
            "max_steps": STEPS, "learning_rate": 1e-4, "bf16": bf16, "gradient_checkpointing": False,
            "deepspeed": str(ROOT / f"ds_configs/ds_z{args.zero}_config.json"), "overwrite_output_dir": True,
            "overwrite_cache": True, "report_to": "none", "disable_tqdm": True, "save_strategy": "no",
-           "logging_steps": 1}
+           "logging_steps": 1, **({"tiled_mlp": True} if args.tiled_mlp else {})}
     precision = cpu_precision_line(bf16)
     load = os.getloadavg()[0]
     print(precision, file=sys.stderr)
     print(f"load average at start: {load:.1f} on {os.cpu_count()} CPUs; cap {cap:g} GiB a process; ZeRO-{args.zero}; "
-          f"N = 1 against N = {sp} (the smallest the model's heads allow)", file=sys.stderr)
+          f"N = 1 against N = {sp} (the smallest the model's heads allow); tiled MLP "
+          f"{'on' if args.tiled_mlp else 'off'}", file=sys.stderr)
 
     probes: list[Probe] = []
 
@@ -252,6 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         return next((p.tokens_per_second for p in probes if p.n == n and p.length == at and p.fits), None)
 
     md = (f"{precision}\n\nLoad average at start {load:.1f} on {os.cpu_count()} CPUs; ZeRO-{args.zero}; "
+          f"tiled MLP {'on' if args.tiled_mlp else 'off'}; "
           f"{'quick: tiny random model' if args.quick else 'SmolLM2-135M'}; {time.time() - began:.0f} s.\n\n"
           + table(n1, n2, at, speed(1), speed(sp), cap, sp) + "\n" + probe_table(probes, cap))
     print(md)
@@ -259,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "long_context.md").write_text(md)
     (out / "long_context.json").write_text(json.dumps(
-        {"cap_gb": cap, "zero": args.zero, "quick": args.quick, "bf16": bf16, "load_average": load,
+        {"cap_gb": cap, "zero": args.zero, "quick": args.quick, "bf16": bf16, "tiled_mlp": args.tiled_mlp,
+         "load_average": load,
          "longest": {"1": n1, str(sp): n2}, "compared_at": at, "probes": [asdict(p) for p in probes]}, indent=1))
     shutil.rmtree(work, ignore_errors=True)
     return 0

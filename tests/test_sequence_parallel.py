@@ -76,13 +76,17 @@ def _launch(cfg: dict, tmp_path: Path, name: str, mutation: str = "", processes:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("layout, zero", [("packed", 2), ("padding_free", 3)])
-def test_two_way_sequence_parallel_matches_one_process(layout, zero, references, tiny_model_dir, tmp_path):
+# tiled: each process's shard of the row also runs its MLP in shards (model/tiled_mlp.py; automatic count, agreed
+# over the processes under ZeRO-3), against the same plain one-process reference.
+@pytest.mark.parametrize("layout, zero, tiled", [("packed", 2, False), ("padding_free", 3, False), ("packed", 3, True)])
+def test_two_way_sequence_parallel_matches_one_process(layout, zero, tiled, references, tiny_model_dir, tmp_path):
     data, reference = references
     out = tmp_path / "sp"
     proc = _launch(base_config(tiny_model_dir, data, out, **COMMON, **LAYOUTS[layout], sequence_parallel_size=2,
-                               deepspeed=str(ROOT / f"ds_configs/ds_z{zero}_config.json")), tmp_path, "sp")
+                               deepspeed=str(ROOT / f"ds_configs/ds_z{zero}_config.json"),
+                               **({"tiled_mlp": True} if tiled else {})), tmp_path, "sp")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert ("Tiled MLP (DeepSpeed's TiledMLP) in 2 decoder layers" in proc.stderr) == tiled
     assert "DeepSpeed Ulysses over 2 processes a group, zerotune_segments" in proc.stderr
     assert "data-parallel degree 1" in proc.stderr
     got = _history(out)
@@ -149,6 +153,43 @@ def test_dpo_with_two_way_sequence_parallelism_matches_one_process(tiny_model_di
     got, want = _pair_history(double), _pair_history(single)
     assert len(got) == 9 and want[0] == pytest.approx(0.693147, rel=1e-5)
     assert got == pytest.approx(want, rel=1e-5, abs=2e-6)  # the margins are logged to 6 decimals
+
+
+def _tagged_or_ranked(folder: Path, stage: str) -> Path:
+    folder.mkdir()
+    if stage == "kto":
+        rows = [{"instruction": f"Question {i}: " + "do you agree? " * (i % 5), "output": ("Yes, I agree." if i % 2
+                 else "No.") + " indeed" * (i % 7), "kto_tag": bool(i % 2)} for i in range(12)]
+        info = {"columns": {"prompt": "instruction", "response": "output", "kto_tag": "kto_tag"}}
+    else:
+        rows = [{"instruction": f"Question {i}: " + "tell me more " * (i % 5), "chosen": "Yes." + " yes indeed" * (i % 7),
+                 "rejected": "No." + " no way" * (i % 4)} for i in range(12)]
+        info = {"ranking": True}
+    (folder / "d.json").write_text(json.dumps(rows))
+    (folder / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.json", **info}}))
+    return folder
+
+
+@pytest.mark.slow  # two minutes each on the shared 2-core machine
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage, figure", [("rm", "margin"), ("kto", "kl")])
+def test_rm_and_kto_with_two_way_sequence_parallelism_match_one_process(stage, figure, tiny_model_dir, tmp_path):
+    """rm scores each sequence at its last token and kto sums each sequence's log-probs (and its mismatched pair's,
+    for the reference point): the wrapper gathers the whole row's token values or losses (WholeRows)."""
+    data = _tagged_or_ranked(tmp_path / "data", stage)
+    common = dict(stage=stage, dataset="d", max_steps=3, learning_rate=1e-2, per_device_train_batch_size=4)
+    train_with(base_config(tiny_model_dir, data, tmp_path / "one", **common))
+    proc = _launch(base_config(tiny_model_dir, data, tmp_path / "two", **common, sequence_parallel_size=2,
+                               deepspeed=str(ROOT / "ds_configs/ds_z2_config.json")), tmp_path, stage)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def history(out):
+        state = json.loads((out / "trainer_state.json").read_text())
+        return [e[k] for e in state["log_history"] if "loss" in e for k in ("loss", "grad_norm", figure)]
+
+    got, want = history(tmp_path / "two"), history(tmp_path / "one")
+    assert len(got) == 9 and any(want[2::3])
+    assert got == pytest.approx(want, rel=1e-5, abs=2e-6)
 
 
 @pytest.mark.slow  # two launches of a minute each on the shared 2-core machine
@@ -289,7 +330,7 @@ def test_the_alias_and_its_disagreement(tiny_model_dir, data_dir, tmp_path):
         EngineArguments(sequence_parallel_size=0)
 
 
-@pytest.mark.parametrize("stage", ["rm", "kto", "ppo", "grpo"])
+@pytest.mark.parametrize("stage", ["ppo", "grpo"])
 def test_stages_whose_figures_span_the_shards_are_refused_by_name(stage):
     from types import SimpleNamespace
 
@@ -297,11 +338,12 @@ def test_stages_whose_figures_span_the_shards_are_refused_by_name(stage):
     from trainer.stages import STAGES
 
     config = SimpleNamespace(engine=SimpleNamespace(sequence_parallel_size=2))
-    with pytest.raises(ConfigError, match=f"supported for stages pt, sft, dpo and orpo; stage {stage}"):
+    with pytest.raises(ConfigError, match=f"supported for stages pt, sft, rm, dpo, orpo and kto; stage {stage} trains "
+                                          "on answers it generates"):
         STAGES.lookup(stage)(config, None)
     for accepted in ("sft", "pt"):
         STAGES.lookup(accepted)(config, None)
-    assert STAGES.lookup("dpo").sequence_parallel == STAGES.lookup("orpo").sequence_parallel == "rows"
+    assert {STAGES.lookup(s).sequence_parallel for s in ("rm", "dpo", "orpo", "kto")} == {"rows"}
 
 
 def test_head_counts_it_does_not_divide_are_refused_with_the_sizes_that_work(tiny_model_dir):

@@ -160,25 +160,27 @@ def zero_memory(total: int, trained: int, largest: int, per_node: int, nodes: in
     return out
 
 
-def activation_gb(model_config, tokens: int, compute_bytes: int) -> float:
+def activation_gb(model_config, tokens: int, compute_bytes: int, tiled_mlp: bool = False) -> float:
     """Activations a decoder keeps for the backward without checkpointing, per micro-batch.
 
     Per token and layer: about 10 hidden-sized tensors (norm inputs/outputs, q, k, v, attention output,
     residuals) and 4 intermediate-sized ones (gate, up, their product, activation), in the compute dtype,
     plus the fp32 residual stream. An estimate within a factor of ~1.5, enough to decide checkpointing (the CPU's
     bf16 attention also keeps the probabilities of segments up to 512 keys: at most heads x 640 bytes more).
+    `tiled_mlp` (model/tiled_mlp.py): the MLP keeps only its input (one of the 10), so the 4 intermediate-sized
+    tensors go; one shard's of them exist at a time in the backward, not counted (a shard is ~hidden_size tokens).
     """
     hidden = getattr(model_config, "hidden_size", 0)
     inter = getattr(model_config, "intermediate_size", 4 * hidden)
     layers = getattr(model_config, "num_hidden_layers", 0)
-    per_token_layer = (10 * hidden + 4 * inter) * compute_bytes + 2 * hidden * 4
+    per_token_layer = (10 * hidden + (0 if tiled_mlp else 4 * inter)) * compute_bytes + 2 * hidden * 4
     return tokens * layers * per_token_layer / GB
 
 
-def activation_gb_per_token(model_config, compute_bytes: int, checkpointing: bool) -> float:
+def activation_gb_per_token(model_config, compute_bytes: int, checkpointing: bool, tiled_mlp: bool = False) -> float:
     """Activations kept for the backward per token of a micro-batch (activation_gb's model); with gradient
     checkpointing, each layer's input plus one layer's whole activations (the one being recomputed)."""
-    whole = activation_gb(model_config, 1, compute_bytes)
+    whole = activation_gb(model_config, 1, compute_bytes, tiled_mlp)
     if not checkpointing:
         return whole
     layers = max(getattr(model_config, "num_hidden_layers", 1), 1)
@@ -186,14 +188,15 @@ def activation_gb_per_token(model_config, compute_bytes: int, checkpointing: boo
 
 
 def longest_cutoffs(model_config, states_gb: float, free_gb: float, compute_bytes: int,
-                    sizes=(1, 2, 4, 8)) -> dict[int, tuple[int, int]]:
+                    sizes=(1, 2, 4, 8), tiled_mlp: bool = False) -> dict[int, tuple[int, int]]:
     """sequence_parallel_size -> the longest cutoff_len (one row a pass) whose activations fit beside the model
     states, (without, with) gradient checkpointing. Sequence parallelism divides a row's activations by N (each
     process holds 1/N of the tokens; attention holds 1/N of the heads over the whole row); the loss head is chunked
-    (no [tokens x vocab] logits). 0: the model states alone do not fit."""
+    (no [tokens x vocab] logits); `tiled_mlp` drops the MLP's intermediates (activation_gb). 0: the model states
+    alone do not fit."""
     room = max(free_gb - states_gb, 0.0)
-    return {n: tuple(int(room / (activation_gb_per_token(model_config, compute_bytes, ckpt) / n)) // 256 * 256
-                     for ckpt in (False, True)) for n in sizes}
+    return {n: tuple(int(room / (activation_gb_per_token(model_config, compute_bytes, ckpt, tiled_mlp) / n))
+                     // 256 * 256 for ckpt in (False, True)) for n in sizes}
 
 
 def available_gb() -> float:
@@ -218,8 +221,10 @@ def decide_checkpointing(model, training_args, tokens_per_microbatch: int, shard
     """
     from trainer.engine.agree import agreed_min
 
+    from trainer.model.tiled_mlp import tiled
+
     compute_bytes = 2 if (training_args.bf16 or training_args.fp16) else 4
-    need = activation_gb(model.config, tokens_per_microbatch, compute_bytes)
+    need = activation_gb(model.config, tokens_per_microbatch, compute_bytes, tiled(model))
     weights, states, buffers, how = model_states_bytes(model, training_args, sharded)
     weights, trained = weights / GB, (states + buffers) / GB
     to_move = torch.cuda.is_available() and not any(p.is_cuda for p in model.parameters())
@@ -432,9 +437,11 @@ def _long_context(config: RunConfig, model, states: dict, deepspeed, sp: int) ->
     free = available_gb()
     where = "free GPU memory" if torch.cuda.is_available() else "this machine's available RAM"
     t = config.training
-    fits = longest_cutoffs(model.config, states[row][0], free, 2 if (t.bf16 or t.fp16) else 4)
+    tiled = config.model.tiled_mlp
+    fits = longest_cutoffs(model.config, states[row][0], free, 2 if (t.bf16 or t.fp16) else 4, tiled_mlp=tiled)
     lines = [f"long context     longest cutoff_len a device fits, one row a pass ({row} states, ~{free:.0f} GB "
-             f"{where}; sequence parallelism divides activations by N; an estimate):"]
+             f"{where}; sequence parallelism divides activations by N"
+             + ("; tiled_mlp keeps no MLP intermediates" if tiled else "") + "; an estimate):"]
     for n, (plain, ckpt) in fits.items():
         mark = "  <- this run" if n == sp else ""
         lines.append(f"  sequence_parallel_size {n}: {plain:>9,d} tokens, {ckpt:>10,d} with gradient checkpointing"

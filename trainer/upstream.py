@@ -618,6 +618,13 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              "the Trainer calls it once the model is prepared", _all(
                  signature("accelerate.Accelerator.deepspeed_ulysses_dl_adapter", "self", "dl", "model"),
                  reads("transformers.Trainer._prepare_for_training", "self.accelerator.deepspeed_ulysses_dl_adapter("))),
+    Internal("deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP", "trainer/model/tiled_mlp.py",
+             "tiled_mlp calls fn(module, shard) per shard and pads the row to exactly `shards` chunks, because the "
+             "backward marks the parameters ready for ZeRO (ds_grad_is_ready) only at shard number `shards`", _all(
+                 signature("deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP.forward", "ctx", "fn", "self",
+                           "x", "shards", "compute_params"),
+                 reads("deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP.backward",
+                       "if i + 1 < shards:", "param.ds_grad_is_ready = False", "output = fn(self, x_shard)"))),
     Internal("deepspeed.launcher.launch", "trainer/engine/signals.py",
              "workers watch the DeepSpeed runner and launcher processes, found by these module names",
              _launcher_modules),

@@ -28,6 +28,8 @@ from trainer.engine.optimizer_options import OptimizerArguments, deepspeed_optim
 from trainer.engine.optimizers import build_optimizer, default_labels, describe_groups
 from trainer.engine.secrets import redacted_args
 from trainer.errors import ConfigError, TrainingHalted
+from trainer.model.tiled_mlp import check_engine as check_tiled_mlp
+from trainer.model.tiled_mlp import tiled as has_tiled_mlp
 from trainer.upstream import check_trainer_api
 
 logger = logging.getLogger(__name__)
@@ -66,6 +68,8 @@ class ZeroTrainer(Trainer):
         self._window_start = None
         self._excluded = 0.0  # seconds spent in eval/save inside the current logging window
         self.add_callback(_StageHooks(self))
+        if has_tiled_mlp(self.model):
+            check_tiled_mlp(bool(self.args.deepspeed), fsdp.is_sharded(self.model), self.accelerator.num_processes)
         self.sp = sequence_parallel.size_of(self.args)  # processes that share each sequence (1: off)
         if self.sp > 1:
             sequence_parallel.attach(self.accelerator, self.model, self.sp)

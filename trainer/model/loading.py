@@ -205,6 +205,10 @@ def load_causal_lm(model_args, *, dtype: torch.dtype, attention: str | None = No
             if meta:
                 apply_lean_ops(model, classes=swapped)
         lean_rotary(model)
+    if trains and model_args.tiled_mlp:  # around whichever MLP forward the model now has (lean or Liger's)
+        from trainer.model.tiled_mlp import apply_tiled_mlp
+
+        apply_tiled_mlp(model, model_args.tiled_mlp_num_shards)
     model.config.use_cache = False
     logger.info("Loaded %s%s (%s, %s parameters) with %s attention, weights in %s.", path,
                 "".join(f" + {a}" for a in adapters), type(model).__name__,

@@ -41,6 +41,11 @@ class ModelArguments(QuantizationArguments):
     hf_hub_token: str | None = None
     flash_attn: str = field(default="auto", metadata={"choices": FLASH_ATTN})
     enable_liger_kernel: bool = False
+    tiled_mlp: bool = field(default=False, metadata={
+        "help": "Run each decoder layer's MLP over the row in shards (DeepSpeed's TiledMLP, model/tiled_mlp.py): its "
+                "intermediate activations are kept for one shard, not the row; the MLP's forward runs twice."})
+    tiled_mlp_num_shards: int | None = field(default=None, metadata={
+        "help": "Shards a row with tiled_mlp (default: ceil(tokens / hidden_size))."})
     chunked_loss: bool = field(default=True, metadata={"help": "Loss without full logits (chunked head)."})
     use_fast_tokenizer: bool = True
     rope_scaling: str | None = field(default=None, metadata={
@@ -49,6 +54,14 @@ class ModelArguments(QuantizationArguments):
                 "LLaMA-Factory (model/rope.py)."})
     model_max_length: int | None = field(default=None, metadata={
         "help": "The context rope_scaling stretches to; training sets it to cutoff_len."})
+
+    def __post_init__(self):
+        if self.tiled_mlp_num_shards is not None and self.tiled_mlp_num_shards < 1:
+            raise ConfigError(f"tiled_mlp_num_shards: {self.tiled_mlp_num_shards} must be at least 1 (or unset: "
+                              "ceil(tokens / hidden_size)).")
+        if self.tiled_mlp_num_shards and not self.tiled_mlp:
+            logger.warning("tiled_mlp_num_shards: %d is set but tiled_mlp is not: the MLP is not tiled (set tiled_mlp: "
+                           "true to tile it).", self.tiled_mlp_num_shards)
 
     @property
     def adapters(self) -> list[str]:

@@ -202,19 +202,26 @@ class ModelWrapper:
         return nll, targets.ne(IGNORE_INDEX)
 
     def token_values(self, model: nn.Module, batch: dict, value_head: nn.Module) -> torch.Tensor:
-        """value_head(final hidden state) at every token, [B, T]: the rm stage's scores, with no logits computed."""
+        """value_head(final hidden state) at every token, [B, T]: the rm stage's scores, with no logits computed.
+        Under sequence parallelism this process's shard runs and the whole row's values come back (token_nll)."""
+        rows = self.sequence_parallel if model.training else None
+        total = batch["input_ids"].shape[1]
+        if rows is not None:
+            batch = rows.cut(batch)
         inputs = model_inputs(batch)
         inputs["use_cache"] = False
         if self.patched and not self.post_processes:
             # The head's output must be what the model returns (not a side channel): ZeRO-3 fetches and releases
             # the head's weights for backward on hooks around its output and input.
             with _engaged(model, Values(value_head)), self._noise(batch):
-                return model(**inputs).logits.squeeze(-1)
-        # A model that soft-caps or scales its logits would do that to the values too: the final hidden states
-        # instead (the full logits are computed and dropped).
-        with self._noise(batch):
-            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
-        return value_head(hidden).squeeze(-1)
+                values = model(**inputs).logits.squeeze(-1)
+        else:
+            # A model that soft-caps or scales its logits would do that to the values too: the final hidden states
+            # instead (the full logits are computed and dropped).
+            with self._noise(batch):
+                hidden = model(**inputs, output_hidden_states=True).hidden_states[-1]
+            values = value_head(hidden).squeeze(-1)
+        return rows.whole(values, total) if rows is not None else values
 
     def policy_outputs(self, model: nn.Module, batch: dict, value_head: nn.Module | None = None,
                        temperature: float = 1.0, entropy: bool = False) -> dict:

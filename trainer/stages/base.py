@@ -70,9 +70,10 @@ class Stage:
         if n > 1 and not self.sequence_parallel:
             from trainer.errors import ConfigError
 
-            raise ConfigError(f"sequence_parallel_size: {n} is supported for stages pt, sft, dpo and orpo; stage "
-                              f"{self.name} reads figures of whole sequences that its shards do not bring back yet. "
-                              "Train it with sequence_parallel_size: 1 (ZeRO-3 and gradient checkpointing for "
+            raise ConfigError(f"sequence_parallel_size: {n} is supported for stages pt, sft, rm, dpo, orpo and kto; "
+                              f"stage {self.name} trains on answers it generates, through a forward (per-token "
+                              "log-probs, values, entropies) that zerotune does not cut into shards and gather back "
+                              "yet. Train it with sequence_parallel_size: 1 (ZeRO-3 and gradient checkpointing for "
                               "memory).")
         self.config = config
         self.opts = options if options is not None else self.options()

@@ -59,6 +59,9 @@ class KTO(ReferenceStage):
     options = KTOOptions
 
     wants_segments = False  # no shared prompts: an example and its mismatched pair run in separate passes
+    # Per-sequence log-probs, of the examples and of their mismatched pairs: whole rows of token losses (WholeRows).
+    # The reference point's all_reduce then counts each group's pairs N times, in its sum and its count alike.
+    sequence_parallel = "rows"
 
     def __init__(self, config=None, options=None):
         super().__init__(config, options)

@@ -68,6 +68,7 @@ def _freeze_unused_lm_head(model) -> None:
 @register
 class RM(WithValueHead, Pairwise):
     name = "rm"
+    sequence_parallel = "rows"  # each sequence's last-token score: whole rows of token values (WholeRows)
     options = PairOptions
 
     def extend_model(self, model):
