@@ -186,6 +186,9 @@ def run(config: RunConfig) -> dict:
 
         if not deepspeed.comm.is_initialized():
             deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+            from trainer.engine.shm_buffers import release_allreduce_buffer
+
+            release_allreduce_buffer()
     stage = build_stage(config)
     tokenizer = load_tokenizer(m)
     template = get_template(d.template, tokenizer, d) if stage.needs_template else None
