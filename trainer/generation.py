@@ -8,6 +8,7 @@ would get alone. Defaults are LLaMA-Factory's generation defaults.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 
@@ -25,7 +26,7 @@ class GenerationSettings:
 
 def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
              settings: GenerationSettings | None = None, batch_size: int = 16, streamer=None, group: int = 1,
-             shared_prefill: bool = True, seeds: list[int] | None = None) -> list[list[int]]:
+             shared_prefill: bool = True, seeds: list[int] | None = None, merge_lora: bool = True) -> list[list[int]]:
     """Token ids of each prompt's continuation, cut after its first stop token (which is kept). A transformers
     streamer (one prompt at a time) receives the tokens as they come (zerotune chat).
 
@@ -37,8 +38,11 @@ def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
 
     seeds: one per returned sample (len(prompts) x group); each sample then draws from its own generator, so its
     tokens do not depend on which samples share its batch, chunk or process (grpo: a completion's seed is its slot
-    in the generation)."""
-    import torch
+    in the generation).
+
+    merge_lora: decode with each plain LoRA layer's delta merged into a copy of its base weight (one matmul a layer
+    instead of three; model/merged_lora.py), the parameters untouched; off, PEFT's own forward."""
+    from trainer.model.merged_lora import merged_for_decoding
 
     settings = settings or GenerationSettings()
     kwargs = asdict(settings)
@@ -52,31 +56,42 @@ def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs: list[list[int]] = []
     per_call = max(1, batch_size // group)  # prompts a generate call
     try:
-        for start in range(0, len(prompts), per_call):
-            chunk = prompts[start:start + per_call]
-            width = max(len(p) for p in chunk)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for b, prompt in enumerate(chunk):
-                ids[b, width - len(prompt):] = torch.tensor(prompt)
-                mask[b, width - len(prompt):] = 1
-            ids, mask = ids.to(device), mask.to(device)
-            with torch.no_grad():
-                cache = _prefill(model, ids, mask, group) if shared_prefill and group > 1 else {}
-                if own_draws:
-                    rows = seeds[start * group:(start + len(chunk)) * group]
-                    cache["logits_processor"] = _own_draws(settings, rows, device)
-                out = model.generate(input_ids=ids.repeat_interleave(group, 0),
-                                     attention_mask=mask.repeat_interleave(group, 0), use_cache=True,
-                                     eos_token_id=list(stop_ids), pad_token_id=pad_id, streamer=streamer,
-                                     synced_gpus=_in_step(model), **cache, **kwargs)
-            for row in out[:, width:].tolist():
-                outputs.append(_until_stop(row, set(stop_ids)))
+        with merged_for_decoding(model) if merge_lora else contextlib.nullcontext():
+            outputs = _generate(model, prompts, stop_ids, pad_id, kwargs, settings, per_call, streamer, group,
+                                shared_prefill, seeds if own_draws else None, device)
     finally:
         model.train(was_training)
+    return outputs
+
+
+def _generate(model, prompts, stop_ids, pad_id, kwargs, settings, per_call, streamer, group, shared_prefill, seeds,
+              device) -> list[list[int]]:
+    """generate's calls, per_call prompts each (seeds: each sample's own generator, else generate's sampling)."""
+    import torch
+
+    outputs: list[list[int]] = []
+    for start in range(0, len(prompts), per_call):
+        chunk = prompts[start:start + per_call]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for b, prompt in enumerate(chunk):
+            ids[b, width - len(prompt):] = torch.tensor(prompt)
+            mask[b, width - len(prompt):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.no_grad():
+            cache = _prefill(model, ids, mask, group) if shared_prefill and group > 1 else {}
+            if seeds is not None:
+                rows = seeds[start * group:(start + len(chunk)) * group]
+                cache["logits_processor"] = _own_draws(settings, rows, device)
+            out = model.generate(input_ids=ids.repeat_interleave(group, 0),
+                                 attention_mask=mask.repeat_interleave(group, 0), use_cache=True,
+                                 eos_token_id=list(stop_ids), pad_token_id=pad_id, streamer=streamer,
+                                 synced_gpus=_in_step(model), **cache, **kwargs)
+        for row in out[:, width:].tolist():
+            outputs.append(_until_stop(row, set(stop_ids)))
     return outputs
 
 
@@ -119,7 +134,9 @@ def _prefill(model, ids, mask, group: int) -> dict:
     # transformers 5.24 names it `cache` (past_key_values deprecated); earlier releases only past_key_values
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT passes keywords through
     name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    out = model(input_ids=ids[:, :-1], attention_mask=prefix, position_ids=positions, use_cache=True)
+    # only the cache is wanted: logits of one position, not of every prompt token ([rows x tokens x vocab])
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+    out = model(input_ids=ids[:, :-1], attention_mask=prefix, position_ids=positions, use_cache=True, **keep)
     cache = out[name]
     cache.batch_repeat_interleave(group)
     return {name: cache}
