@@ -26,7 +26,8 @@ class GenerationSettings:
 
 def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
              settings: GenerationSettings | None = None, batch_size: int = 16, streamer=None, group: int = 1,
-             shared_prefill: bool = True, seeds: list[int] | None = None, merge_lora: bool = True) -> list[list[int]]:
+             shared_prefill: bool = True, seeds: list[int] | None = None,
+             merge_lora: bool | None = None) -> list[list[int]]:
     """Token ids of each prompt's continuation, cut after its first stop token (which is kept). A transformers
     streamer (one prompt at a time) receives the tokens as they come (zerotune chat).
 
@@ -41,7 +42,9 @@ def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
     in the generation).
 
     merge_lora: decode with each plain LoRA layer's delta merged into a copy of its base weight (one matmul a layer
-    instead of three; model/merged_lora.py), the parameters untouched; off, PEFT's own forward."""
+    instead of three; model/merged_lora.py), the parameters untouched; off, PEFT's own forward. None: on CPU,
+    where it was measured faster; not on a GPU until measured there, where the copy of every adapted weight held
+    while decoding (a 7B model's 13 GB in bf16) weighs against fewer kernel launches."""
     from trainer.model.merged_lora import merged_for_decoding
 
     settings = settings or GenerationSettings()
@@ -58,7 +61,8 @@ def generate(model, prompts: list[list[int]], stop_ids: list[int], pad_id: int,
     model.eval()
     per_call = max(1, batch_size // group)  # prompts a generate call
     try:
-        with merged_for_decoding(model) if merge_lora else contextlib.nullcontext():
+        merge = merge_lora if merge_lora is not None else device.type == "cpu"
+        with merged_for_decoding(model) if merge else contextlib.nullcontext():
             outputs = _generate(model, prompts, stop_ids, pad_id, kwargs, settings, per_call, streamer, group,
                                 shared_prefill, seeds if own_draws else None, device)
     finally:
