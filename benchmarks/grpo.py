@@ -10,7 +10,7 @@ layers, beta 0.04, 16 completions a step (2 prompts x 8), fp32, temperature 1 an
 of optimizer steps; each tool's defaults otherwise (loss_type dapo in both). zerotune's rows turn its two
 shortcuts off one at a time: grpo_prefix_sharing (each prompt computed once a group in the update forwards) and
 grpo_shared_prefill (each prompt prefilled once in generation). Wall time is the whole command (loading, the
-reference and generation included); peak RSS is the child process's own maximum (os.wait4). step-0 loss and reward
+reference and generation included); peak RSS is the command's own maximum (throughput._run). step-0 loss and reward
 are the first logged step's: sampled, so they agree between tools only within sampling noise.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.throughput import ROOT, _run, benchmark_model
+from benchmarks.throughput import ROOT, _run, benchmark_model, run_filter
 
 TRL_VENV = ROOT / ".venv-trl"
 ZEROTUNE_ROWS = {
@@ -81,15 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", action="store_true", help="also TRL's GRPOTrainer from .venv-trl")
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps of every run")
     parser.add_argument("--lr", type=float, default=1e-5)
-    parser.add_argument("--only", default="", help="comma list of run names to keep (substring match)")
+    parser.add_argument("--only", default="", help="comma list of run names to keep (substring; =name exact)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="zerotune-grpo-bench-"))
     model_dir = benchmark_model(False, work)
     base = common_yaml(model_dir, args.steps, args.lr)
-    keep = [k.strip() for k in args.only.split(",") if k.strip()]
-    wanted = (lambda name: not keep or any(k in name for k in keep))
+    wanted = run_filter(args.only)
     rows: list[Row] = []
     for name, extra in ZEROTUNE_ROWS.items():
         if not wanted(name):
