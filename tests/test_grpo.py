@@ -542,6 +542,21 @@ def test_prefix_sharing_trains_exactly_like_separate_prompts(tiny_model_dir, sum
     assert runs[True] == pytest.approx(runs[False], rel=1e-4, abs=1e-7)
 
 
+def _assert_resumed_like(reference: dict, out, last_step: int | None = None) -> None:
+    """After the step-3 checkpoint, the resumed run in `out` logged the uninterrupted run's loss, kl, reward and
+    entropy; with last_step, up to that step (the reward is logged at the generation before it)."""
+    resumed = json.loads((out / "trainer_state.json").read_text())
+    for key in ("loss", "kl", "reward", "entropy"):
+        want = {e["step"]: e[key] for e in reference["log_history"] if key in e}
+        got = {e["step"]: e[key] for e in resumed["log_history"] if key in e}
+        later = [s for s in want if s > 3]
+        assert later, key
+        if last_step is not None:
+            assert later[-1] == last_step - (key == "reward"), key
+        for s in later:
+            assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)
+
+
 def test_a_killed_run_resumes_mid_generation_exactly(tiny_model_dir, sums_dir, tmp_path):
     """Killed (SIGKILL) after a checkpoint that falls between a generation's two passes (num_iterations 2):
     resumed, it trains the second pass on the very completions it sampled (each process saved its own) and
@@ -567,14 +582,7 @@ def test_a_killed_run_resumes_mid_generation_exactly(tiny_model_dir, sums_dir, t
     assert (killed / "checkpoint-3" / "grpo_experience_0.pt").is_file()
     proc = _drive(tmp_path, cfg, "", "resume_from_checkpoint=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = json.loads((killed / "trainer_state.json").read_text())
-    for key in ("loss", "kl", "reward", "entropy"):
-        want = {e["step"]: e[key] for e in reference["log_history"] if key in e}
-        got = {e["step"]: e[key] for e in resumed["log_history"] if key in e}
-        later = [s for s in want if s > 3]
-        assert later, key
-        for s in later:
-            assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)
+    _assert_resumed_like(reference, killed)
 
 
 # ---- each prompt prefilled once in generation ------------------------------------------------------------------------
@@ -747,11 +755,4 @@ def test_sigterm_mid_generation_resumes_exactly(tiny_model_dir, sums_dir, tmp_pa
     assert (stopped / "checkpoint-3" / "grpo_experience_0.pt").is_file()
     proc = _drive(tmp_path, cfg, "", "resume_from_checkpoint=true")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    resumed = json.loads((stopped / "trainer_state.json").read_text())
-    for key in ("loss", "kl", "reward", "entropy"):
-        want = {e["step"]: e[key] for e in reference["log_history"] if key in e}
-        got = {e["step"]: e[key] for e in resumed["log_history"] if key in e}
-        later = [s for s in want if s > 3]  # the reward: at step 5's generation
-        assert later and later[-1] == 6 - (key == "reward"), key
-        for s in later:
-            assert got[s] == pytest.approx(want[s], rel=1e-4, abs=1e-6), (key, s)
+    _assert_resumed_like(reference, stopped, last_step=6)
