@@ -23,10 +23,10 @@ import random
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.throughput import PEERS_VENV, ROOT, _run, benchmark_model, run_filter
+from benchmarks.throughput import PEERS_VENV, ROOT, _run, benchmark_model, run_filter, write_results
 
 LF_ENV = {"HF_HUB_OFFLINE": "1", "DISABLE_VERSION_CHECK": "1", "FORCE_TORCHRUN": "0", "WANDB_DISABLED": "true"}
 
@@ -190,13 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                             note=" (estimated)"))
             print(f"  {name}: {slots['pairs'] / wall:.3f} pairs/s ({wall:.1f} s)", file=sys.stderr)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = table(rows, "LLaMA-Factory dpo")
-    (out_dir / "dpo.json").write_text(json.dumps({"model": model_dir, "token_slots": slots, "settings": base,
-                                                  "results": [asdict(r) for r in rows]}, indent=1))
-    (out_dir / "dpo.md").write_text(md + "\n")
-    print(md)
+    write_results(args.out, "dpo", table(rows, "LLaMA-Factory dpo"),
+                  {"model": model_dir, "token_slots": slots, "settings": base}, rows)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -21,12 +21,12 @@ import json
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from benchmarks.throughput import ROOT, _run, benchmark_model, run_filter
+from benchmarks.throughput import ROOT, _run, benchmark_model, run_filter, write_results
 
 TRL_VENV = ROOT / ".venv-trl"
 ZEROTUNE_ROWS = {
@@ -118,13 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(Row(name, wall, rss, *_firsts(json.loads((out / "log_history.json").read_text()))))
             print(f"  {name}: {wall:.1f} s, peak RSS {rss:.2f} GB", file=sys.stderr)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md = table(rows, "TRL GRPOTrainer")
-    (out_dir / "grpo.json").write_text(json.dumps({"model": model_dir, "settings": base,
-                                                   "results": [asdict(r) for r in rows]}, indent=1))
-    (out_dir / "grpo.md").write_text(md + "\n")
-    print(md)
+    write_results(args.out, "grpo", table(rows, "TRL GRPOTrainer"), {"model": model_dir, "settings": base}, rows)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -241,6 +241,16 @@ def bar_chart(results: list[Result], path: Path) -> None:
     plt.close(fig)
 
 
+def write_results(out: str, name: str, table_md: str, payload: dict, rows: list) -> Path:
+    """<out>/<name>.md (the table, also printed) and <name>.json (payload and each row): every benchmark's output."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps({**payload, "results": [asdict(r) for r in rows]}, indent=1))
+    (out_dir / f"{name}.md").write_text(table_md + "\n")
+    print(table_md)
+    return out_dir
+
+
 def run_filter(only: str):
     """The `--only` option of every benchmark: a comma list of run names to keep, each matched as a substring of
     the name, or exactly when it starts with "=" (one row whose name is a prefix of others')."""
@@ -301,15 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                                   note="" if packed else "padding estimated"))
             print(f"  {name}: {real_tokens / runtime:.1f} tokens/s", file=sys.stderr)
 
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
     md = cpu_precision_line(common["bf16"]) + "\n\n" + table(results, "LLaMA-Factory default")
-    (out_dir / "throughput.json").write_text(json.dumps(
-        {"model": model_dir, "examples": examples, "real_tokens": real_tokens, "settings": common,
-         "results": [asdict(r) for r in results]}, indent=1))
-    (out_dir / "throughput.md").write_text(md + "\n")
+    out_dir = write_results(args.out, "throughput", md, {"model": model_dir, "examples": examples,
+                                                         "real_tokens": real_tokens, "settings": common}, results)
     bar_chart(results, out_dir / "throughput.png")
-    print(md)
     shutil.rmtree(work, ignore_errors=True)
     return 0
 
