@@ -15,10 +15,9 @@ import contextlib
 import logging
 
 import torch
-import torch.nn.functional as F
 
+from trainer.model.cpu_linear import for_weight, whole_dense
 from trainer.model.lean_ops import _plain_adapter
-from trainer.model.params import is_quantized
 
 logger = logging.getLogger(__name__)
 _said = set()  # log each distinct outcome once a process, not once a generation
@@ -29,18 +28,9 @@ def _mergeable(layer) -> str | None:
     name = _plain_adapter(layer)
     if name is None:
         return None
-    weight = getattr(layer.get_base_layer(), "weight", None)
-    if weight is None or is_quantized(weight) or hasattr(weight, "ds_id") or _distributed(weight):
+    if not whole_dense(getattr(layer.get_base_layer(), "weight", None)):
         return None  # a bitsandbytes, ZeRO-3 or FSDP2 weight is not the whole dense matrix here
     return name
-
-
-def _distributed(weight) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(weight, DTensor) or isinstance(getattr(weight, "data", None), DTensor)
 
 
 @contextlib.contextmanager
@@ -77,10 +67,12 @@ def merged_for_decoding(model):
 
 
 def _linear(layer, weight, bias):
+    linear = for_weight(weight)  # oneDNN's fp32 linear where this CPU runs it faster (model/cpu_linear.py)
+
     def forward(x, *args, **kwargs):
         if args or kwargs:  # a per-row adapter choice (adapter_names) is not one merged weight
             return type(layer).forward(layer, x, *args, **kwargs)
-        return F.linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     return forward
 
