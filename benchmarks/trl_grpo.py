@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("--beta", type=float, required=True)
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--bf16", action="store_true", help="GRPOConfig's own default; off: fp32")
     a = p.parse_args()
 
     from datasets import Dataset
@@ -45,7 +46,7 @@ def main() -> None:
     config = GRPOConfig(output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=1,
                         num_generations=a.generations, max_completion_length=a.completion, beta=a.beta,
                         learning_rate=a.lr, max_steps=a.steps, logging_steps=1, use_cpu=True, report_to="none",
-                        save_strategy="no", bf16=False, seed=a.seed)
+                        save_strategy="no", bf16=a.bf16, seed=a.seed)
     trainer = GRPOTrainer(model=a.model, reward_funcs=rewards.exact_sum, args=config, train_dataset=data,
                           processing_class=tok,
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
