@@ -90,11 +90,17 @@ def decoding_linears(model):
             module.forward = _bound(fn, module)
         yield len(swapped)
     finally:
-        for module, own in swapped:
-            if own is None:
-                del module.forward
-            else:
-                module.forward = own
+        restore_forwards(swapped)
+
+
+def restore_forwards(swapped: list) -> None:
+    """Each (module, its own instance forward or None) of a decoding swap back as it was: the instance forward put
+    back, or the class's left to answer where the instance had none."""
+    for module, own in swapped:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def _bound(fn, module):

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from trainer.model.cpu_linear import for_weight, whole_dense
+from trainer.model.cpu_linear import for_weight, restore_forwards, whole_dense
 from trainer.model.lean_ops import _plain_adapter
 
 logger = logging.getLogger(__name__)
@@ -59,11 +59,7 @@ def merged_for_decoding(model):
         _say(model, len(swapped))
         yield len(swapped)
     finally:
-        for layer, own in swapped:
-            if own is None:
-                del layer.forward
-            else:
-                layer.forward = own
+        restore_forwards(swapped)
 
 
 def _linear(layer, weight, bias):
