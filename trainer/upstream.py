@@ -183,6 +183,19 @@ def _silu_backward() -> str | None:
                     expected)
 
 
+def _mkldnn_linear() -> str | None:
+    import torch
+
+    from trainer.model import cpu_linear
+
+    if not cpu_linear._available():  # a torch without oneDNN: decoding keeps F.linear (cpu_linear.for_weight)
+        return None
+    x = torch.randn(3, 2, 8, generator=_rng())
+    w, b = torch.randn(5, 8, generator=_rng()), torch.randn(5, generator=_rng())
+    return _differs("no longer x @ W.T + b from (X, W, B, 'none', [], '')", cpu_linear._onednn(x, w, b),
+                    torch.nn.functional.linear(x, w, b), tol=1e-5)
+
+
 # ---- behavioural probes: transformers' modules ------------------------------------------------------------------
 
 def _llama_config(**kwargs):
@@ -656,6 +669,8 @@ INTERNALS: list[Internal] = TRAINER_OVERRIDES + [
              "a host read", _assert_async),
     Internal("torch.ops.aten.silu_backward", "trainer/model/lean_ops.py", "the lean SwiGLU's backward in one pass",
              _silu_backward),
+    Internal("torch.ops.mkldnn._linear_pointwise", "trainer/model/cpu_linear.py",
+             "fp32 decode linears through oneDNN where the process measures it faster than MKL", _mkldnn_linear),
     Internal("datasets.Dataset._fingerprint", "trainer/stages/reference_logps.py",
              "the cache key of precomputed reference log-probs", _fingerprint),
     # ---- optional CUDA kernels (checked where installed)
