@@ -115,15 +115,14 @@ def _generate(model, prompts, stop_ids, pad_id, kwargs, settings, per_call, stre
             ids[b, width - len(prompt):] = torch.tensor(prompt)
             mask[b, width - len(prompt):] = 1
         ids, mask = ids.to(device), mask.to(device)
+        rows = seeds[start * group:(start + len(chunk)) * group] if seeds is not None else None
         if loop:
-            rows = seeds[start * group:(start + len(chunk)) * group] if seeds is not None else None
             with torch.no_grad():
                 outputs += _decode(model, ids, mask, group, shared_prefill, stop_ids, settings, rows, device)
             continue
         with torch.no_grad():
             cache = _prefill(model, ids, mask, group) if shared_prefill and group > 1 else {}
-            if seeds is not None:
-                rows = seeds[start * group:(start + len(chunk)) * group]
+            if rows is not None:
                 cache["logits_processor"] = _own_draws(settings, rows, device)
             out = model.generate(input_ids=ids.repeat_interleave(group, 0),
                                  attention_mask=mask.repeat_interleave(group, 0), use_cache=True,
@@ -183,10 +182,10 @@ def _decode(model, ids, mask, group: int, shared_prefill: bool, stop_ids, settin
     import torch
 
     name, keep_logits = _forward_keywords(model)
-    cache = _prefill(model, ids, mask, group) if shared_prefill and group > 1 else {}
+    shared = shared_prefill and group > 1  # else each sample's copy of its prompt is prefilled
+    cache = _prefill(model, ids, mask, group) if shared else None
     ids, mask = ids.repeat_interleave(group, 0), mask.repeat_interleave(group, 0)
-    if not (shared_prefill and group > 1):
-        cache = _prefill(model, ids, mask, 1)
+    cache = cache if shared else _prefill(model, ids, mask, 1)
     processors = _own_draws(settings, seeds, device) if seeds is not None else []
     stops = torch.tensor(sorted(set(stop_ids)), device=device)
     alive = list(range(len(ids)))
